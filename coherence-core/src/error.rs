@@ -1,0 +1,56 @@
+//! The one error type of the public API.
+
+use std::time::Duration;
+
+use crate::transport::TransportError;
+
+/// Every way an operation of [`crate::Node`] or [`crate::DistObj`] can fail.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The operation did not complete within the configured timeout (for example because a
+    /// node holding tokens vanished, or the founding node 0 is not running).
+    #[error("{operation} on {object:?} timed out after {after:?}")]
+    Timeout {
+        /// What was attempted: "open", "read", "write", "update" or "shutdown".
+        operation: &'static str,
+        /// The object, or empty for node-wide operations.
+        object: String,
+        /// The timeout that expired.
+        after: Duration,
+    },
+    /// The object exists with another type than the one it was opened with.
+    #[error("object {object:?} holds {found}, opened as {expected}")]
+    TypeMismatch {
+        /// The object's name.
+        object: String,
+        /// The type this caller asked for.
+        expected: String,
+        /// The type the object was created with.
+        found: String,
+    },
+    /// A value could not be encoded.
+    #[error("cannot encode a value of {object:?}: {reason}")]
+    Encode {
+        /// The object's name.
+        object: String,
+        /// The codec's message.
+        reason: String,
+    },
+    /// A value received could not be decoded as the object's type.
+    #[error("cannot decode the value of {object:?}: {reason}")]
+    Decode {
+        /// The object's name.
+        object: String,
+        /// The codec's message.
+        reason: String,
+    },
+    /// The node was shut down (or is shutting down); its handles no longer work.
+    #[error("node {0} is stopped")]
+    Stopped(u32),
+    /// The transport failed while starting the node.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The node's driver thread could not be started.
+    #[error("cannot start the driver thread: {0}")]
+    Spawn(String),
+}

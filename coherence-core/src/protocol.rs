@@ -1,0 +1,802 @@
+//! The token-coherence state machine of one node: sans-IO and deterministic.
+//!
+//! Inputs are local operations ([`Protocol::open`], [`Protocol::read`], [`Protocol::write`],
+//! [`Protocol::lock`], [`Protocol::commit`], [`Protocol::cancel`], [`Protocol::leave`]) and
+//! network input ([`Protocol::handle`], [`Protocol::peer_joined`], [`Protocol::peer_left`]).
+//! Outputs are polled: [`Protocol::take_events`] first (value changes and completions, which the
+//! driver must apply before anything leaves), then [`Protocol::take_sends`]. There is no clock
+//! and no thread; the state is `Clone + Eq + Hash` so a model checker can explore it.
+//! `docs/PROTOCOL.md` explains the rules and why they are safe and starvation-free.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use bytes::Bytes;
+
+use crate::transport::NodeId;
+use crate::wire::{Access, Grant, Init, Message, Request, RequestId, Value};
+
+/// Identifies a local operation; chosen by the caller, unique per node.
+pub type OpId = u64;
+
+/// What the node does with its tokens after a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum WritePolicy {
+    /// Send the new value with one token to every node that opened the object, so their reads
+    /// stay local (the lab's behaviour; best for read-mostly objects).
+    #[default]
+    Update,
+    /// Keep every token until someone asks (migratory; best when one node writes repeatedly).
+    Invalidate,
+}
+
+/// How a local operation ended.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// The object is open; here is its current value (which may not be the caller's init).
+    Opened(Value),
+    /// A read's value.
+    Read(Value),
+    /// A write was applied; this is the new version.
+    Written {
+        /// Version after the write.
+        version: u64,
+    },
+    /// All tokens are here and the object is locked for this operation until
+    /// [`Protocol::commit`]; this is the current value.
+    Granted(Value),
+    /// The operation was abandoned because the node is leaving.
+    Aborted,
+}
+
+/// Something the driver must act on, in order, before sending this step's messages.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Event {
+    /// The local copy of `object` is readable with this value.
+    Readable {
+        /// The object's name.
+        object: String,
+        /// The value now readable.
+        value: Value,
+    },
+    /// The local copy of `object` may no longer be read.
+    Unreadable {
+        /// The object's name.
+        object: String,
+    },
+    /// A local operation finished.
+    Completed {
+        /// The operation.
+        op: OpId,
+        /// Its result.
+        outcome: Outcome,
+    },
+    /// [`Protocol::leave`] finished: every peer acknowledged and no token is left here
+    /// (unless no peer remains, in which case the objects end with this node).
+    Left,
+}
+
+/// A read-only view of one object's tokens at one node, for tests and statistics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenView {
+    /// Tokens held, including the owner token.
+    pub tokens: u32,
+    /// Whether the owner token is held.
+    pub owner: bool,
+    /// The total this node last saw (current whenever `tokens > 0`).
+    pub total: u32,
+    /// Whether the local value may be read (needs `tokens > 0`).
+    pub readable: bool,
+    /// Version of the local value, if the node has one.
+    pub version: Option<u64>,
+}
+
+/// A request in a node's table.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Entry {
+    access: Access,
+    have_version: Option<u64>,
+    init: Option<Init>,
+    /// This node, as owner, already sent the requester a token for this read.
+    served: bool,
+}
+
+/// A local write waiting for all tokens: with bytes it is applied at once, without it locks.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct PendingWrite {
+    op: OpId,
+    bytes: Option<Bytes>,
+}
+
+/// One object as seen by this node.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+struct Object {
+    tokens: u32,
+    owner: bool,
+    total: u32,
+    /// Last value known here; readable only while `tokens > 0 && valid`.
+    value: Option<Value>,
+    valid: bool,
+    /// The version the driver was last told is readable.
+    published: Option<u64>,
+    /// Every known active request, in priority order.
+    requests: BTreeMap<RequestId, Entry>,
+    /// Nodes that opened the object: they get the new value after a write (Update policy).
+    interested: BTreeSet<NodeId>,
+    /// This node's active request, and whether it was broadcast yet.
+    mine: Option<(RequestId, bool)>,
+    /// Local operations waiting for a token.
+    readers: Vec<OpId>,
+    openers: Vec<(OpId, Init)>,
+    writers: VecDeque<PendingWrite>,
+    /// A granted write holds the object until [`Protocol::commit`].
+    locked: Option<OpId>,
+    /// A write was applied that the write policy has not acted on yet.
+    unshared_write: bool,
+}
+
+impl Object {
+    fn readable(&self) -> bool {
+        self.tokens > 0 && self.valid
+    }
+
+    fn current(&self) -> Value {
+        self.value.clone().expect("a readable object has a value")
+    }
+}
+
+/// The protocol state of one node.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Protocol {
+    id: NodeId,
+    policy: WritePolicy,
+    clock: u64,
+    members: BTreeSet<NodeId>,
+    objects: BTreeMap<String, Object>,
+    /// Whether this node creates objects nobody has created yet (node 0 at first).
+    genesis: bool,
+    /// Objects created by a genesis node so far (complete only while `genesis`).
+    created: BTreeSet<String>,
+    leaving: bool,
+    awaiting_acks: BTreeSet<NodeId>,
+    left: bool,
+    /// Objects touched in the current step, synchronised at its end.
+    dirty: BTreeSet<String>,
+    events: Vec<Event>,
+    sends: Vec<(NodeId, Message)>,
+}
+
+impl Protocol {
+    /// A node `id` that knows `peers`. Node 0 founds the cluster and starts as genesis.
+    pub fn new(id: NodeId, peers: impl IntoIterator<Item = NodeId>, policy: WritePolicy) -> Self {
+        Protocol {
+            id,
+            policy,
+            clock: 0,
+            members: peers.into_iter().filter(|&p| p != id).collect(),
+            objects: BTreeMap::new(),
+            genesis: id == 0,
+            created: BTreeSet::new(),
+            leaving: false,
+            awaiting_acks: BTreeSet::new(),
+            left: false,
+            dirty: BTreeSet::new(),
+            events: Vec::new(),
+            sends: Vec::new(),
+        }
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The peers this node currently sends to.
+    pub fn members(&self) -> &BTreeSet<NodeId> {
+        &self.members
+    }
+
+    /// Whether [`Protocol::leave`] was called.
+    pub fn is_leaving(&self) -> bool {
+        self.leaving
+    }
+
+    /// Whether this node currently holds the genesis role.
+    pub fn is_genesis(&self) -> bool {
+        self.genesis
+    }
+
+    /// Token state of `object` here, if this node has heard of it.
+    pub fn token_view(&self, object: &str) -> Option<TokenView> {
+        self.objects.get(object).map(|o| TokenView {
+            tokens: o.tokens,
+            owner: o.owner,
+            total: o.total,
+            readable: o.readable(),
+            version: o.value.as_ref().map(|v| v.version),
+        })
+    }
+
+    /// Names of every object this node has heard of.
+    pub fn object_names(&self) -> impl Iterator<Item = &str> {
+        self.objects.keys().map(String::as_str)
+    }
+
+    /// The value readable here, if any.
+    pub fn readable_value(&self, object: &str) -> Option<&Value> {
+        self.objects
+            .get(object)
+            .filter(|o| o.readable())
+            .and_then(|o| o.value.as_ref())
+    }
+
+    /// Whether any local operation or own request is still active.
+    pub fn is_busy(&self) -> bool {
+        self.objects.values().any(|o| {
+            o.mine.is_some()
+                || o.locked.is_some()
+                || !o.readers.is_empty()
+                || !o.openers.is_empty()
+                || !o.writers.is_empty()
+        })
+    }
+
+    /// Number of active requests (own and others') known here.
+    pub fn known_requests(&self) -> usize {
+        self.objects.values().map(|o| o.requests.len()).sum()
+    }
+
+    /// Events produced so far; apply them before sending.
+    pub fn take_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Messages produced so far, in the order they must be sent.
+    pub fn take_sends(&mut self) -> Vec<(NodeId, Message)> {
+        std::mem::take(&mut self.sends)
+    }
+
+    // ----- local operations -----
+
+    /// Opens `object`, creating it with `init` if it exists nowhere yet.
+    pub fn open(&mut self, op: OpId, object: &str, init: Init) {
+        let o = self.objects.entry(object.to_string()).or_default();
+        o.openers.push((op, init));
+        self.step(object);
+    }
+
+    /// Reads `object` (completes at once if a token is here).
+    pub fn read(&mut self, op: OpId, object: &str) {
+        let o = self.objects.entry(object.to_string()).or_default();
+        o.readers.push(op);
+        self.step(object);
+    }
+
+    /// Writes `bytes` to `object` once all tokens are here.
+    pub fn write(&mut self, op: OpId, object: &str, bytes: Bytes) {
+        self.queue_write(op, object, Some(bytes));
+    }
+
+    /// Gathers all tokens of `object` and locks it until [`Protocol::commit`]: for
+    /// read-modify-write, where the new value is computed from the current one.
+    pub fn lock(&mut self, op: OpId, object: &str) {
+        self.queue_write(op, object, None);
+    }
+
+    fn queue_write(&mut self, op: OpId, object: &str, bytes: Option<Bytes>) {
+        let o = self.objects.entry(object.to_string()).or_default();
+        o.writers.push_back(PendingWrite { op, bytes });
+        self.step(object);
+    }
+
+    /// Ends the lock of a granted operation, writing `bytes` if given. Returns the version now
+    /// held, or `None` if `op` holds no lock.
+    pub fn commit(&mut self, op: OpId, bytes: Option<Bytes>) -> Option<u64> {
+        let name = self.find_lock(op)?;
+        let o = self.objects.get_mut(&name).expect("found above");
+        o.locked = None;
+        let version = match bytes {
+            Some(bytes) => apply_write(o, bytes),
+            None => o.current().version,
+        };
+        self.step(&name);
+        Some(version)
+    }
+
+    fn find_lock(&self, op: OpId) -> Option<String> {
+        self.objects
+            .iter()
+            .find(|(_, o)| o.locked == Some(op))
+            .map(|(name, _)| name.clone())
+    }
+
+    /// Abandons a waiting operation (its caller timed out). A granted lock is released without
+    /// writing. Returns false if `op` is not active (it may have completed meanwhile).
+    pub fn cancel(&mut self, op: OpId) -> bool {
+        if self.commit(op, None).is_some() {
+            return true;
+        }
+        let found = self.objects.iter_mut().find_map(|(name, o)| {
+            let before = o.readers.len() + o.openers.len() + o.writers.len();
+            o.readers.retain(|&r| r != op);
+            o.openers.retain(|(r, _)| *r != op);
+            o.writers.retain(|w| w.op != op);
+            (before != o.readers.len() + o.openers.len() + o.writers.len()).then(|| name.clone())
+        });
+        let Some(name) = found else {
+            return false;
+        };
+        self.step(&name);
+        true
+    }
+
+    /// Leaves the cluster: abandons local operations, hands every token and the genesis role
+    /// on, and announces the departure. [`Event::Left`] follows once every peer acknowledged.
+    pub fn leave(&mut self) {
+        if self.leaving {
+            return;
+        }
+        self.leaving = true;
+        let names: Vec<String> = self.objects.keys().cloned().collect();
+        for name in &names {
+            let o = self.objects.get_mut(name).expect("listed");
+            let mut aborted: Vec<OpId> = o.readers.drain(..).collect();
+            aborted.extend(o.openers.drain(..).map(|(op, _)| op));
+            aborted.extend(o.writers.drain(..).map(|w| w.op));
+            aborted.extend(o.locked.take());
+            for op in aborted {
+                self.events.push(Event::Completed {
+                    op,
+                    outcome: Outcome::Aborted,
+                });
+            }
+            self.step(name);
+        }
+        for &peer in &self.members {
+            self.sends.push((peer, Message::Leaving));
+        }
+        if self.genesis {
+            self.genesis = false;
+            let created = std::mem::take(&mut self.created);
+            if let Some(&heir) = self.members.iter().next() {
+                self.sends.push((heir, Message::Genesis { created }));
+            }
+        }
+        self.awaiting_acks = self.members.clone();
+        self.check_left();
+    }
+
+    // ----- network input -----
+
+    /// A peer joined: it learns this node's active requests (the lab's "new process" rule is
+    /// served by its own open request).
+    pub fn peer_joined(&mut self, peer: NodeId) {
+        if peer == self.id || !self.members.insert(peer) {
+            return;
+        }
+        if self.leaving {
+            self.sends.push((peer, Message::Leaving));
+            self.awaiting_acks.insert(peer);
+            return;
+        }
+        for (name, o) in &self.objects {
+            if let Some((id, true)) = o.mine {
+                let entry = &o.requests[&id];
+                self.sends.push((peer, Message::Request(request_of(name, id, entry))));
+            }
+        }
+    }
+
+    /// A peer left or was lost: forget it and its requests.
+    pub fn peer_left(&mut self, peer: NodeId) {
+        self.forget(peer);
+        self.awaiting_acks.remove(&peer);
+        self.check_left();
+    }
+
+    /// One message from `from`.
+    pub fn handle(&mut self, from: NodeId, message: Message) {
+        match message {
+            Message::Request(request) => {
+                self.clock = self.clock.max(request.id.ts);
+                let name = request.object;
+                let o = self.objects.entry(name.clone()).or_default();
+                o.interested.insert(request.id.node);
+                o.requests.insert(
+                    request.id,
+                    Entry {
+                        access: request.access,
+                        have_version: request.have_version,
+                        init: request.init,
+                        served: false,
+                    },
+                );
+                self.step(&name);
+            }
+            Message::Grant(grant) => {
+                let name = grant.object.clone();
+                let o = self.objects.entry(name.clone()).or_default();
+                receive_grant(o, grant);
+                self.step(&name);
+            }
+            Message::Done { object, id } => {
+                if let Some(o) = self.objects.get_mut(&object) {
+                    o.requests.remove(&id);
+                    self.step(&object);
+                }
+            }
+            Message::Leaving => {
+                self.forget(from);
+                self.sends.push((from, Message::LeaveAck));
+            }
+            Message::LeaveAck => {
+                self.awaiting_acks.remove(&from);
+                self.check_left();
+            }
+            Message::Genesis { created } => {
+                if self.leaving {
+                    if let Some(&heir) = self.members.iter().next() {
+                        self.sends.push((heir, Message::Genesis { created }));
+                    }
+                } else {
+                    self.genesis = true;
+                    self.created.extend(created);
+                    let names: Vec<String> = self.objects.keys().cloned().collect();
+                    for name in names {
+                        self.step(&name);
+                    }
+                }
+            }
+        }
+    }
+
+    // ----- the engine -----
+
+    fn forget(&mut self, peer: NodeId) {
+        self.members.remove(&peer);
+        let names: Vec<String> = self.objects.keys().cloned().collect();
+        for name in names {
+            let o = self.objects.get_mut(&name).expect("listed");
+            o.interested.remove(&peer);
+            o.requests.retain(|id, _| id.node != peer);
+            self.step(&name);
+        }
+    }
+
+    fn check_left(&mut self) {
+        if self.leaving && !self.left && self.awaiting_acks.is_empty() {
+            self.left = true;
+            self.events.push(Event::Left);
+        }
+    }
+
+    /// Runs `object` to a fixed point after any input: create it if this node is genesis,
+    /// complete what can complete, issue or cancel the own request, pass idle tokens on, and
+    /// publish readability changes.
+    fn step(&mut self, name: &str) {
+        self.dirty.insert(name.to_string());
+        self.create_if_genesis(name);
+        loop {
+            let progressed = self.complete_local(name);
+            self.update_own_request(name);
+            if !progressed {
+                break;
+            }
+        }
+        self.pass_tokens_on(name);
+        self.finish_step();
+    }
+
+    /// Genesis holds, virtually, every token of every object nobody created yet: on the first
+    /// opening request it creates the object with that request's init, so exactly one init wins.
+    fn create_if_genesis(&mut self, name: &str) {
+        if !self.genesis || self.created.contains(name) {
+            return;
+        }
+        let o = self.objects.get_mut(name).expect("stepped objects exist");
+        let init = o
+            .openers
+            .first()
+            .map(|(_, init)| init.clone())
+            .or_else(|| o.requests.values().find_map(|e| e.init.clone()));
+        let Some(init) = init else {
+            return;
+        };
+        debug_assert_eq!(o.tokens, 0, "an uncreated object has no tokens anywhere");
+        o.tokens = 1;
+        o.total = 1;
+        o.owner = true;
+        o.valid = true;
+        o.value = Some(Value {
+            version: 0,
+            type_name: init.type_name,
+            bytes: init.bytes,
+        });
+        self.created.insert(name.to_string());
+    }
+
+    /// Completes local operations the held tokens allow. Returns whether anything completed.
+    /// A node holding every token applies its queued writes at once; the tokens go on to other
+    /// requests in the same step, so that overtakes by at most one batch.
+    fn complete_local(&mut self, name: &str) -> bool {
+        let o = self.objects.get_mut(name).expect("stepped objects exist");
+        if !o.readable() {
+            return false;
+        }
+        let mut progressed = false;
+        let value = o.current();
+        for op in o.readers.drain(..) {
+            self.events.push(Event::Completed {
+                op,
+                outcome: Outcome::Read(value.clone()),
+            });
+            progressed = true;
+        }
+        for (op, _) in o.openers.drain(..) {
+            self.events.push(Event::Completed {
+                op,
+                outcome: Outcome::Opened(value.clone()),
+            });
+            progressed = true;
+        }
+        while o.tokens == o.total && o.locked.is_none() {
+            let Some(pending) = o.writers.pop_front() else {
+                break;
+            };
+            progressed = true;
+            let outcome = match pending.bytes {
+                Some(bytes) => Outcome::Written {
+                    version: apply_write(o, bytes),
+                },
+                None => {
+                    o.locked = Some(pending.op);
+                    Outcome::Granted(o.current())
+                }
+            };
+            self.events.push(Event::Completed {
+                op: pending.op,
+                outcome,
+            });
+        }
+        if o.unshared_write && o.locked.is_none() && o.writers.is_empty() {
+            o.unshared_write = false;
+            self.after_write(name);
+        }
+        progressed
+    }
+
+    /// Issues the own request when local operations wait, retires it when none do.
+    fn update_own_request(&mut self, name: &str) {
+        let o = self.objects.get_mut(name).expect("stepped objects exist");
+        let wanted = if !o.writers.is_empty() {
+            Some(Access::Write)
+        } else if !o.readers.is_empty() || !o.openers.is_empty() {
+            Some(Access::Read)
+        } else {
+            None
+        };
+        let current = o.mine.map(|(id, _)| o.requests[&id].access);
+        if o.locked.is_some() || current == wanted {
+            return;
+        }
+        // A read request does not serve a waiting write; a write request serves waiting reads.
+        if current == Some(Access::Write) && wanted == Some(Access::Read) {
+            return;
+        }
+        if let Some((id, announced)) = o.mine.take() {
+            o.requests.remove(&id);
+            if announced {
+                for &peer in &self.members {
+                    self.sends.push((
+                        peer,
+                        Message::Done {
+                            object: name.to_string(),
+                            id,
+                        },
+                    ));
+                }
+            }
+        }
+        if let Some(access) = wanted {
+            self.clock += 1;
+            let id = RequestId {
+                ts: self.clock,
+                node: self.id,
+            };
+            let init = o.openers.first().map(|(_, init)| init.clone());
+            o.requests.insert(
+                id,
+                Entry {
+                    access,
+                    have_version: o.value.as_ref().map(|v| v.version),
+                    init,
+                    served: false,
+                },
+            );
+            o.mine = Some((id, false));
+        }
+    }
+
+    /// Idle tokens flow toward the highest-priority requests: the owner hands one token to each
+    /// read ahead of the first write, the first write gets every remaining token. A node stops
+    /// at its own request (it is next), and never gives tokens away while locked.
+    fn pass_tokens_on(&mut self, name: &str) {
+        let me = self.id;
+        let leaving = self.leaving;
+        let o = self.objects.get_mut(name).expect("stepped objects exist");
+        if o.locked.is_some() || o.tokens == 0 {
+            return;
+        }
+        let mut grants = Vec::new();
+        let ids: Vec<RequestId> = o.requests.keys().copied().collect();
+        for id in ids {
+            if o.tokens == 0 || id.node == me {
+                break;
+            }
+            let entry = o.requests.get_mut(&id).expect("listed");
+            match entry.access {
+                Access::Read => {
+                    if o.owner && !entry.served {
+                        entry.served = true;
+                        let have = entry.have_version;
+                        let want = (o.interested.len() as u32 + 1).max(o.total);
+                        if o.tokens == o.total && want > o.total {
+                            // Minting is safe only while every token is here.
+                            o.total = want;
+                            o.tokens = want;
+                        }
+                        let count = if o.tokens > 1 { 1 } else { o.tokens };
+                        grants.push((id.node, take_tokens(name, o, count, have)));
+                    }
+                }
+                Access::Write => {
+                    let have = entry.have_version;
+                    let all = o.tokens;
+                    grants.push((id.node, take_tokens(name, o, all, have)));
+                    break;
+                }
+            }
+        }
+        if leaving && o.tokens > 0 {
+            // Nobody asked: hand the rest to a node that uses the object, else to anyone.
+            let heir = o
+                .requests
+                .keys()
+                .map(|id| id.node)
+                .find(|&n| n != me)
+                .or_else(|| o.interested.iter().copied().find(|&n| n != me))
+                .or_else(|| self.members.iter().next().copied());
+            if let Some(heir) = heir {
+                let all = o.tokens;
+                grants.push((heir, take_tokens(name, o, all, None)));
+            }
+        }
+        for (to, grant) in grants {
+            self.sends.push((to, Message::Grant(grant)));
+        }
+    }
+
+    /// Redistributes after a write, per policy: the Update policy sends the new value with one
+    /// token to every interested node, unless a write waits (then the tokens go there).
+    fn after_write(&mut self, name: &str) {
+        let me = self.id;
+        let o = self.objects.get_mut(name).expect("stepped objects exist");
+        let first_other = o.requests.iter().find(|(id, _)| id.node != me);
+        let write_waits = matches!(first_other, Some((_, e)) if e.access == Access::Write);
+        if self.policy != WritePolicy::Update || write_waits || self.leaving {
+            return;
+        }
+        let targets: Vec<NodeId> = o
+            .interested
+            .iter()
+            .copied()
+            .filter(|&n| n != me && self.members.contains(&n))
+            .collect();
+        if targets.is_empty() {
+            return;
+        }
+        let want = (targets.len() as u32 + 1).max(o.total);
+        if o.tokens == o.total && want > o.total {
+            o.total = want;
+            o.tokens = want;
+        }
+        for &target in &targets {
+            if o.tokens <= 1 {
+                break;
+            }
+            // The grant answers the target's pending read, if any.
+            for (id, entry) in o.requests.iter_mut() {
+                if id.node == target && entry.access == Access::Read {
+                    entry.served = true;
+                }
+            }
+            let grant = take_tokens(name, o, 1, None);
+            self.sends.push((target, Message::Grant(grant)));
+        }
+    }
+
+    /// Ends a step: broadcasts a new own request, retires a finished one, publishes
+    /// readability changes.
+    fn finish_step(&mut self) {
+        for name in std::mem::take(&mut self.dirty) {
+            let o = self.objects.get_mut(&name).expect("dirty objects exist");
+            if let Some((id, false)) = o.mine {
+                o.mine = Some((id, true));
+                let request = request_of(&name, id, &o.requests[&id]);
+                for &peer in &self.members {
+                    self.sends.push((peer, Message::Request(request.clone())));
+                }
+            }
+            let readable = o.readable();
+            let version = o.value.as_ref().map(|v| v.version);
+            if readable && o.published != version {
+                o.published = version;
+                self.events.push(Event::Readable {
+                    object: name.clone(),
+                    value: o.current(),
+                });
+            } else if !readable && o.published.is_some() {
+                o.published = None;
+                self.events.push(Event::Unreadable { object: name });
+            }
+        }
+    }
+}
+
+fn request_of(name: &str, id: RequestId, entry: &Entry) -> Request {
+    Request {
+        id,
+        object: name.to_string(),
+        access: entry.access,
+        have_version: entry.have_version,
+        init: entry.init.clone(),
+    }
+}
+
+/// Applies one write (all tokens are here) and returns the new version.
+fn apply_write(o: &mut Object, bytes: Bytes) -> u64 {
+    debug_assert_eq!(o.tokens, o.total, "writes need every token");
+    o.unshared_write = true;
+    let value = o.value.as_mut().expect("an owner has a value");
+    value.version += 1;
+    value.bytes = bytes;
+    value.version
+}
+
+/// Takes `count` tokens out of `o` (the owner token last), with the value if the receiver, who
+/// has `have`, may lack it. Giving the last token away makes the local copy unreadable.
+fn take_tokens(name: &str, o: &mut Object, count: u32, have: Option<u64>) -> Grant {
+    debug_assert!(count >= 1 && count <= o.tokens);
+    let version = o.valid.then(|| o.value.as_ref().map(|v| v.version)).flatten();
+    let owner = o.owner && count == o.tokens;
+    // Only the owner answers for the data: it sends it unless the receiver has it.
+    let value = (o.owner && have != version).then(|| o.current());
+    o.tokens -= count;
+    if owner {
+        o.owner = false;
+    }
+    if o.tokens == 0 {
+        o.valid = false;
+    }
+    Grant {
+        object: name.to_string(),
+        count,
+        owner,
+        total: o.total,
+        version,
+        value,
+    }
+}
+
+fn receive_grant(o: &mut Object, grant: Grant) {
+    debug_assert!(!(o.owner && grant.owner), "two owner tokens");
+    debug_assert!(o.tokens == 0 || o.total == grant.total, "stale token total");
+    o.tokens += grant.count;
+    o.owner |= grant.owner;
+    o.total = grant.total;
+    if let Some(value) = grant.value {
+        o.value = Some(value);
+        o.valid = true;
+    } else if grant.version.is_some() && grant.version == o.value.as_ref().map(|v| v.version) {
+        o.valid = true;
+    }
+}

@@ -1,0 +1,66 @@
+//! The boundary between the protocol and the network.
+//!
+//! A transport moves opaque frames between node ids and reports membership. It knows nothing of
+//! tokens, objects or messages: the wire codec lives in [`crate::wire`].
+
+use std::time::Duration;
+
+/// Identifies one node (a process, a rank, a thread) of the cluster.
+pub type NodeId = u32;
+
+/// What a transport hands the driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TransportEvent {
+    /// A frame from a peer. Frames from one peer arrive in the order that peer sent them.
+    Frame {
+        /// The sending node.
+        from: NodeId,
+        /// The encoded frame, exactly as the peer passed it to [`Transport::send`].
+        bytes: Vec<u8>,
+    },
+    /// A node joined the cluster. Delivered before any frame from that node.
+    Joined(NodeId),
+    /// A node left the cluster or was lost. Delivered after every frame from that node.
+    Left(NodeId),
+}
+
+/// Why a transport call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransportError {
+    /// The destination is not a member of the cluster (never joined, or already left).
+    #[error("unknown peer {0}")]
+    UnknownPeer(NodeId),
+    /// The transport was closed; nothing can be sent or received any more.
+    #[error("transport closed")]
+    Closed,
+    /// Any other failure of the underlying network library.
+    #[error("transport failure: {0}")]
+    Io(String),
+}
+
+/// Moves frames between the nodes of one cluster.
+///
+/// Requirements the protocol relies on:
+/// - frames between one ordered pair of nodes are delivered in order (per-pair FIFO), none lost
+///   while both nodes are members;
+/// - the founding node of a cluster has id 0 (it holds, virtually, every object not yet created);
+/// - [`TransportEvent::Joined`] precedes the first frame of a new node and
+///   [`TransportEvent::Left`] follows its last frame.
+///
+/// All methods take `&self`: the driver thread receives while user threads send.
+pub trait Transport: Send + Sync + 'static {
+    /// This node's id.
+    fn local_id(&self) -> NodeId;
+
+    /// The other members known when the node starts; later changes arrive as events.
+    fn peers(&self) -> Vec<NodeId>;
+
+    /// Queues `frame` for `to`. Must not block on the receiver.
+    fn send(&self, to: NodeId, frame: Vec<u8>) -> Result<(), TransportError>;
+
+    /// Waits up to `timeout` for the next event; `Ok(None)` when none came in time.
+    fn recv(&self, timeout: Duration) -> Result<Option<TransportEvent>, TransportError>;
+
+    /// Leaves the cluster: peers see [`TransportEvent::Left`] after this node's last frame.
+    fn close(&self);
+}

@@ -1,0 +1,495 @@
+//! In-memory [`Transport`] over crossbeam channels, for tests, benchmarks and single-process demos.
+//!
+//! Every endpoint owns one unbounded channel, its inbox, which carries frames and membership
+//! events alike. One queue per endpoint is what gives the ordering the protocol needs for free:
+//! frames from one peer stay in order, [`TransportEvent::Joined`] precedes a node's first frame
+//! and [`TransportEvent::Left`] follows its last one.
+//!
+//! ```
+//! use std::time::Duration;
+//! use coherence_core::{Transport, TransportEvent};
+//!
+//! let nodes = transport_local::cluster(2);
+//! assert_eq!(nodes[0].peers(), vec![1]);
+//! nodes[0].send(1, b"hello".to_vec()).unwrap();
+//! let event = nodes[1].recv(Duration::from_secs(1)).unwrap();
+//! assert_eq!(event, Some(TransportEvent::Frame { from: 0, bytes: b"hello".to_vec() }));
+//! assert_eq!(nodes[0].frames_sent(), 1);
+//! ```
+//!
+//! Nodes can also join one by one through a [`LocalNetwork`]:
+//!
+//! ```
+//! use std::time::Duration;
+//! use coherence_core::{Transport, TransportEvent};
+//!
+//! let network = transport_local::LocalNetwork::new();
+//! let founder = network.join();
+//! let newcomer = network.join();
+//! assert_eq!((founder.local_id(), newcomer.local_id()), (0, 1));
+//! assert_eq!(newcomer.peers(), vec![0]);
+//! assert_eq!(founder.recv(Duration::from_secs(1)).unwrap(), Some(TransportEvent::Joined(1)));
+//! ```
+
+#![deny(missing_docs)]
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use coherence_core::{NodeId, Transport, TransportError, TransportEvent};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+
+/// How long [`LocalTransport::recv`] busy-polls before parking by default: a parked wake-up
+/// costs tens of microseconds, spinning a fraction of one, yet an idle node must not hold a core.
+pub const DEFAULT_SPIN: Duration = Duration::from_micros(20);
+
+/// `yield_now` rounds between spinning and parking: cheap when other threads want the core,
+/// and they give a sender on the same core a chance to run before we block.
+const YIELD_ROUNDS: usize = 4;
+
+/// Builds `n` endpoints with ids `0..n`, each listing all the others in [`Transport::peers`].
+///
+/// All members are admitted at once, so no endpoint sees [`TransportEvent::Joined`] for the
+/// founding members.
+///
+/// # Panics
+/// If `n` does not fit in a [`NodeId`].
+pub fn cluster(n: usize) -> Vec<LocalTransport> {
+    let network = LocalNetwork::new();
+    let ids: Vec<NodeId> =
+        (0..NodeId::try_from(n).expect("cluster size fits in a NodeId")).collect();
+    let mut members = network.lock();
+    members.next_id = ids.len() as NodeId;
+    let inboxes: Vec<Receiver<TransportEvent>> = ids
+        .iter()
+        .map(|&id| {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            members.inboxes.insert(id, tx);
+            rx
+        })
+        .collect();
+    drop(members);
+    ids.iter()
+        .zip(inboxes)
+        .map(|(&id, inbox)| {
+            let peers = ids.iter().copied().filter(|&p| p != id).collect();
+            LocalTransport::new(id, peers, inbox, network.clone())
+        })
+        .collect()
+}
+
+/// Who is in the cluster, shared by every endpoint of one network.
+#[derive(Debug, Default)]
+struct Members {
+    /// Inbox of every current member; an id absent here never joined or has left.
+    inboxes: BTreeMap<NodeId, Sender<TransportEvent>>,
+    /// Id of the next joiner; never reused, so a departed id stays unknown.
+    next_id: NodeId,
+}
+
+/// A shared in-memory network that endpoints join one at a time.
+///
+/// Cloning is cheap and every clone is the same network, so it can be handed to threads that
+/// each join their own node.
+#[derive(Debug, Clone, Default)]
+pub struct LocalNetwork {
+    members: Arc<Mutex<Members>>,
+}
+
+impl LocalNetwork {
+    /// An empty network; its first joiner gets id 0 and so founds the cluster.
+    pub fn new() -> LocalNetwork {
+        LocalNetwork::default()
+    }
+
+    /// Adds a node with the next id, announcing it to every current member.
+    ///
+    /// The announcement is queued before the new endpoint exists, so each member sees
+    /// [`TransportEvent::Joined`] before any frame from the joiner.
+    pub fn join(&self) -> LocalTransport {
+        let mut members = self.lock();
+        let id = members.next_id;
+        members.next_id = id.checked_add(1).expect("NodeId space exhausted");
+        for inbox in members.inboxes.values() {
+            // Cannot fail: a member's receiver outlives its entry (drop closes first).
+            let _ = inbox.send(TransportEvent::Joined(id));
+        }
+        let peers = members.inboxes.keys().copied().collect();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        members.inboxes.insert(id, tx);
+        drop(members);
+        LocalTransport::new(id, peers, rx, self.clone())
+    }
+
+    /// Locks the membership. Every critical section leaves the map consistent, so a panic
+    /// elsewhere while holding it (poisoning) is safe to ignore, and `Drop` never panics here.
+    fn lock(&self) -> MutexGuard<'_, Members> {
+        self.members.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// One node's endpoint on a [`LocalNetwork`]. Closing or dropping it leaves the network.
+#[derive(Debug)]
+pub struct LocalTransport {
+    id: NodeId,
+    /// Members at the time this node started; later changes arrive as events.
+    peers: Vec<NodeId>,
+    inbox: Receiver<TransportEvent>,
+    network: LocalNetwork,
+    closed: AtomicBool,
+    /// Busy-poll budget of [`Transport::recv`] before it parks.
+    spin: Duration,
+    frames_sent: AtomicU64,
+}
+
+impl LocalTransport {
+    fn new(
+        id: NodeId,
+        peers: Vec<NodeId>,
+        inbox: Receiver<TransportEvent>,
+        network: LocalNetwork,
+    ) -> LocalTransport {
+        LocalTransport {
+            id,
+            peers,
+            inbox,
+            network,
+            closed: AtomicBool::new(false),
+            spin: DEFAULT_SPIN,
+            frames_sent: AtomicU64::new(0),
+        }
+    }
+
+    /// Sets how long `recv` busy-polls before parking ([`DEFAULT_SPIN`] by default), so
+    /// benchmarks can trade CPU for latency; zero parks at once.
+    pub fn with_spin(mut self, spin: Duration) -> Self {
+        self.spin = spin;
+        self
+    }
+
+    /// Frames this endpoint has sent successfully, so benchmarks can count messages.
+    pub fn frames_sent(&self) -> u64 {
+        self.frames_sent.load(Ordering::Relaxed)
+    }
+
+    /// Polls without blocking; `Err` only once the inbox is disconnected (we left).
+    fn poll(&self) -> Result<Option<TransportEvent>, TransportError> {
+        match self.inbox.try_recv() {
+            Ok(event) => Ok(Some(event)),
+            Err(TryRecvError::Empty) => Ok(None),
+            Err(TryRecvError::Disconnected) => Err(TransportError::Closed),
+        }
+    }
+}
+
+impl Transport for LocalTransport {
+    fn local_id(&self) -> NodeId {
+        self.id
+    }
+
+    fn peers(&self) -> Vec<NodeId> {
+        self.peers.clone()
+    }
+
+    fn send(&self, to: NodeId, frame: Vec<u8>) -> Result<(), TransportError> {
+        // Pushing under the lock orders this frame against a concurrent `close` of either end:
+        // it lands before our `Left`, or fails once we or `to` have left.
+        let members = self.network.lock();
+        if !members.inboxes.contains_key(&self.id) {
+            return Err(TransportError::Closed);
+        }
+        let inbox = members
+            .inboxes
+            .get(&to)
+            .ok_or(TransportError::UnknownPeer(to))?;
+        inbox
+            .send(TransportEvent::Frame {
+                from: self.id,
+                bytes: frame,
+            })
+            .map_err(|_| TransportError::UnknownPeer(to))?;
+        drop(members);
+        self.frames_sent.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn recv(&self, timeout: Duration) -> Result<Option<TransportEvent>, TransportError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(TransportError::Closed);
+        }
+        let start = Instant::now();
+        // Spin first: the reply to a frame we just sent usually comes within microseconds.
+        let spin = self.spin.min(timeout);
+        loop {
+            if let Some(event) = self.poll()? {
+                return Ok(Some(event));
+            }
+            if start.elapsed() >= spin {
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        if !spin.is_zero() {
+            for _ in 0..YIELD_ROUNDS {
+                std::thread::yield_now();
+                if let Some(event) = self.poll()? {
+                    return Ok(Some(event));
+                }
+            }
+        }
+        match self
+            .inbox
+            .recv_timeout(timeout.saturating_sub(start.elapsed()))
+        {
+            Ok(event) => Ok(Some(event)),
+            Err(RecvTimeoutError::Timeout) => Ok(None),
+            Err(RecvTimeoutError::Disconnected) => Err(TransportError::Closed),
+        }
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        let mut members = self.network.lock();
+        // Only the first close finds us still a member, which makes it idempotent.
+        if members.inboxes.remove(&self.id).is_some() {
+            for inbox in members.inboxes.values() {
+                let _ = inbox.send(TransportEvent::Left(self.id));
+            }
+        }
+    }
+}
+
+impl Drop for LocalTransport {
+    /// A dropped node leaves, so peers are not left sending into a dead inbox.
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    fn frame(from: NodeId, bytes: &[u8]) -> Option<TransportEvent> {
+        Some(TransportEvent::Frame {
+            from,
+            bytes: bytes.to_vec(),
+        })
+    }
+
+    fn expect_empty(node: &LocalTransport) {
+        assert_eq!(node.recv(Duration::ZERO).unwrap(), None);
+    }
+
+    #[test]
+    fn cluster_ids_and_peers() {
+        let nodes = cluster(4);
+        for (i, node) in nodes.iter().enumerate() {
+            assert_eq!(node.local_id() as usize, i);
+            let expected: Vec<NodeId> = (0..4).filter(|&p| p as usize != i).collect();
+            assert_eq!(node.peers(), expected);
+            expect_empty(node);
+        }
+        assert!(cluster(0).is_empty());
+    }
+
+    #[test]
+    fn frames_arrive_in_order_per_pair() {
+        let nodes = cluster(3);
+        for seq in 0u32..1000 {
+            nodes[0].send(2, seq.to_le_bytes().to_vec()).unwrap();
+            nodes[1].send(2, seq.to_le_bytes().to_vec()).unwrap();
+        }
+        let mut next = [0u32; 2];
+        for _ in 0..2000 {
+            match nodes[2].recv(SECOND).unwrap() {
+                Some(TransportEvent::Frame { from, bytes }) => {
+                    let seq = u32::from_le_bytes(bytes.try_into().unwrap());
+                    assert_eq!(seq, next[from as usize]);
+                    next[from as usize] += 1;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(next, [1000, 1000]);
+        assert_eq!(nodes[0].frames_sent(), 1000);
+        expect_empty(&nodes[2]);
+    }
+
+    #[test]
+    fn join_announces_before_first_frame() {
+        let network = LocalNetwork::new();
+        let a = network.join();
+        assert_eq!((a.local_id(), a.peers()), (0, vec![]));
+        let b = network.join();
+        assert_eq!((b.local_id(), b.peers()), (1, vec![0]));
+        b.send(0, b"hi".to_vec()).unwrap();
+        let c = network.join();
+        assert_eq!((c.local_id(), c.peers()), (2, vec![0, 1]));
+        c.send(0, b"yo".to_vec()).unwrap();
+        c.send(1, b"yo".to_vec()).unwrap();
+
+        assert_eq!(a.recv(SECOND).unwrap(), Some(TransportEvent::Joined(1)));
+        assert_eq!(a.recv(SECOND).unwrap(), frame(1, b"hi"));
+        assert_eq!(a.recv(SECOND).unwrap(), Some(TransportEvent::Joined(2)));
+        assert_eq!(a.recv(SECOND).unwrap(), frame(2, b"yo"));
+        assert_eq!(b.recv(SECOND).unwrap(), Some(TransportEvent::Joined(2)));
+        assert_eq!(b.recv(SECOND).unwrap(), frame(2, b"yo"));
+        expect_empty(&a);
+        expect_empty(&b);
+        expect_empty(&c);
+    }
+
+    #[test]
+    fn network_is_shared_across_threads() {
+        let network = LocalNetwork::new();
+        let founder = network.join();
+        let mut ids: Vec<NodeId> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    let network = network.clone();
+                    s.spawn(move || {
+                        let node = network.join();
+                        node.send(0, vec![]).unwrap();
+                        node.local_id()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        ids.sort_unstable();
+        assert_eq!(ids, vec![1, 2, 3, 4]);
+        // Each joiner was announced before its frame, and left after it.
+        let mut state = [0u8; 5];
+        while let Some(event) = founder.recv(Duration::ZERO).unwrap() {
+            let (id, expected) = match event {
+                TransportEvent::Joined(id) => (id, 0),
+                TransportEvent::Frame { from, .. } => (from, 1),
+                TransportEvent::Left(id) => (id, 2),
+            };
+            assert_eq!(state[id as usize], expected, "{event:?} out of order");
+            state[id as usize] += 1;
+        }
+        assert_eq!(state[1..], [3; 4]);
+    }
+
+    #[test]
+    fn close_sends_left_after_last_frame() {
+        let nodes = cluster(3);
+        nodes[1].send(0, b"a".to_vec()).unwrap();
+        nodes[1].send(0, b"b".to_vec()).unwrap();
+        nodes[1].send(2, b"c".to_vec()).unwrap();
+        nodes[1].close();
+        nodes[1].close();
+
+        assert_eq!(nodes[0].recv(SECOND).unwrap(), frame(1, b"a"));
+        assert_eq!(nodes[0].recv(SECOND).unwrap(), frame(1, b"b"));
+        assert_eq!(
+            nodes[0].recv(SECOND).unwrap(),
+            Some(TransportEvent::Left(1))
+        );
+        assert_eq!(nodes[2].recv(SECOND).unwrap(), frame(1, b"c"));
+        assert_eq!(
+            nodes[2].recv(SECOND).unwrap(),
+            Some(TransportEvent::Left(1))
+        );
+        expect_empty(&nodes[0]);
+        expect_empty(&nodes[2]);
+
+        assert_eq!(
+            nodes[0].send(1, vec![]),
+            Err(TransportError::UnknownPeer(1))
+        );
+        assert_eq!(
+            nodes[0].send(7, vec![]),
+            Err(TransportError::UnknownPeer(7))
+        );
+        assert_eq!(nodes[1].send(0, vec![]), Err(TransportError::Closed));
+        assert_eq!(nodes[1].recv(SECOND), Err(TransportError::Closed));
+        assert_eq!(nodes[1].frames_sent(), 3);
+    }
+
+    #[test]
+    fn drop_leaves_the_network() {
+        let mut nodes = cluster(2);
+        nodes.pop();
+        assert_eq!(
+            nodes[0].recv(SECOND).unwrap(),
+            Some(TransportEvent::Left(1))
+        );
+        assert_eq!(
+            nodes[0].send(1, vec![]),
+            Err(TransportError::UnknownPeer(1))
+        );
+    }
+
+    #[test]
+    fn recv_times_out_with_none() {
+        let spinning = cluster(1).pop().unwrap();
+        let parking = cluster(1).pop().unwrap().with_spin(Duration::ZERO);
+        for node in [spinning, parking] {
+            let timeout = Duration::from_millis(50);
+            let start = Instant::now();
+            assert_eq!(node.recv(timeout).unwrap(), None);
+            let elapsed = start.elapsed();
+            assert!(elapsed >= timeout, "returned early: {elapsed:?}");
+            assert!(elapsed < timeout + SECOND / 2, "returned late: {elapsed:?}");
+        }
+    }
+
+    #[test]
+    fn recv_wakes_when_a_frame_arrives_while_parked() {
+        let nodes = cluster(2);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(20));
+                nodes[0].send(1, b"late".to_vec()).unwrap();
+            });
+            assert_eq!(nodes[1].recv(10 * SECOND).unwrap(), frame(0, b"late"));
+        });
+    }
+
+    #[test]
+    fn concurrent_senders_lose_nothing() {
+        const THREADS_PER_NODE: u32 = 2;
+        const FRAMES: u32 = 5000;
+        let nodes = cluster(4);
+        let (receiver, senders) = nodes.split_first().unwrap();
+        std::thread::scope(|s| {
+            for node in senders {
+                for thread in 0..THREADS_PER_NODE {
+                    s.spawn(move || {
+                        for seq in 0..FRAMES {
+                            let mut bytes = thread.to_le_bytes().to_vec();
+                            bytes.extend_from_slice(&seq.to_le_bytes());
+                            node.send(0, bytes).unwrap();
+                        }
+                    });
+                }
+            }
+            // Frames from one sending thread keep their order.
+            let mut next = vec![0u32; 4 * THREADS_PER_NODE as usize];
+            let total = senders.len() as u32 * THREADS_PER_NODE * FRAMES;
+            for _ in 0..total {
+                let Some(TransportEvent::Frame { from, bytes }) =
+                    receiver.recv(10 * SECOND).unwrap()
+                else {
+                    panic!("expected a frame");
+                };
+                let thread = u32::from_le_bytes(bytes[..4].try_into().unwrap());
+                let seq = u32::from_le_bytes(bytes[4..].try_into().unwrap());
+                let slot = &mut next[(from * THREADS_PER_NODE + thread) as usize];
+                assert_eq!(seq, *slot);
+                *slot += 1;
+            }
+        });
+        expect_empty(receiver);
+        for node in senders {
+            assert_eq!(node.frames_sent(), u64::from(THREADS_PER_NODE * FRAMES));
+        }
+    }
+}
