@@ -64,3 +64,26 @@ pub trait Transport: Send + Sync + 'static {
     /// Leaves the cluster: peers see [`TransportEvent::Left`] after this node's last frame.
     fn close(&self);
 }
+
+/// Lets code choose a transport at run time (`Box<dyn Transport>`).
+impl<T: Transport + ?Sized> Transport for Box<T> {
+    fn local_id(&self) -> NodeId {
+        (**self).local_id()
+    }
+
+    fn peers(&self) -> Vec<NodeId> {
+        (**self).peers()
+    }
+
+    fn send(&self, to: NodeId, frame: Vec<u8>) -> Result<(), TransportError> {
+        (**self).send(to, frame)
+    }
+
+    fn recv(&self, timeout: Duration) -> Result<Option<TransportEvent>, TransportError> {
+        (**self).recv(timeout)
+    }
+
+    fn close(&self) {
+        (**self).close()
+    }
+}
