@@ -12,10 +12,9 @@ use std::any::Any;
 use std::collections::{BTreeMap, HashMap};
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
 
-use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender};
 use serde::de::DeserializeOwned;
@@ -56,9 +55,12 @@ struct Slot {
 }
 
 /// The readable value of one object on this node, or nothing while no token is here.
+///
+/// A read-write lock measured faster here than `arc-swap` for a load-and-clone (one fewer
+/// atomic read-modify-write); writers take it only when the value or its readability changes.
 #[derive(Default)]
 struct Cell {
-    current: ArcSwapOption<Slot>,
+    current: RwLock<Option<Slot>>,
     /// Version of the last value this node held, readable or not.
     last_version: AtomicU64,
 }
@@ -66,14 +68,29 @@ struct Cell {
 impl Cell {
     fn publish(&self, value: &Value) {
         self.last_version.store(value.version, Ordering::Release);
-        self.current.store(Some(Arc::new(Slot {
+        *self.write() = Some(Slot {
             version: value.version,
             bytes: value.bytes.clone(),
             decoded: OnceLock::new(),
-        })));
+        });
+    }
+
+    fn invalidate(&self) {
+        *self.write() = None;
+    }
+
+    #[inline]
+    fn read(&self) -> RwLockReadGuard<'_, Option<Slot>> {
+        // Slots are replaced whole, so a poisoned lock still holds a consistent value.
+        self.current.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Option<Slot>> {
+        self.current.write().unwrap_or_else(|p| p.into_inner())
     }
 }
 
+#[inline]
 fn decode_slot<T: DeserializeOwned + Send + Sync + 'static>(
     slot: &Slot,
     object: &str,
@@ -131,9 +148,12 @@ impl Inner {
     fn lock(&self) -> MutexGuard<'_, Core> {
         // A panic while holding the lock leaves the protocol state as it was after the last
         // completed step, so it is safe to go on.
-        self.core.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.core
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    #[inline]
     fn check_running(&self) -> Result<(), Error> {
         if self.stopped.load(Ordering::Acquire) {
             Err(Error::Stopped(self.id))
@@ -156,7 +176,7 @@ impl Inner {
                 }
                 Event::Unreadable { object } => {
                     if let Some(cell) = core.cells.get(&object) {
-                        cell.current.store(None);
+                        cell.invalidate();
                     }
                 }
                 Event::Completed { op, outcome } => {
@@ -486,6 +506,7 @@ where
 
     /// The current value. Local (no message, no lock, no decoding after the first read of a
     /// version) while this node holds a token; otherwise fetches a token and the value.
+    #[inline]
     pub fn read(&self) -> Result<Arc<T>, Error> {
         if let Some(value) = self.try_read()? {
             return Ok(value);
@@ -500,9 +521,10 @@ where
     }
 
     /// The current value if this node holds a token, without waiting; `Ok(None)` otherwise.
+    #[inline]
     pub fn try_read(&self) -> Result<Option<Arc<T>>, Error> {
         self.node.check_running()?;
-        match &*self.cell.current.load() {
+        match &*self.cell.read() {
             Some(slot) => decode_slot(slot, &self.name).map(Some),
             None => Ok(None),
         }
@@ -526,17 +548,17 @@ where
             unreachable!("lock completes with Granted, got {outcome:?}")
         };
         // Released without a write if anything below fails or `f` panics.
-        let mut lock = Lock {
+        let lock = Lock {
             node: &self.node,
             op,
-            bytes: None,
         };
         let mut current = rmp_serde::from_slice::<T>(&value.bytes).map_err(|e| Error::Decode {
             object: self.name.to_string(),
             reason: e.to_string(),
         })?;
         let result = f(&mut current);
-        lock.bytes = Some(encode_value(&self.name, &current)?);
+        let bytes = encode_value(&self.name, &current)?;
+        lock.commit(bytes)?;
         Ok(result)
     }
 
@@ -546,7 +568,7 @@ where
     }
 
     fn decode(&self, value: &Value) -> Result<Arc<T>, Error> {
-        if let Some(slot) = &*self.cell.current.load() {
+        if let Some(slot) = &*self.cell.read() {
             if slot.version == value.version {
                 return decode_slot(slot, &self.name);
             }
@@ -560,20 +582,31 @@ where
     }
 }
 
-/// A granted update: commits `bytes` when dropped, or releases the object unchanged if there
-/// are none (decoding, the closure or encoding failed).
+/// A granted update. Dropped without [`Lock::commit`] (decoding, the closure or encoding
+/// failed), it releases the object unchanged.
 struct Lock<'a> {
     node: &'a Inner,
     op: OpId,
-    bytes: Option<Bytes>,
+}
+
+impl Lock<'_> {
+    /// Writes `bytes` and releases the object; fails if the node stopped meanwhile.
+    fn commit(self, bytes: Bytes) -> Result<u64, Error> {
+        let node = self.node;
+        let op = self.op;
+        std::mem::forget(self);
+        let mut version = None;
+        let mut core = node.lock();
+        node.step(&mut core, |p| version = p.commit(op, Some(bytes)));
+        version.ok_or(Error::Stopped(node.id))
+    }
 }
 
 impl Drop for Lock<'_> {
     fn drop(&mut self) {
         let mut core = self.node.lock();
-        let bytes = self.bytes.take();
         self.node.step(&mut core, |p| {
-            p.commit(self.op, bytes);
+            p.commit(self.op, None);
         });
     }
 }

@@ -381,7 +381,8 @@ impl Protocol {
         for (name, o) in &self.objects {
             if let Some((id, true)) = o.mine {
                 let entry = &o.requests[&id];
-                self.sends.push((peer, Message::Request(request_of(name, id, entry))));
+                self.sends
+                    .push((peer, Message::Request(request_of(name, id, entry))));
             }
         }
     }
@@ -766,7 +767,10 @@ fn apply_write(o: &mut Object, bytes: Bytes) -> u64 {
 /// has `have`, may lack it. Giving the last token away makes the local copy unreadable.
 fn take_tokens(name: &str, o: &mut Object, count: u32, have: Option<u64>) -> Grant {
     debug_assert!(count >= 1 && count <= o.tokens);
-    let version = o.valid.then(|| o.value.as_ref().map(|v| v.version)).flatten();
+    let version = o
+        .valid
+        .then(|| o.value.as_ref().map(|v| v.version))
+        .flatten();
     let owner = o.owner && count == o.tokens;
     // Only the owner answers for the data: it sends it unless the receiver has it.
     let value = (o.owner && have != version).then(|| o.current());

@@ -14,11 +14,13 @@ fn four_nodes_count_to_1200() {
                 let c = node.object("counter", 0i64).unwrap();
                 let mut seen = Vec::new();
                 for _ in 0..300 {
-                    seen.push(c.update(|v| {
-                        *v += 1;
-                        *v
-                    })
-                    .unwrap());
+                    seen.push(
+                        c.update(|v| {
+                            *v += 1;
+                            *v
+                        })
+                        .unwrap(),
+                    );
                 }
                 let v: Arc<i64> = c.read().unwrap();
                 (node, seen, *v)
@@ -34,7 +36,10 @@ fn four_nodes_count_to_1200() {
     }
     all.sort();
     assert_eq!(all, (1..=1200).collect::<Vec<_>>());
-    let ts: Vec<_> = nodes.into_iter().map(|n| thread::spawn(move || n.shutdown())).collect();
+    let ts: Vec<_> = nodes
+        .into_iter()
+        .map(|n| thread::spawn(move || n.shutdown()))
+        .collect();
     for t in ts {
         t.join().unwrap().unwrap();
     }
