@@ -67,12 +67,17 @@ struct Cell {
 
 impl Cell {
     fn publish(&self, value: &Value) {
-        self.last_version.store(value.version, Ordering::Release);
+        self.saw_version(value.version);
         *self.write() = Some(Slot {
             version: value.version,
             bytes: value.bytes.clone(),
             decoded: OnceLock::new(),
         });
+    }
+
+    /// Records a version this node held, even if only for the step that completed an operation.
+    fn saw_version(&self, version: u64) {
+        self.last_version.fetch_max(version, Ordering::AcqRel);
     }
 
     fn invalidate(&self) {
@@ -199,7 +204,7 @@ impl Inner {
         // One frame per destination; a BTreeMap keeps the order of messages to each peer.
         let mut batches: BTreeMap<NodeId, Vec<Message>> = BTreeMap::new();
         for (to, message) in sends {
-            tracing::trace!(node = self.id, to, ?message, "send");
+            tracing::trace!(node = self.id, to, msg = ?message, "send");
             batches.entry(to).or_default().push(message);
         }
         for (to, messages) in batches {
@@ -297,7 +302,7 @@ impl Inner {
                             .frames_received
                             .fetch_add(1, Ordering::Relaxed);
                         for message in messages {
-                            tracing::trace!(node = self.id, from, ?message, "receive");
+                            tracing::trace!(node = self.id, from, msg = ?message, "receive");
                             self.step(&mut core, |p| p.handle(from, message));
                         }
                     }
@@ -517,6 +522,7 @@ where
         let (Outcome::Read(value) | Outcome::Opened(value)) = outcome else {
             unreachable!("read completes with Read, got {outcome:?}")
         };
+        self.cell.saw_version(value.version);
         self.decode(&value)
     }
 
@@ -533,8 +539,13 @@ where
     /// Replaces the value once this node holds every token.
     pub fn write(&self, value: T) -> Result<(), Error> {
         let bytes = encode_value(&self.name, &value)?;
-        self.node
+        let outcome = self
+            .node
             .run_op("write", &self.name, |p, op| p.write(op, &self.name, bytes))?;
+        let Outcome::Written { version } = outcome else {
+            unreachable!("write completes with Written, got {outcome:?}")
+        };
+        self.cell.saw_version(version);
         Ok(())
     }
 
@@ -558,7 +569,7 @@ where
         })?;
         let result = f(&mut current);
         let bytes = encode_value(&self.name, &current)?;
-        lock.commit(bytes)?;
+        self.cell.saw_version(lock.commit(bytes)?);
         Ok(result)
     }
 

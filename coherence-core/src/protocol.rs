@@ -157,6 +157,8 @@ pub struct Protocol {
     /// Objects created by a genesis node so far (complete only while `genesis`).
     created: BTreeSet<String>,
     leaving: bool,
+    /// Peers that announced their leave but have not closed yet: they may still send to us.
+    departing: BTreeSet<NodeId>,
     awaiting_acks: BTreeSet<NodeId>,
     left: bool,
     /// Objects touched in the current step, synchronised at its end.
@@ -177,6 +179,7 @@ impl Protocol {
             genesis: id == 0,
             created: BTreeSet::new(),
             leaving: false,
+            departing: BTreeSet::new(),
             awaiting_acks: BTreeSet::new(),
             left: false,
             dirty: BTreeSet::new(),
@@ -245,9 +248,14 @@ impl Protocol {
         self.objects.values().map(|o| o.requests.len()).sum()
     }
 
-    /// Events produced so far; apply them before sending.
+    /// Events produced so far; apply them before sending. Readability changes come first, so
+    /// the caller of a completed operation already sees the value it wrote or read.
     pub fn take_events(&mut self) -> Vec<Event> {
-        std::mem::take(&mut self.events)
+        let (mut readability, rest): (Vec<Event>, Vec<Event>) = std::mem::take(&mut self.events)
+            .into_iter()
+            .partition(|e| matches!(e, Event::Readable { .. } | Event::Unreadable { .. }));
+        readability.extend(rest);
+        readability
     }
 
     /// Messages produced so far, in the order they must be sent.
@@ -351,7 +359,10 @@ impl Protocol {
             }
             self.step(name);
         }
-        for &peer in &self.members {
+        // A departing peer may still send us tokens until it has seen our `Leaving`, so it must
+        // acknowledge too (or close, which the transport reports).
+        self.awaiting_acks = self.members.union(&self.departing).copied().collect();
+        for &peer in &self.awaiting_acks {
             self.sends.push((peer, Message::Leaving));
         }
         if self.genesis {
@@ -361,7 +372,6 @@ impl Protocol {
                 self.sends.push((heir, Message::Genesis { created }));
             }
         }
-        self.awaiting_acks = self.members.clone();
         self.check_left();
     }
 
@@ -390,6 +400,7 @@ impl Protocol {
     /// A peer left or was lost: forget it and its requests.
     pub fn peer_left(&mut self, peer: NodeId) {
         self.forget(peer);
+        self.departing.remove(&peer);
         self.awaiting_acks.remove(&peer);
         self.check_left();
     }
@@ -427,6 +438,7 @@ impl Protocol {
             }
             Message::Leaving => {
                 self.forget(from);
+                self.departing.insert(from);
                 self.sends.push((from, Message::LeaveAck));
             }
             Message::LeaveAck => {
@@ -583,20 +595,8 @@ impl Protocol {
         if current == Some(Access::Write) && wanted == Some(Access::Read) {
             return;
         }
-        if let Some((id, announced)) = o.mine.take() {
-            o.requests.remove(&id);
-            if announced {
-                for &peer in &self.members {
-                    self.sends.push((
-                        peer,
-                        Message::Done {
-                            object: name.to_string(),
-                            id,
-                        },
-                    ));
-                }
-            }
-        }
+        self.retire_own_request(name);
+        let o = self.objects.get_mut(name).expect("stepped objects exist");
         if let Some(access) = wanted {
             self.clock += 1;
             let id = RequestId {
@@ -614,6 +614,21 @@ impl Protocol {
                 },
             );
             o.mine = Some((id, false));
+        }
+    }
+
+    /// Removes the own request from the table and tells every member it is finished.
+    fn retire_own_request(&mut self, name: &str) {
+        let o = self.objects.get_mut(name).expect("stepped objects exist");
+        let Some((id, announced)) = o.mine.take() else {
+            return;
+        };
+        o.requests.remove(&id);
+        if announced {
+            for &peer in &self.members {
+                let object = name.to_string();
+                self.sends.push((peer, Message::Done { object, id }));
+            }
         }
     }
 
@@ -679,6 +694,9 @@ impl Protocol {
     /// Redistributes after a write, per policy: the Update policy sends the new value with one
     /// token to every interested node, unless a write waits (then the tokens go there).
     fn after_write(&mut self, name: &str) {
+        // The write request is finished: its `Done` must reach the others before the new
+        // tokens, or they would pass those tokens straight back to the finished writer.
+        self.retire_own_request(name);
         let me = self.id;
         let o = self.objects.get_mut(name).expect("stepped objects exist");
         let first_other = o.requests.iter().find(|(id, _)| id.node != me);
