@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use coherence_core::{DistObj, Error, Node, NodeId};
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The integer object of the first test.
 const INT: &str = "int";
@@ -29,7 +29,7 @@ const LATE_INT_INIT: i64 = -1;
 type Dict = BTreeMap<String, i64>;
 
 /// Where in the scenario an observation was made; the report is printed in this order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Step {
     /// Every node opened `"int"` and read it.
     IntOpened,
@@ -62,7 +62,7 @@ impl Step {
 }
 
 /// One line of the report: what one node saw at one step.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Observation {
     /// When.
     pub step: Step,

@@ -6,6 +6,8 @@
 
 mod lab;
 mod local;
+#[cfg(feature = "mpi")]
+mod mpi;
 
 use std::fs::File;
 use std::io;
@@ -51,6 +53,11 @@ struct Args {
     #[arg(long, value_name = "MS", default_value_t = 10_000, value_parser = parse_timeout)]
     timeout_ms: u64,
 
+    /// Where the nodes run: threads of this process talking over in-memory channels, or one
+    /// node per MPI rank (run under `mpiexec -n N`; needs a build with `--features mpi`).
+    #[arg(long, value_enum, default_value_t = TransportKind::Local)]
+    transport: TransportKind,
+
     /// Also write a JSON-lines trace of the run to FILE: one object per event, including every
     /// protocol message each node sends and receives.
     #[arg(long, value_name = "FILE")]
@@ -60,6 +67,15 @@ struct Args {
     /// RUST_LOG selects what is logged (default: warnings and errors).
     #[arg(short, long, action = ArgAction::Count)]
     verbose: u8,
+}
+
+/// The transport, as `--transport` spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TransportKind {
+    /// In-memory channels between threads of this process (`--nodes` of them).
+    Local,
+    /// One node per MPI rank; `--nodes` is ignored, the MPI world's size counts.
+    Mpi,
 }
 
 /// The write policy, as `--policy` spells it.
@@ -115,11 +131,52 @@ fn main() -> ExitCode {
         .timeout(Duration::from_millis(args.timeout_ms))
         .write_policy(args.policy.into());
 
-    println!(
-        "coherence lab: {} nodes and a late joiner, {:?} policy, timeout {:?}",
-        args.nodes, config.write_policy, config.timeout
-    );
-    match local::run(args.nodes, &config) {
+    let outcome = match args.transport {
+        TransportKind::Local => {
+            println!(
+                "coherence lab: {} nodes and a late joiner, {:?} policy, timeout {:?}",
+                args.nodes, config.write_policy, config.timeout
+            );
+            local::run(args.nodes, &config)
+        }
+        TransportKind::Mpi => match run_mpi(&config) {
+            Some(outcome) => outcome,
+            None => return ExitCode::SUCCESS,
+        },
+    };
+    print_outcome(outcome)
+}
+
+/// Runs this MPI rank's part; `None` on a rank other than 0 whose run was coherent (only rank
+/// 0 prints the report).
+#[cfg(feature = "mpi")]
+fn run_mpi(config: &Config) -> Option<Result<Report, Failure>> {
+    match mpi::run(config) {
+        mpi::Outcome::Report(outcome) => {
+            println!(
+                "coherence lab over MPI: the last rank opens late, {:?} policy, timeout {:?}",
+                config.write_policy, config.timeout
+            );
+            Some(outcome)
+        }
+        mpi::Outcome::Verdict(true) => None,
+        mpi::Outcome::Verdict(false) => std::process::exit(1),
+    }
+}
+
+#[cfg(not(feature = "mpi"))]
+fn run_mpi(_config: &Config) -> Option<Result<Report, Failure>> {
+    Some(Err(Failure {
+        observations: Vec::new(),
+        reasons: vec!["this demo was built without MPI support: build it with \
+             `cargo build --release -p demo --features mpi` and run it under mpiexec"
+            .to_string()],
+    }))
+}
+
+/// Prints the report and the verdict line; the exit code follows the verdict.
+fn print_outcome(outcome: Result<Report, Failure>) -> ExitCode {
+    match outcome {
         Ok(Report { observations }) => {
             print_observations(&observations);
             println!("coherent: yes");
