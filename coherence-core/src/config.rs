@@ -13,8 +13,8 @@ pub struct Config {
     pub timeout: Duration,
     /// What a writer does with its tokens after a write.
     pub write_policy: WritePolicy,
-    /// How long the driver waits for network input before checking whether it should stop;
-    /// bounds how long `shutdown` takes to stop the driver thread.
+    /// How long the driver waits for network input before checking whether it should leave or
+    /// stop; bounds the extra time `shutdown` takes.
     pub poll_interval: Duration,
 }
 
@@ -23,7 +23,7 @@ impl Default for Config {
         Config {
             timeout: Duration::from_secs(10),
             write_policy: WritePolicy::Update,
-            poll_interval: Duration::from_millis(50),
+            poll_interval: Duration::from_millis(10),
         }
     }
 }

@@ -14,6 +14,7 @@ use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender};
@@ -283,44 +284,61 @@ impl Inner {
         }
     }
 
+    /// The driver thread: feeds network input to the protocol until halted. It also starts the
+    /// leave `shutdown` asked for, after handling everything the transport already delivered:
+    /// a `Joined` queued before the leave must be seen, or the leaver could believe itself
+    /// alone and take the objects with it.
     fn drive(self: Arc<Self>) {
+        let mut leave_started = false;
         while !self.halt.load(Ordering::Acquire) {
-            let event = match self.transport.recv(self.config.poll_interval) {
-                Ok(Some(event)) => event,
-                Ok(None) => continue,
+            if !leave_started && self.stopped.load(Ordering::Acquire) {
+                while let Ok(Some(event)) = self.transport.recv(Duration::ZERO) {
+                    self.handle_event(event);
+                }
+                let mut core = self.lock();
+                self.step(&mut core, Protocol::leave);
+                leave_started = true;
+                continue;
+            }
+            match self.transport.recv(self.config.poll_interval) {
+                Ok(Some(event)) => self.handle_event(event),
+                Ok(None) => {}
                 Err(TransportError::Closed) => break,
                 Err(e) => {
                     tracing::error!(node = self.id, error = %e, "transport failed");
                     break;
                 }
-            };
-            let mut core = self.lock();
-            match event {
-                TransportEvent::Frame { from, bytes } => match wire::decode(&bytes) {
-                    Ok(messages) => {
-                        self.counters
-                            .frames_received
-                            .fetch_add(1, Ordering::Relaxed);
-                        for message in messages {
-                            tracing::trace!(node = self.id, from, msg = ?message, "receive");
-                            self.step(&mut core, |p| p.handle(from, message));
-                        }
+            }
+        }
+    }
+
+    fn handle_event(&self, event: TransportEvent) {
+        let mut core = self.lock();
+        match event {
+            TransportEvent::Frame { from, bytes } => match wire::decode(&bytes) {
+                Ok(messages) => {
+                    self.counters
+                        .frames_received
+                        .fetch_add(1, Ordering::Relaxed);
+                    for message in messages {
+                        tracing::trace!(node = self.id, from, msg = ?message, "receive");
+                        self.step(&mut core, |p| p.handle(from, message));
                     }
-                    Err(e) => {
-                        self.counters
-                            .frames_rejected
-                            .fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(node = self.id, from, error = %e, "frame rejected");
-                    }
-                },
-                TransportEvent::Joined(peer) => {
-                    tracing::debug!(node = self.id, peer, "peer joined");
-                    self.step(&mut core, |p| p.peer_joined(peer));
                 }
-                TransportEvent::Left(peer) => {
-                    tracing::debug!(node = self.id, peer, "peer left");
-                    self.step(&mut core, |p| p.peer_left(peer));
+                Err(e) => {
+                    self.counters
+                        .frames_rejected
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(node = self.id, from, error = %e, "frame rejected");
                 }
+            },
+            TransportEvent::Joined(peer) => {
+                tracing::debug!(node = self.id, peer, "peer joined");
+                self.step(&mut core, |p| p.peer_joined(peer));
+            }
+            TransportEvent::Left(peer) => {
+                tracing::debug!(node = self.id, peer, "peer left");
+                self.step(&mut core, |p| p.peer_left(peer));
             }
         }
     }
@@ -437,12 +455,9 @@ impl Node {
         };
         let inner = &self.inner;
         let (tx, rx) = crossbeam_channel::bounded(1);
-        {
-            let mut core = inner.lock();
-            core.left = Some(tx);
-            inner.stopped.store(true, Ordering::Release);
-            inner.step(&mut core, Protocol::leave);
-        }
+        // New operations fail from now on; the driver thread starts the leave.
+        inner.lock().left = Some(tx);
+        inner.stopped.store(true, Ordering::Release);
         let acknowledged = rx.recv_timeout(inner.config.timeout).is_ok();
         inner.lock().left = None;
         inner.halt.store(true, Ordering::Release);

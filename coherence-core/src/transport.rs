@@ -44,6 +44,9 @@ pub enum TransportError {
 /// - frames between one ordered pair of nodes are delivered in order (per-pair FIFO), none lost
 ///   while both nodes are members;
 /// - the founding node of a cluster has id 0 (it holds, virtually, every object not yet created);
+/// - `Joined(j)` is queued at every member before `j`'s own transport is handed out, so a member
+///   that leaves afterwards learns of `j` first (the driver handles queued events before it
+///   leaves);
 /// - [`TransportEvent::Joined`] precedes the first frame of a new node and
 ///   [`TransportEvent::Left`] follows its last frame.
 ///
