@@ -42,6 +42,8 @@ use mpi::traits::*;
 const FRAME_TAG: i32 = 1;
 /// Tag of the goodbye a rank sends when it closes.
 const GOODBYE_TAG: i32 = 2;
+/// Tag of [`MpiTransport::raw_ping_pong`]'s messages (on a communicator of their own).
+const PING_TAG: i32 = 3;
 
 /// How long the progress loop keeps spinning after its last activity before it yields.
 const SPIN: Duration = Duration::from_micros(50);
@@ -68,7 +70,16 @@ pub enum MpiError {
 }
 
 enum Command {
-    Send { to: NodeId, frame: Vec<u8> },
+    Send {
+        to: NodeId,
+        frame: Vec<u8>,
+    },
+    PingPong {
+        peer: NodeId,
+        rounds: u32,
+        bytes: usize,
+        done: Sender<Duration>,
+    },
     Close,
 }
 
@@ -125,6 +136,23 @@ impl MpiTransport {
     /// Number of ranks in the world.
     pub fn size(&self) -> u32 {
         self.size
+    }
+
+    /// Benchmark floor: `rounds` blocking `MPI_Send`/`MPI_Recv` round trips of `bytes` bytes
+    /// with `peer`, made by the progress thread (so still one thread per process calls MPI),
+    /// returning the mean round trip. Both ranks must call it at about the same time; the
+    /// progress loop pauses meanwhile.
+    pub fn raw_ping_pong(&self, peer: NodeId, rounds: u32, bytes: usize) -> Option<Duration> {
+        let (done, result) = crossbeam_channel::bounded(1);
+        self.commands
+            .send(Command::PingPong {
+                peer,
+                rounds,
+                bytes,
+                done,
+            })
+            .ok()?;
+        result.recv().ok()
     }
 
     /// Frames this endpoint handed to MPI.
@@ -241,6 +269,9 @@ fn progress_thread(
         return;
     }
     let comm = universe.world().duplicate();
+    // The benchmark's raw round trips get their own communicator, so the progress loop's
+    // any-tag probe can never take one of them for a frame.
+    let ping_comm = universe.world().duplicate();
     let rank = comm.rank() as NodeId;
     let size = comm.size() as u32;
     let _ = started.send(Ok((rank, size)));
@@ -257,11 +288,17 @@ fn progress_thread(
             match commands.try_recv() {
                 Ok(command) => {
                     active = true;
-                    run_command(&comm, command, &mut closing, &mut in_flight);
+                    run_command(&comm, &ping_comm, command, &mut closing, &mut in_flight);
                 }
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
-                    run_command(&comm, Command::Close, &mut closing, &mut in_flight);
+                    run_command(
+                        &comm,
+                        &ping_comm,
+                        Command::Close,
+                        &mut closing,
+                        &mut in_flight,
+                    );
                     break;
                 }
             }
@@ -307,30 +344,64 @@ fn progress_thread(
             match commands.recv_timeout(sleep) {
                 Ok(command) => {
                     last_activity = Instant::now();
-                    run_command(&comm, command, &mut closing, &mut in_flight);
+                    run_command(&comm, &ping_comm, command, &mut closing, &mut in_flight);
                 }
                 Err(RecvTimeoutError::Timeout) => sleep = (sleep * 2).min(MAX_SLEEP),
                 Err(RecvTimeoutError::Disconnected) => {
-                    run_command(&comm, Command::Close, &mut closing, &mut in_flight);
+                    run_command(
+                        &comm,
+                        &ping_comm,
+                        Command::Close,
+                        &mut closing,
+                        &mut in_flight,
+                    );
                     sleep = (sleep * 2).min(MAX_SLEEP);
                 }
             }
         }
     }
     tracing::debug!(rank, "MPI transport closed, finalizing");
+    drop(ping_comm);
     drop(comm);
     drop(universe);
+}
+
+/// Blocking round trips with `peer`; the lower rank sends first.
+fn ping_pong(comm: &SimpleCommunicator, peer: NodeId, rounds: u32, bytes: usize) -> Duration {
+    let other = comm.process_at_rank(peer as i32);
+    let first = comm.rank() < peer as i32;
+    let mut buffer = vec![0u8; bytes];
+    let start = Instant::now();
+    for _ in 0..rounds {
+        if first {
+            other.send_with_tag(&buffer[..], PING_TAG);
+            other.receive_into_with_tag(&mut buffer[..], PING_TAG);
+        } else {
+            other.receive_into_with_tag(&mut buffer[..], PING_TAG);
+            other.send_with_tag(&buffer[..], PING_TAG);
+        }
+    }
+    start.elapsed() / rounds.max(1)
 }
 
 /// Starts a send, or on the first `Close` a goodbye to every other rank.
 fn run_command(
     comm: &SimpleCommunicator,
+    ping_comm: &SimpleCommunicator,
     command: Command,
     closing: &mut bool,
     in_flight: &mut Vec<InFlight>,
 ) {
     match command {
         Command::Send { to, frame } => in_flight.push(InFlight::start(comm, to, frame, FRAME_TAG)),
+        Command::PingPong {
+            peer,
+            rounds,
+            bytes,
+            done,
+        } => {
+            let _ = done.send(ping_pong(ping_comm, peer, rounds, bytes));
+        }
         Command::Close if !*closing => {
             *closing = true;
             let rank = comm.rank();
