@@ -16,6 +16,9 @@ pub struct Config {
     /// How long the driver waits for network input before checking whether it should leave or
     /// stop; bounds the extra time `shutdown` takes.
     pub poll_interval: Duration,
+    /// How long a caller polls for its operation's outcome before it sleeps: waking a sleeping
+    /// thread costs tens of microseconds on a VM. Zero never polls.
+    pub spin: Duration,
 }
 
 impl Default for Config {
@@ -24,6 +27,7 @@ impl Default for Config {
             timeout: Duration::from_secs(10),
             write_policy: WritePolicy::Update,
             poll_interval: Duration::from_millis(10),
+            spin: Duration::from_micros(50),
         }
     }
 }

@@ -14,10 +14,10 @@ use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -119,6 +119,20 @@ fn decode_slot<T: DeserializeOwned + Send + Sync + 'static>(
             reason: reason.clone(),
         }),
     }
+}
+
+/// Waits for `rx`: polls for up to `spin` (a parked thread's wake-up costs tens of
+/// microseconds on a VM, a network round trip may cost less), then blocks for the rest of
+/// `timeout`.
+fn receive<T>(rx: &Receiver<T>, spin: Duration, timeout: Duration) -> Result<T, RecvTimeoutError> {
+    let start = Instant::now();
+    while start.elapsed() < spin.min(timeout) {
+        match rx.try_recv() {
+            Ok(value) => return Ok(value),
+            Err(_) => std::thread::yield_now(),
+        }
+    }
+    rx.recv_timeout(timeout.saturating_sub(start.elapsed()))
 }
 
 fn encode_value<T: Serialize>(object: &str, value: &T) -> Result<Bytes, Error> {
@@ -258,7 +272,7 @@ impl Inner {
         op: OpId,
         rx: &Receiver<Outcome>,
     ) -> Result<Outcome, Error> {
-        let outcome = match rx.recv_timeout(self.config.timeout) {
+        let outcome = match receive(rx, self.config.spin, self.config.timeout) {
             Ok(outcome) => outcome,
             Err(_) => {
                 let mut core = self.lock();
