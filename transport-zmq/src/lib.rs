@@ -1,0 +1,491 @@
+//! ZeroMQ transport for coherence, on zmq.rs (pure Rust): nodes on different hosts form a
+//! cluster over TCP.
+//!
+//! # Shape
+//! Each node binds one ROUTER and connects one DEALER to every peer's ROUTER; all traffic from
+//! A to B goes over A's single DEALER to B, which is what makes frames of one ordered pair
+//! arrive in order. zmq.rs is asynchronous: a dedicated thread runs a current-thread tokio
+//! runtime that owns every socket, and the synchronous [`Transport`] methods talk to it over
+//! crossbeam channels (commands wake the runtime through a `Notify`).
+//!
+//! # Membership
+//! A node started without [`ZmqConfig::join`] founds a cluster and is node 0. A node started
+//! with `join` sends a join request to that member; the request is forwarded to the
+//! coordinator, the lowest live id, which assigns the next unused id, announces the new member
+//! (id, address, incarnation) to every member and sends the joiner a welcome with its id and
+//! the member list. [`ZmqTransport::start`] returns once the welcome arrived, or fails after
+//! [`ZmqConfig::join_timeout`]. Every member reports [`TransportEvent::Joined`] when the
+//! announcement arrives, connects a DEALER to the newcomer, and holds back frames the
+//! newcomer sent before that, so `Joined` always comes first. The coordinator sends the
+//! welcome only after every member acknowledged the announcement, so every member has
+//! queued `Joined(new)` before the newcomer's `start` returns; it waits at most `lost_after`
+//! for a member that does not answer (such a member is about to be reported lost).
+//!
+//! Each new connection starts with a hello naming the sender, its incarnation (a random
+//! number per process start) and the intended receiver; frames on that connection must come
+//! from the sender it named. Reliable frames (data, goodbye, announcements) carry a per-pair
+//! sequence number and are acknowledged (piggybacked on traffic and heartbeats); a DEALER
+//! whose connection broke is re-created with backoff and resends everything unacknowledged,
+//! and the receiver drops duplicates, so a reconnect neither loses nor reorders frames.
+//!
+//! [`Transport::close`] sends a goodbye after the last frame to every peer, waits (at most
+//! [`ZmqConfig::lost_after`]) until every peer acknowledged it, and stops the runtime; peers
+//! report [`TransportEvent::Left`] when they reach the goodbye. A peer silent (no heartbeat, no
+//! traffic) for `lost_after` is reported `Left` as lost and sending to it fails with
+//! [`TransportError::UnknownPeer`]; as we stop heartbeating it too, it drops us in turn.
+//!
+//! ```no_run
+//! use coherence_core::{Config, Node};
+//! use transport_zmq::{ZmqConfig, ZmqTransport};
+//!
+//! let founder = ZmqTransport::start(ZmqConfig::new("tcp://127.0.0.1:0", "lab")).unwrap();
+//! let joiner = ZmqTransport::start(ZmqConfig {
+//!     join: Some(founder.local_addr()),
+//!     ..ZmqConfig::new("tcp://127.0.0.1:0", "lab")
+//! })
+//! .unwrap();
+//! let node = Node::start(joiner, Config::default()).unwrap();
+//! # drop((node, founder));
+//! ```
+//!
+//! # Frame hygiene and threat model
+//! Every frame carries a magic, a format version, a hash of the cluster id, its kind, sender,
+//! sequencing and payload length (see the `wire` module), and is checked before it is
+//! believed. A frame that is truncated, malformed, of another cluster or version, longer
+//! than [`ZmqConfig::max_frame`] or wrongly authenticated is dropped with a `tracing` warning
+//! and counted in [`ZmqStats`]; it never stops the node.
+//!
+//! With a shared secret ([`ZmqConfig::secret`], see [`secret_from_env_or_file`]) every frame
+//! carries an HMAC-SHA256 over header and payload, checked in constant time. That gives
+//! integrity and authenticity against anyone who does not hold the secret: they cannot
+//! inject frames, join, impersonate a member or alter frames in transit. It does not give:
+//! - confidentiality: frames travel in clear text (use a VPN, WireGuard or an SSH tunnel);
+//! - replay protection: a captured frame of this cluster can be replayed into it. Sequence
+//!   numbers make a replayed frame on a live pair a duplicate that is dropped, but a
+//!   recorded hello or heartbeat can still be replayed, e.g. to keep a dead member looking
+//!   alive, and frames are not bound to one run of the cluster beyond the incarnations;
+//! - availability: anyone who can reach the port can flood it, hold connections open, or
+//!   (before any of our checks run, inside zmq.rs, which has no maximum message size) claim a
+//!   huge ZMTP frame and make the node reserve memory for it. Keep the port firewalled.
+//! - protection from holders of the secret: every member is trusted.
+//!
+//! # Limits
+//! Ids are never reused while the coordinator lives. If the coordinator dies in the middle of
+//! admitting a joiner, a new coordinator may admit it again under another id; the first id is
+//! then reported lost after `lost_after` by the members that saw it announced.
+#![deny(missing_docs)]
+
+mod engine;
+mod wire;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use coherence_core::{NodeId, Transport, TransportError, TransportEvent};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+
+use crate::engine::{Command, Settings, Shared};
+use crate::wire::{Codec, HEADER_LEN, MAC_LEN};
+
+/// Environment variable that [`secret_from_env_or_file`] reads when no file is given.
+pub const SECRET_ENV: &str = "COHERENCE_SECRET";
+
+/// Default [`ZmqConfig::max_frame`]: large values cross in one frame.
+pub const DEFAULT_MAX_FRAME: usize = 64 << 20;
+
+/// How long `recv` polls (yielding the core) before it parks: a parked wake-up costs tens of
+/// microseconds, and a reply often comes sooner.
+const SPIN: Duration = Duration::from_micros(100);
+
+/// Extra time `start` and `close` allow the runtime thread beyond its own deadlines.
+const GRACE: Duration = Duration::from_secs(2);
+
+/// How a [`ZmqTransport`] starts.
+#[derive(Clone)]
+pub struct ZmqConfig {
+    /// Address to bind the ROUTER to, e.g. `tcp://127.0.0.1:0` (port 0 picks a free port; see
+    /// [`ZmqTransport::local_addr`]).
+    pub listen: String,
+    /// Address announced to other members, when it differs from the bound one (e.g. when
+    /// listening on `0.0.0.0` or behind a port mapping).
+    pub advertise: Option<String>,
+    /// Address of any running member to join through; `None` founds a new cluster.
+    pub join: Option<String>,
+    /// Name of the cluster; frames of other clusters are dropped.
+    pub cluster_id: String,
+    /// Shared secret; when set, every frame is authenticated with HMAC-SHA256.
+    pub secret: Option<Vec<u8>>,
+    /// Largest frame accepted or sent, in bytes (payload of [`Transport::send`]).
+    pub max_frame: usize,
+    /// How long a silent peer stays a member before it is reported lost; also bounds `close`.
+    pub lost_after: Duration,
+    /// Interval of heartbeats (and acknowledgements); well below `lost_after`.
+    pub heartbeat: Duration,
+    /// How long `start` waits for the welcome when joining.
+    pub join_timeout: Duration,
+}
+
+impl std::fmt::Debug for ZmqConfig {
+    /// Never prints the secret.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ZmqConfig")
+            .field("listen", &self.listen)
+            .field("advertise", &self.advertise)
+            .field("join", &self.join)
+            .field("cluster_id", &self.cluster_id)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("max_frame", &self.max_frame)
+            .field("lost_after", &self.lost_after)
+            .field("heartbeat", &self.heartbeat)
+            .field("join_timeout", &self.join_timeout)
+            .finish()
+    }
+}
+
+impl ZmqConfig {
+    /// A founding node's configuration with the default limits; set `join` to join instead.
+    pub fn new(listen: impl Into<String>, cluster_id: impl Into<String>) -> ZmqConfig {
+        ZmqConfig {
+            listen: listen.into(),
+            advertise: None,
+            join: None,
+            cluster_id: cluster_id.into(),
+            secret: None,
+            max_frame: DEFAULT_MAX_FRAME,
+            lost_after: Duration::from_secs(3),
+            heartbeat: Duration::from_millis(200),
+            join_timeout: Duration::from_secs(10),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ZmqError> {
+        let invalid = |why: &str| Err(ZmqError::InvalidConfig(why.to_owned()));
+        for addr in [
+            Some(&self.listen),
+            self.join.as_ref(),
+            self.advertise.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if addr.parse::<zeromq::Endpoint>().is_err() {
+                return invalid(&format!("{addr:?} is not a ZeroMQ endpoint"));
+            }
+        }
+        if self.cluster_id.is_empty() {
+            return invalid("empty cluster_id");
+        }
+        if self.secret.as_ref().is_some_and(Vec::is_empty) {
+            return invalid("empty secret");
+        }
+        if self.max_frame == 0 || self.max_frame > u32::MAX as usize - HEADER_LEN - MAC_LEN {
+            return invalid("max_frame must be between 1 byte and 4 GiB");
+        }
+        if self.heartbeat.is_zero() || self.lost_after < self.heartbeat * 3 {
+            return invalid("heartbeat must be positive and at most a third of lost_after");
+        }
+        Ok(())
+    }
+}
+
+impl Default for ZmqConfig {
+    /// Founds the cluster "coherence" on a free loopback port.
+    fn default() -> ZmqConfig {
+        ZmqConfig::new("tcp://127.0.0.1:0", "coherence")
+    }
+}
+
+/// Why a [`ZmqTransport`] could not start, or a secret could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ZmqError {
+    /// The configuration is inconsistent (the message says which field).
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+    /// The ROUTER could not bind the listen address (in use, not local, bad syntax).
+    #[error("cannot bind {addr}: {reason}")]
+    Bind {
+        /// The listen address.
+        addr: String,
+        /// What zmq.rs reported.
+        reason: String,
+    },
+    /// The runtime thread or the tokio runtime could not be created.
+    #[error("cannot start the ZeroMQ runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    /// No welcome came in time: the member is unreachable, or it uses another cluster id or
+    /// secret (it then drops our request and counts it).
+    #[error(
+        "no answer from {addr} within {after:?}: unreachable, or another cluster id or secret"
+    )]
+    JoinTimeout {
+        /// The address we tried to join through.
+        addr: String,
+        /// The configured join timeout.
+        after: Duration,
+    },
+    /// The runtime thread stopped before reporting the start-up result.
+    #[error("the ZeroMQ runtime stopped during start-up")]
+    StartUp,
+    /// The secret file could not be read.
+    #[error("cannot read the secret file {path}: {source}")]
+    SecretFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The secret file or variable is empty: an empty key would authenticate nothing.
+    #[error("the secret is empty")]
+    EmptySecret,
+}
+
+/// Reads the cluster secret from `path` (the `--secret-file` of a program) or, without a
+/// path, from the environment variable [`SECRET_ENV`]; `Ok(None)` when neither is given.
+///
+/// A file's trailing line break (`\n` or `\r\n`) is not part of the secret, so `echo` can
+/// write one; the rest is used as raw bytes.
+pub fn secret_from_env_or_file(path: Option<&Path>) -> Result<Option<Vec<u8>>, ZmqError> {
+    let secret = match path {
+        Some(path) => {
+            let mut bytes = std::fs::read(path).map_err(|source| ZmqError::SecretFile {
+                path: path.to_owned(),
+                source,
+            })?;
+            if bytes.ends_with(b"\n") {
+                bytes.pop();
+                if bytes.ends_with(b"\r") {
+                    bytes.pop();
+                }
+            }
+            bytes
+        }
+        None => match std::env::var_os(SECRET_ENV) {
+            Some(value) => value.into_encoded_bytes(),
+            None => return Ok(None),
+        },
+    };
+    if secret.is_empty() {
+        return Err(ZmqError::EmptySecret);
+    }
+    Ok(Some(secret))
+}
+
+/// Counters of one endpoint, for monitoring and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ZmqStats {
+    /// Frames accepted by [`Transport::send`].
+    pub frames_sent: u64,
+    /// Data frames delivered to [`Transport::recv`].
+    pub frames_received: u64,
+    /// Frames dropped as truncated, inconsistent or against the protocol's rules.
+    pub rejected_malformed: u64,
+    /// Frames dropped for another magic, version or cluster id, or meant for another node.
+    pub rejected_foreign: u64,
+    /// Frames dropped for a missing or wrong MAC.
+    pub rejected_unauthenticated: u64,
+    /// Frames dropped for exceeding `max_frame`.
+    pub rejected_oversize: u64,
+}
+
+/// One node's endpoint. Closing or dropping it leaves the cluster.
+pub struct ZmqTransport {
+    id: NodeId,
+    peers: Vec<NodeId>,
+    local_addr: String,
+    max_frame: usize,
+    lost_after: Duration,
+    shared: Arc<Shared>,
+    commands: Sender<Command>,
+    inbox: Receiver<TransportEvent>,
+    runtime: Mutex<Option<JoinHandle<()>>>,
+    closed: AtomicBool,
+}
+
+impl std::fmt::Debug for ZmqTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ZmqTransport")
+            .field("id", &self.id)
+            .field("local_addr", &self.local_addr)
+            .finish()
+    }
+}
+
+impl ZmqTransport {
+    /// Binds, then founds a cluster or joins one; returns once this node has its id.
+    pub fn start(cfg: ZmqConfig) -> Result<ZmqTransport, ZmqError> {
+        cfg.validate()?;
+        let settings = Settings {
+            codec: Codec::new(&cfg.cluster_id, cfg.secret.as_deref(), cfg.max_frame),
+            listen: cfg.listen,
+            advertise: cfg.advertise,
+            join: cfg.join,
+            heartbeat: cfg.heartbeat,
+            lost_after: cfg.lost_after,
+            join_timeout: cfg.join_timeout,
+        };
+        let shared = Arc::new(Shared::default());
+        let (commands_tx, commands_rx) = crossbeam_channel::unbounded();
+        let (inbox_tx, inbox_rx) = crossbeam_channel::unbounded();
+        let (started_tx, started_rx) = crossbeam_channel::bounded(1);
+        let thread_shared = Arc::clone(&shared);
+        let runtime = std::thread::Builder::new()
+            .name("coherence-zmq".into())
+            .spawn(move || {
+                engine::run_thread(settings, thread_shared, commands_rx, inbox_tx, started_tx)
+            })
+            .map_err(ZmqError::Runtime)?;
+        let started = match started_rx.recv_timeout(cfg.join_timeout + GRACE) {
+            Ok(Ok(started)) => started,
+            Ok(Err(e)) => {
+                let _ = runtime.join();
+                return Err(e);
+            }
+            Err(_) => {
+                // Dropping the command channel and waking the runtime makes it stop soon.
+                drop(commands_tx);
+                shared.wake.notify_one();
+                return Err(ZmqError::StartUp);
+            }
+        };
+        tracing::debug!(id = started.id, addr = %started.local_addr, "ZeroMQ transport started");
+        Ok(ZmqTransport {
+            id: started.id,
+            peers: started.peers,
+            local_addr: started.local_addr,
+            max_frame: cfg.max_frame,
+            lost_after: cfg.lost_after,
+            shared,
+            commands: commands_tx,
+            inbox: inbox_rx,
+            runtime: Mutex::new(Some(runtime)),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    /// The address the ROUTER is bound to, with the real port when the config said port 0.
+    pub fn local_addr(&self) -> String {
+        self.local_addr.clone()
+    }
+
+    /// A snapshot of this endpoint's counters.
+    pub fn stats(&self) -> ZmqStats {
+        self.shared.stats()
+    }
+
+    /// Stops at once without a goodbye, as a crash would: peers report this node lost after
+    /// `lost_after`. For fault-injection tests; use [`Transport::close`] to leave.
+    pub fn abort(&self) {
+        self.stop(Command::Abort);
+    }
+
+    /// Hands `command` to the runtime once and waits (bounded) for the runtime thread to end.
+    fn stop(&self, command: Command) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let _ = self.commands.send(command);
+        self.shared.wake.notify_one();
+        let runtime = self
+            .runtime
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let Some(runtime) = runtime else {
+            return;
+        };
+        // close waits at most lost_after for acknowledgements; never wait forever on top.
+        let deadline = std::time::Instant::now() + self.lost_after + GRACE;
+        while !runtime.is_finished() {
+            if std::time::Instant::now() >= deadline {
+                tracing::error!(id = self.id, "the ZeroMQ runtime did not stop; detached");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if runtime.join().is_err() {
+            tracing::error!(id = self.id, "the ZeroMQ runtime panicked");
+        }
+    }
+}
+
+impl Transport for ZmqTransport {
+    fn local_id(&self) -> NodeId {
+        self.id
+    }
+
+    fn peers(&self) -> Vec<NodeId> {
+        self.peers.clone()
+    }
+
+    fn send(&self, to: NodeId, frame: Vec<u8>) -> Result<(), TransportError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(TransportError::Closed);
+        }
+        if frame.len() > self.max_frame {
+            return Err(TransportError::Io(format!(
+                "frame of {} bytes exceeds max_frame ({} bytes)",
+                frame.len(),
+                self.max_frame
+            )));
+        }
+        let known = self
+            .shared
+            .members
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&to);
+        if !known {
+            return Err(TransportError::UnknownPeer(to));
+        }
+        self.commands
+            .send(Command::Send { to, frame })
+            .map_err(|_| TransportError::Closed)?;
+        self.shared.wake.notify_one();
+        self.shared.frames_sent.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn recv(&self, timeout: Duration) -> Result<Option<TransportEvent>, TransportError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(TransportError::Closed);
+        }
+        let start = std::time::Instant::now();
+        let spin = SPIN.min(timeout);
+        loop {
+            match self.inbox.try_recv() {
+                Ok(event) => return Ok(Some(event)),
+                Err(TryRecvError::Disconnected) => return Err(TransportError::Closed),
+                Err(TryRecvError::Empty) => {}
+            }
+            if start.elapsed() >= spin {
+                break;
+            }
+            std::thread::yield_now();
+        }
+        match self
+            .inbox
+            .recv_timeout(timeout.saturating_sub(start.elapsed()))
+        {
+            Ok(event) => Ok(Some(event)),
+            Err(RecvTimeoutError::Timeout) => Ok(None),
+            Err(RecvTimeoutError::Disconnected) => Err(TransportError::Closed),
+        }
+    }
+
+    /// Says goodbye after the last frame, waits (at most `lost_after`) for peers to
+    /// acknowledge it, and stops the runtime.
+    fn close(&self) {
+        self.stop(Command::Close);
+    }
+}
+
+impl Drop for ZmqTransport {
+    /// A dropped endpoint leaves properly, like `close`.
+    fn drop(&mut self) {
+        self.close();
+    }
+}

@@ -1,0 +1,544 @@
+//! The transport's own frame format: a fixed header, the payload, and an optional MAC.
+//!
+//! Every ZeroMQ message this transport sends is one single-part message laid out as
+//!
+//! ```text
+//! offset size field
+//!      0    4 magic b"COH1"            (rejects strangers speaking ZMTP)
+//!      4    1 version                  (rejects other versions of this format)
+//!      5    1 kind                     (hello, join, welcome, announce, data, heartbeat, goodbye)
+//!      6    1 flags                    (bit 0: a MAC follows the payload)
+//!      7    1 reserved, 0
+//!      8    8 cluster-id hash, LE      (rejects frames of another cluster)
+//!     16    4 sender id, LE            (u32::MAX while the sender has no id yet)
+//!     20    8 sequence number, LE      (0 for unsequenced kinds, see below)
+//!     28    8 acknowledgement, LE      (highest sequence number delivered from the receiver)
+//!     36    4 payload length, LE
+//!     40    n payload
+//!   40+n   32 HMAC-SHA256 over bytes 0..40+n, only with a shared secret
+//! ```
+//!
+//! Decoding checks everything before anything is believed, and never panics: a frame that
+//! fails is a [`Reject`], which the engine counts and drops.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use coherence_core::NodeId;
+use hmac::{KeyInit, Mac};
+use sha2::{Digest, Sha256};
+
+/// First bytes of every frame.
+pub(crate) const MAGIC: [u8; 4] = *b"COH1";
+/// Version of this frame format; a node drops frames of any other version.
+pub(crate) const VERSION: u8 = 1;
+/// Size of the fixed header.
+pub(crate) const HEADER_LEN: usize = 40;
+/// Size of the HMAC-SHA256 tag.
+pub(crate) const MAC_LEN: usize = 32;
+/// Sender id of a node that has not been admitted yet (it only sends `Join`).
+pub(crate) const NO_ID: NodeId = NodeId::MAX;
+/// Flag bit: a MAC follows the payload.
+const FLAG_MAC: u8 = 1;
+
+type HmacSha256 = hmac::Hmac<Sha256>;
+
+/// What a frame is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// First frame on every new connection: who is speaking, to whom.
+    Hello = 1,
+    /// A request to be admitted, from a joiner (unsequenced) or forwarded by a member.
+    Join = 2,
+    /// The coordinator's answer to a joiner: its id and the member list.
+    Welcome = 3,
+    /// The coordinator tells members about a new one.
+    Announce = 4,
+    /// An opaque frame of the core.
+    Data = 5,
+    /// Liveness and acknowledgements.
+    Heartbeat = 6,
+    /// The sender leaves; nothing follows it.
+    Goodbye = 7,
+}
+
+impl Kind {
+    fn from_u8(byte: u8) -> Option<Kind> {
+        Some(match byte {
+            1 => Kind::Hello,
+            2 => Kind::Join,
+            3 => Kind::Welcome,
+            4 => Kind::Announce,
+            5 => Kind::Data,
+            6 => Kind::Heartbeat,
+            7 => Kind::Goodbye,
+            _ => return None,
+        })
+    }
+}
+
+/// The header fields that the engine acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Header {
+    pub kind: Kind,
+    pub sender: NodeId,
+    /// Position in the sender's reliable stream to this receiver; 0 for unsequenced frames.
+    pub seq: u64,
+    /// Highest sequence number the sender has delivered from the receiver.
+    pub ack: u64,
+}
+
+/// Why a received frame was dropped; each maps to one counter of [`crate::ZmqStats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reject {
+    /// Truncated, inconsistent, or breaking the protocol's rules.
+    Malformed(&'static str),
+    /// Another magic, version or cluster: not ours.
+    Foreign(&'static str),
+    /// Longer than `max_frame`.
+    Oversize(usize),
+    /// Missing or wrong MAC.
+    Unauthenticated(&'static str),
+}
+
+/// Encodes and checks frames for one cluster and secret.
+#[derive(Clone)]
+pub(crate) struct Codec {
+    cluster: u64,
+    /// Keyed once; cloned per frame, which skips the key schedule.
+    mac: Option<HmacSha256>,
+    max_frame: usize,
+}
+
+impl std::fmt::Debug for Codec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Codec")
+            .field("cluster", &format_args!("{:016x}", self.cluster))
+            .field("authenticated", &self.mac.is_some())
+            .field("max_frame", &self.max_frame)
+            .finish()
+    }
+}
+
+/// A stable 64-bit digest of the cluster id, so frames carry a fixed-size tag of it.
+pub(crate) fn cluster_hash(cluster_id: &str) -> u64 {
+    let digest = Sha256::new()
+        .chain_update(b"coherence-zmq cluster\0")
+        .chain_update(cluster_id.as_bytes())
+        .finalize();
+    let mut tag = [0u8; 8];
+    tag.copy_from_slice(&digest[..8]);
+    u64::from_le_bytes(tag)
+}
+
+impl Codec {
+    /// A codec for `cluster_id`; with a secret every frame is authenticated.
+    pub(crate) fn new(cluster_id: &str, secret: Option<&[u8]>, max_frame: usize) -> Codec {
+        Codec {
+            cluster: cluster_hash(cluster_id),
+            // HMAC accepts keys of any length, so this cannot fail.
+            mac: secret.and_then(|key| HmacSha256::new_from_slice(key).ok()),
+            max_frame,
+        }
+    }
+
+    /// Largest payload this codec accepts.
+    pub(crate) fn max_frame(&self) -> usize {
+        self.max_frame
+    }
+
+    /// Builds a frame. The caller keeps payloads within `max_frame`, which fits a `u32`.
+    pub(crate) fn encode(&self, header: Header, payload: &[u8]) -> Bytes {
+        let mac_len = if self.mac.is_some() { MAC_LEN } else { 0 };
+        let mut out = BytesMut::with_capacity(HEADER_LEN + payload.len() + mac_len);
+        out.put_slice(&MAGIC);
+        out.put_u8(VERSION);
+        out.put_u8(header.kind as u8);
+        out.put_u8(if self.mac.is_some() { FLAG_MAC } else { 0 });
+        out.put_u8(0);
+        out.put_u64_le(self.cluster);
+        out.put_u32_le(header.sender);
+        out.put_u64_le(header.seq);
+        out.put_u64_le(header.ack);
+        out.put_u32_le(u32::try_from(payload.len()).unwrap_or(u32::MAX));
+        out.put_slice(payload);
+        if let Some(mac) = &self.mac {
+            let tag = mac.clone().chain_update(&out[..]).finalize().into_bytes();
+            out.put_slice(&tag);
+        }
+        out.freeze()
+    }
+
+    /// Checks a received frame and splits it into header and payload (a view, no copy).
+    pub(crate) fn decode(&self, frame: &Bytes) -> Result<(Header, Bytes), Reject> {
+        if frame.len() > HEADER_LEN + self.max_frame + MAC_LEN {
+            return Err(Reject::Oversize(frame.len()));
+        }
+        let Some(head) = frame.get(..HEADER_LEN) else {
+            return Err(Reject::Malformed("shorter than the header"));
+        };
+        let u32_at =
+            |at: usize| u32::from_le_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]]);
+        let u64_at = |at: usize| (u64::from(u32_at(at + 4)) << 32) | u64::from(u32_at(at));
+        if head[..4] != MAGIC {
+            return Err(Reject::Foreign("bad magic"));
+        }
+        if head[4] != VERSION {
+            return Err(Reject::Foreign("other frame format version"));
+        }
+        if u64_at(8) != self.cluster {
+            return Err(Reject::Foreign("other cluster id"));
+        }
+        let kind = Kind::from_u8(head[5]).ok_or(Reject::Malformed("unknown kind"))?;
+        let flags = head[6];
+        if flags & !FLAG_MAC != 0 || head[7] != 0 {
+            return Err(Reject::Malformed("unknown flags"));
+        }
+        let len = u32_at(36) as usize;
+        if len > self.max_frame {
+            return Err(Reject::Oversize(len));
+        }
+        let has_mac = flags & FLAG_MAC != 0;
+        match (&self.mac, has_mac) {
+            (Some(_), false) => return Err(Reject::Unauthenticated("no MAC")),
+            (None, true) => {
+                return Err(Reject::Unauthenticated(
+                    "the sender uses a secret, this node has none",
+                ))
+            }
+            _ => {}
+        }
+        let body_end = HEADER_LEN + len;
+        let expected = body_end + if has_mac { MAC_LEN } else { 0 };
+        if frame.len() != expected {
+            return Err(Reject::Malformed("length does not match the header"));
+        }
+        if let Some(mac) = &self.mac {
+            // verify_slice compares in constant time.
+            mac.clone()
+                .chain_update(&frame[..body_end])
+                .verify_slice(&frame[body_end..])
+                .map_err(|_| Reject::Unauthenticated("bad MAC"))?;
+        }
+        let header = Header {
+            kind,
+            sender: u32_at(16),
+            seq: u64_at(20),
+            ack: u64_at(28),
+        };
+        check_sequencing(&header)?;
+        Ok((header, frame.slice(HEADER_LEN..body_end)))
+    }
+}
+
+/// Which kinds travel in the reliable, sequenced stream of a pair, and which do not.
+fn check_sequencing(header: &Header) -> Result<(), Reject> {
+    let sequenced = match header.kind {
+        Kind::Hello | Kind::Heartbeat => false,
+        Kind::Data | Kind::Goodbye | Kind::Announce | Kind::Welcome => true,
+        // A joiner's own request is unsequenced; a member forwarding it sequences it.
+        Kind::Join => header.sender != NO_ID,
+    };
+    if sequenced != (header.seq != 0) {
+        return Err(Reject::Malformed("sequence number does not fit the kind"));
+    }
+    if header.sender == NO_ID && header.kind != Kind::Join {
+        return Err(Reject::Malformed(
+            "only a join may come from a node without id",
+        ));
+    }
+    Ok(())
+}
+
+/// A member as the coordinator lists it: id, incarnation and address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct MemberInfo {
+    pub id: NodeId,
+    /// Random per process start; binds an id to one process.
+    pub incarnation: u64,
+    pub addr: String,
+}
+
+/// Payload of [`Kind::Hello`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Hello {
+    pub target: NodeId,
+    pub target_incarnation: u64,
+    pub incarnation: u64,
+}
+
+/// Payload of [`Kind::Join`]: the joiner's nonce (its future incarnation) and address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Join {
+    pub nonce: u64,
+    pub addr: String,
+}
+
+/// Payload of [`Kind::Welcome`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Welcome {
+    pub nonce: u64,
+    pub id: NodeId,
+    pub next_id: NodeId,
+    pub members: Vec<MemberInfo>,
+}
+
+impl Hello {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(20);
+        out.put_u32_le(self.target);
+        out.put_u64_le(self.target_incarnation);
+        out.put_u64_le(self.incarnation);
+        out
+    }
+
+    pub(crate) fn decode(payload: &[u8]) -> Option<Hello> {
+        let mut r = Reader(payload);
+        let hello = Hello {
+            target: r.u32()?,
+            target_incarnation: r.u64()?,
+            incarnation: r.u64()?,
+        };
+        r.finish(hello)
+    }
+}
+
+impl Join {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(10 + self.addr.len());
+        out.put_u64_le(self.nonce);
+        put_str(&mut out, &self.addr);
+        out
+    }
+
+    pub(crate) fn decode(payload: &[u8]) -> Option<Join> {
+        let mut r = Reader(payload);
+        let join = Join {
+            nonce: r.u64()?,
+            addr: r.string()?,
+        };
+        r.finish(join)
+    }
+}
+
+impl MemberInfo {
+    /// Payload of [`Kind::Announce`], and one entry of a welcome.
+    pub(crate) fn encode_into(&self, out: &mut Vec<u8>) {
+        out.put_u32_le(self.id);
+        out.put_u64_le(self.incarnation);
+        put_str(out, &self.addr);
+    }
+
+    fn read(r: &mut Reader<'_>) -> Option<MemberInfo> {
+        Some(MemberInfo {
+            id: r.u32()?,
+            incarnation: r.u64()?,
+            addr: r.string()?,
+        })
+    }
+
+    pub(crate) fn decode(payload: &[u8]) -> Option<MemberInfo> {
+        let mut r = Reader(payload);
+        let info = MemberInfo::read(&mut r)?;
+        r.finish(info)
+    }
+}
+
+impl Welcome {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.put_u64_le(self.nonce);
+        out.put_u32_le(self.id);
+        out.put_u32_le(self.next_id);
+        out.put_u32_le(u32::try_from(self.members.len()).unwrap_or(u32::MAX));
+        for member in &self.members {
+            member.encode_into(&mut out);
+        }
+        out
+    }
+
+    pub(crate) fn decode(payload: &[u8]) -> Option<Welcome> {
+        let mut r = Reader(payload);
+        let nonce = r.u64()?;
+        let id = r.u32()?;
+        let next_id = r.u32()?;
+        let count = r.u32()?;
+        // Each entry takes at least 14 bytes: a count beyond that is a lie, not a reason to
+        // reserve memory.
+        let mut members = Vec::with_capacity((count as usize).min(r.0.len() / 14));
+        for _ in 0..count {
+            members.push(MemberInfo::read(&mut r)?);
+        }
+        r.finish(Welcome {
+            nonce,
+            id,
+            next_id,
+            members,
+        })
+    }
+}
+
+/// Strings are a u16 length and UTF-8 bytes; addresses are short.
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    let bytes = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
+    out.put_u16_le(bytes.len() as u16);
+    out.put_slice(bytes);
+}
+
+/// A bounds-checked cursor: every read is `None` past the end instead of a panic.
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Option<&[u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(head)
+    }
+
+    fn u16(&mut self) -> Option<u16> {
+        Some(u16::from_le_bytes(self.take(2)?.try_into().ok()?))
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+
+    fn string(&mut self) -> Option<String> {
+        let len = self.u16()? as usize;
+        String::from_utf8(self.take(len)?.to_vec()).ok()
+    }
+
+    /// `value` if every byte was consumed: trailing bytes mean a malformed payload.
+    fn finish<T>(self, value: T) -> Option<T> {
+        self.0.is_empty().then_some(value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn data(sender: NodeId, seq: u64) -> Header {
+        Header {
+            kind: Kind::Data,
+            sender,
+            seq,
+            ack: 7,
+        }
+    }
+
+    #[test]
+    fn round_trip_with_and_without_secret() {
+        for secret in [None, Some(&b"s3cret"[..])] {
+            let codec = Codec::new("lab", secret, 1024);
+            let frame = codec.encode(data(3, 9), b"payload");
+            let (header, payload) = codec.decode(&frame).unwrap();
+            assert_eq!(header, data(3, 9));
+            assert_eq!(&payload[..], b"payload");
+        }
+    }
+
+    #[test]
+    fn rejects_foreign_oversize_unauthenticated_and_truncated() {
+        let ours = Codec::new("lab", Some(b"k"), 16);
+        let frame = ours.encode(data(1, 1), b"x");
+        let other_cluster = Codec::new("other", Some(b"k"), 16).encode(data(1, 1), b"x");
+        let other_key = Codec::new("lab", Some(b"j"), 16).encode(data(1, 1), b"x");
+        let no_key = Codec::new("lab", None, 16).encode(data(1, 1), b"x");
+        let big = Codec::new("lab", Some(b"k"), 64).encode(data(1, 1), &[0; 17]);
+        assert!(matches!(
+            ours.decode(&other_cluster),
+            Err(Reject::Foreign(_))
+        ));
+        assert!(matches!(
+            ours.decode(&other_key),
+            Err(Reject::Unauthenticated(_))
+        ));
+        assert!(matches!(
+            ours.decode(&no_key),
+            Err(Reject::Unauthenticated(_))
+        ));
+        assert!(matches!(ours.decode(&big), Err(Reject::Oversize(_))));
+        for cut in 0..frame.len() {
+            assert!(ours.decode(&frame.slice(..cut)).is_err(), "cut at {cut}");
+        }
+        let mut flipped = frame.to_vec();
+        flipped[HEADER_LEN] ^= 1;
+        assert!(matches!(
+            ours.decode(&Bytes::from(flipped)),
+            Err(Reject::Unauthenticated(_))
+        ));
+    }
+
+    #[test]
+    fn rejects_kinds_with_the_wrong_sequencing() {
+        let codec = Codec::new("lab", None, 16);
+        let heartbeat_with_seq = Header {
+            kind: Kind::Heartbeat,
+            sender: 1,
+            seq: 4,
+            ack: 0,
+        };
+        let data_without_seq = data(1, 0);
+        let data_without_id = data(NO_ID, 1);
+        for header in [heartbeat_with_seq, data_without_seq, data_without_id] {
+            let frame = codec.encode(header, b"");
+            assert!(matches!(codec.decode(&frame), Err(Reject::Malformed(_))));
+        }
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        let codec = Codec::new("lab", None, 256);
+        let valid = codec.encode(data(2, 5), b"abc");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for _ in 0..20_000 {
+            let len = rng.gen_range(0..120);
+            let mut bytes: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+            if rng.gen_bool(0.5) && len >= HEADER_LEN {
+                // Keep a valid prefix so the later checks get exercised too.
+                bytes[..HEADER_LEN].copy_from_slice(&valid[..HEADER_LEN]);
+            }
+            let _ = codec.decode(&Bytes::from(bytes.clone()));
+            let _ = Hello::decode(&bytes);
+            let _ = Join::decode(&bytes);
+            let _ = Welcome::decode(&bytes);
+            let _ = MemberInfo::decode(&bytes);
+        }
+    }
+
+    #[test]
+    fn control_payloads_round_trip() {
+        let hello = Hello {
+            target: 2,
+            target_incarnation: 5,
+            incarnation: 6,
+        };
+        assert_eq!(Hello::decode(&hello.encode()), Some(hello));
+        let join = Join {
+            nonce: 42,
+            addr: "tcp://127.0.0.1:5555".into(),
+        };
+        assert_eq!(Join::decode(&join.encode()), Some(join));
+        let welcome = Welcome {
+            nonce: 42,
+            id: 3,
+            next_id: 4,
+            members: vec![MemberInfo {
+                id: 0,
+                incarnation: 1,
+                addr: "tcp://127.0.0.1:1".into(),
+            }],
+        };
+        assert_eq!(Welcome::decode(&welcome.encode()), Some(welcome.clone()));
+        let mut truncated = welcome.encode();
+        truncated.pop();
+        assert_eq!(Welcome::decode(&truncated), None);
+    }
+}
