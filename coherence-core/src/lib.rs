@@ -18,6 +18,7 @@
 //! ```
 #![deny(missing_docs)]
 
+mod cell;
 pub mod config;
 pub mod error;
 pub mod node;

@@ -8,11 +8,10 @@
 //! an object whose token is here never takes the mutex: it loads the decoded value from a
 //! lock-free cell the driver keeps current.
 
-use std::any::Any;
 use std::collections::{BTreeMap, HashMap};
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -21,11 +20,12 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::cell::{self, Cell};
 use crate::config::Config;
 use crate::error::Error;
 use crate::protocol::{Event, OpId, Outcome, Protocol};
 use crate::transport::{NodeId, Transport, TransportError, TransportEvent};
-use crate::wire::{self, Init, Message, Value};
+use crate::wire::{self, Init, Message};
 
 /// Counters of one node's traffic.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -46,79 +46,6 @@ struct Counters {
     messages_sent: AtomicU64,
     frames_received: AtomicU64,
     frames_rejected: AtomicU64,
-}
-
-/// One version of an object's value as readers see it: decoded on first read, then shared.
-struct Slot {
-    version: u64,
-    bytes: Bytes,
-    decoded: OnceLock<Result<Arc<dyn Any + Send + Sync>, String>>,
-}
-
-/// The readable value of one object on this node, or nothing while no token is here.
-///
-/// A read-write lock measured faster here than `arc-swap` for a load-and-clone (one fewer
-/// atomic read-modify-write); writers take it only when the value or its readability changes.
-#[derive(Default)]
-struct Cell {
-    current: RwLock<Option<Slot>>,
-    /// Version of the last value this node held, readable or not.
-    last_version: AtomicU64,
-}
-
-impl Cell {
-    fn publish(&self, value: &Value) {
-        self.saw_version(value.version);
-        *self.write() = Some(Slot {
-            version: value.version,
-            bytes: value.bytes.clone(),
-            decoded: OnceLock::new(),
-        });
-    }
-
-    /// Records a version this node held, even if only for the step that completed an operation.
-    fn saw_version(&self, version: u64) {
-        self.last_version.fetch_max(version, Ordering::AcqRel);
-    }
-
-    fn invalidate(&self) {
-        *self.write() = None;
-    }
-
-    #[inline]
-    fn read(&self) -> RwLockReadGuard<'_, Option<Slot>> {
-        // Slots are replaced whole, so a poisoned lock still holds a consistent value.
-        self.current.read().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn write(&self) -> RwLockWriteGuard<'_, Option<Slot>> {
-        self.current.write().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-#[inline]
-fn decode_slot<T: DeserializeOwned + Send + Sync + 'static>(
-    slot: &Slot,
-    object: &str,
-) -> Result<Arc<T>, Error> {
-    let decoded = slot.decoded.get_or_init(|| {
-        rmp_serde::from_slice::<T>(&slot.bytes)
-            .map(|v| Arc::new(v) as Arc<dyn Any + Send + Sync>)
-            .map_err(|e| e.to_string())
-    });
-    match decoded {
-        Ok(any) => Arc::clone(any).downcast::<T>().map_err(|_| Error::Decode {
-            object: object.to_string(),
-            reason: format!(
-                "the cached value is not a {}: the object is opened with two types here",
-                std::any::type_name::<T>()
-            ),
-        }),
-        Err(reason) => Err(Error::Decode {
-            object: object.to_string(),
-            reason: reason.clone(),
-        }),
-    }
 }
 
 /// Waits for `rx`: polls for up to `spin` (a parked thread's wake-up costs tens of
@@ -552,17 +479,14 @@ where
             unreachable!("read completes with Read, got {outcome:?}")
         };
         self.cell.saw_version(value.version);
-        self.decode(&value)
+        Ok(Arc::new(cell::decode(&self.name, &value.bytes)?))
     }
 
     /// The current value if this node holds a token, without waiting; `Ok(None)` otherwise.
     #[inline]
     pub fn try_read(&self) -> Result<Option<Arc<T>>, Error> {
         self.node.check_running()?;
-        match &*self.cell.read() {
-            Some(slot) => decode_slot(slot, &self.name).map(Some),
-            None => Ok(None),
-        }
+        self.cell.read(&self.name)
     }
 
     /// Replaces the value once this node holds every token.
@@ -592,10 +516,7 @@ where
             node: &self.node,
             op,
         };
-        let mut current = rmp_serde::from_slice::<T>(&value.bytes).map_err(|e| Error::Decode {
-            object: self.name.to_string(),
-            reason: e.to_string(),
-        })?;
+        let mut current: T = cell::decode(&self.name, &value.bytes)?;
         let result = f(&mut current);
         let bytes = encode_value(&self.name, &current)?;
         self.cell.saw_version(lock.commit(bytes)?);
@@ -604,21 +525,7 @@ where
 
     /// Number of writes applied to the value this node holds (or last held).
     pub fn version(&self) -> u64 {
-        self.cell.last_version.load(Ordering::Acquire)
-    }
-
-    fn decode(&self, value: &Value) -> Result<Arc<T>, Error> {
-        if let Some(slot) = &*self.cell.read() {
-            if slot.version == value.version {
-                return decode_slot(slot, &self.name);
-            }
-        }
-        rmp_serde::from_slice::<T>(&value.bytes)
-            .map(Arc::new)
-            .map_err(|e| Error::Decode {
-                object: self.name.to_string(),
-                reason: e.to_string(),
-            })
+        self.cell.last_version()
     }
 }
 
