@@ -2,8 +2,6 @@
 
 use std::time::Duration;
 
-use crate::transport::TransportError;
-
 /// Every way an operation of [`crate::Node`] or [`crate::DistObj`] can fail.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -47,9 +45,6 @@ pub enum Error {
     /// The node was shut down (or is shutting down); its handles no longer work.
     #[error("node {0} is stopped")]
     Stopped(u32),
-    /// The transport failed while starting the node.
-    #[error(transparent)]
-    Transport(#[from] TransportError),
     /// The node's driver thread could not be started.
     #[error("cannot start the driver thread: {0}")]
     Spawn(String),
