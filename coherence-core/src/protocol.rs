@@ -107,6 +107,18 @@ struct PendingWrite {
     bytes: Option<Bytes>,
 }
 
+/// This node's active request for one object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Mine {
+    id: RequestId,
+    /// Broadcast to the members yet.
+    announced: bool,
+    /// It already let a batch of local writes run: writes queued later need a new request,
+    /// ordered after the requests that arrived meanwhile, so local writers cannot starve
+    /// remote ones.
+    spent: bool,
+}
+
 /// One object as seen by this node.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 struct Object {
@@ -122,8 +134,8 @@ struct Object {
     requests: BTreeMap<RequestId, Entry>,
     /// Nodes that opened the object: they get the new value after a write (Update policy).
     interested: BTreeSet<NodeId>,
-    /// This node's active request, and whether it was broadcast yet.
-    mine: Option<(RequestId, bool)>,
+    /// This node's active request.
+    mine: Option<Mine>,
     /// Local operations waiting for a token.
     readers: Vec<OpId>,
     openers: Vec<(OpId, Init)>,
@@ -389,10 +401,10 @@ impl Protocol {
             return;
         }
         for (name, o) in &self.objects {
-            if let Some((id, true)) = o.mine {
-                let entry = &o.requests[&id];
+            if let Some(mine) = o.mine.filter(|m| m.announced) {
+                let entry = &o.requests[&mine.id];
                 self.sends
-                    .push((peer, Message::Request(request_of(name, id, entry))));
+                    .push((peer, Message::Request(request_of(name, mine.id, entry))));
             }
         }
     }
@@ -490,8 +502,8 @@ impl Protocol {
         self.create_if_genesis(name);
         loop {
             let progressed = self.complete_local(name);
-            self.update_own_request(name);
-            if !progressed {
+            let reissued = self.update_own_request(name);
+            if !progressed && !reissued {
                 break;
             }
         }
@@ -551,11 +563,20 @@ impl Protocol {
             });
             progressed = true;
         }
-        while o.tokens == o.total && o.locked.is_none() {
+        // Writes run while every token is here and this node's turn has come: its request is
+        // the first in the table (or nobody else asked).
+        let turn = match (o.mine, o.requests.keys().next()) {
+            (Some(mine), first) => !mine.spent && first == Some(&mine.id),
+            (None, first) => first.is_none(),
+        };
+        while turn && o.tokens == o.total && o.locked.is_none() {
             let Some(pending) = o.writers.pop_front() else {
                 break;
             };
             progressed = true;
+            if let Some(mine) = o.mine.as_mut() {
+                mine.spent = true;
+            }
             let outcome = match pending.bytes {
                 Some(bytes) => Outcome::Written {
                     version: apply_write(o, bytes),
@@ -577,8 +598,9 @@ impl Protocol {
         progressed
     }
 
-    /// Issues the own request when local operations wait, retires it when none do.
-    fn update_own_request(&mut self, name: &str) {
+    /// Issues the own request when local operations wait, retires it when none do. Returns
+    /// whether it issued a new request (which may already be this node's turn).
+    fn update_own_request(&mut self, name: &str) -> bool {
         let o = self.objects.get_mut(name).expect("stepped objects exist");
         let wanted = if !o.writers.is_empty() {
             Some(Access::Write)
@@ -587,13 +609,17 @@ impl Protocol {
         } else {
             None
         };
-        let current = o.mine.map(|(id, _)| o.requests[&id].access);
-        if o.locked.is_some() || current == wanted {
-            return;
+        if o.locked.is_some() {
+            return false;
+        }
+        let spent = o.mine.is_some_and(|m| m.spent);
+        let current = o.mine.map(|m| o.requests[&m.id].access);
+        if !spent && current == wanted {
+            return false;
         }
         // A read request does not serve a waiting write; a write request serves waiting reads.
-        if current == Some(Access::Write) && wanted == Some(Access::Read) {
-            return;
+        if !spent && current == Some(Access::Write) && wanted == Some(Access::Read) {
+            return false;
         }
         self.retire_own_request(name);
         let o = self.objects.get_mut(name).expect("stepped objects exist");
@@ -613,14 +639,20 @@ impl Protocol {
                     served: false,
                 },
             );
-            o.mine = Some((id, false));
+            o.mine = Some(Mine {
+                id,
+                announced: false,
+                spent: false,
+            });
+            return true;
         }
+        false
     }
 
     /// Removes the own request from the table and tells every member it is finished.
     fn retire_own_request(&mut self, name: &str) {
         let o = self.objects.get_mut(name).expect("stepped objects exist");
-        let Some((id, announced)) = o.mine.take() else {
+        let Some(Mine { id, announced, .. }) = o.mine.take() else {
             return;
         };
         o.requests.remove(&id);
@@ -738,8 +770,10 @@ impl Protocol {
     fn finish_step(&mut self) {
         for name in std::mem::take(&mut self.dirty) {
             let o = self.objects.get_mut(&name).expect("dirty objects exist");
-            if let Some((id, false)) = o.mine {
-                o.mine = Some((id, true));
+            // A request that was served within its own step never needs to leave the node.
+            if let Some(mine) = o.mine.as_mut().filter(|m| !m.announced && !m.spent) {
+                mine.announced = true;
+                let id = mine.id;
                 let request = request_of(&name, id, &o.requests[&id]);
                 for &peer in &self.members {
                     self.sends.push((peer, Message::Request(request.clone())));

@@ -913,6 +913,62 @@ pub fn no_starvation(c: &dyn Cluster, policy: WritePolicy) {
     assert_eq!(all, (1..=total as i64).collect::<Vec<_>>());
 }
 
+/// Local threads cannot starve a remote writer: node 0 updates a counter from two threads, so
+/// one of its updates is always queued, while node 1 updates it from one thread. Node 1 must
+/// still get a fair share, every update well within the timeout.
+pub fn no_starvation_by_local_threads(c: &dyn Cluster, policy: WritePolicy) {
+    const RUN: Duration = Duration::from_millis(1500);
+    let config = config(policy);
+    let team = Team::new(2);
+    let results = on_nodes(&team, fresh(c, 2), |_, t| {
+        let node = start(t, &config);
+        let id = node.id();
+        let counter = open(&node, "hot", 0i64);
+        let threads = if id == 0 { 2 } else { 1 };
+        team.wait();
+        let deadline = Instant::now() + RUN;
+        let per_thread: Vec<(usize, Duration)> = thread::scope(|s| {
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    s.spawn(|| {
+                        let (mut done, mut slowest) = (0, Duration::ZERO);
+                        while Instant::now() < deadline {
+                            let began = Instant::now();
+                            add(id, &counter, 1);
+                            slowest = slowest.max(began.elapsed());
+                            done += 1;
+                        }
+                        (done, slowest)
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| w.join().expect("worker"))
+                .collect()
+        });
+        team.wait();
+        let total = read(id, &counter);
+        team.wait();
+        shutdown(node);
+        let done: usize = per_thread.iter().map(|p| p.0).sum();
+        let slowest = per_thread.iter().map(|p| p.1).max().unwrap_or_default();
+        (id, done, slowest, total)
+    });
+    let total: usize = results.iter().map(|r| r.1).sum();
+    for (id, done, slowest, final_value) in &results {
+        assert_eq!(*final_value as usize, total, "node {id}: final value");
+        assert!(
+            done * 20 >= total,
+            "node {id} starved: {done} of {total} updates"
+        );
+        assert!(
+            *slowest < TIMEOUT / 4,
+            "node {id}: an update took {slowest:?}"
+        );
+    }
+}
+
 /// Timeouts are errors, not hangs. In a cluster of 2 whose founder (node 0) never starts a
 /// node, `object()` on node 1 returns `Error::Timeout` after about the configured 300 ms, as
 /// does a second attempt, and `shutdown` returns within the timeout too. And on a working

@@ -43,5 +43,6 @@ scenarios!(
     many_objects,
     shared_node,
     no_starvation,
+    no_starvation_by_local_threads,
     timeouts_are_errors,
 );

@@ -98,5 +98,6 @@ scenarios!(
     many_objects,
     shared_node,
     no_starvation,
+    no_starvation_by_local_threads,
     timeouts_are_errors,
 );
