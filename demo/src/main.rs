@@ -1,14 +1,18 @@
-//! `demo`: the lab's `mpiexec -n 4 python main.py` on in-memory nodes.
+//! `demo`: the lab's `mpiexec -n 4 python main.py` on in-memory nodes, MPI ranks or ZeroMQ
+//! processes.
 //!
-//! Parses the flags, runs the scenario ([`lab`], on threads by [`local`]), prints what every
-//! node saw to stdout and ends with one verdict line, `coherent: yes` (exit code 0) or
-//! `coherent: NO (<why>)` (exit code 1). Logs go to stderr.
+//! Parses the flags, runs the scenario ([`lab`]: on threads by [`local`], on MPI ranks by
+//! `mpi`, on processes over ZeroMQ by [`zmq`]), prints what every node saw to stdout and ends
+//! with one verdict line, `coherent: yes` (exit code 0) or `coherent: NO (<why>)` (exit code
+//! 1). Logs go to stderr.
 
 mod lab;
 mod local;
 #[cfg(feature = "mpi")]
 mod mpi;
+mod zmq;
 
+use std::ffi::OsString;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -16,7 +20,8 @@ use std::process::ExitCode;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use clap::{ArgAction, Parser, ValueEnum};
+use clap::error::ErrorKind;
+use clap::{ArgAction, CommandFactory, Parser, ValueEnum};
 use coherence_core::{Config, WritePolicy};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -26,10 +31,11 @@ use lab::{Failure, Observation, Report};
 
 /// What `--trace` records. The library logs each protocol message it sends and receives at
 /// trace level, so the file needs that level to show every step.
-const TRACE_FILTER: &str = "coherence_core=trace,transport_local=trace,demo=debug";
+const TRACE_FILTER: &str =
+    "coherence_core=trace,transport_local=trace,transport_zmq=debug,demo=debug";
 
-/// Runs the lab scenario on in-memory nodes and checks that every node always sees coherent
-/// values.
+/// Runs the lab scenario on in-memory nodes, MPI ranks or ZeroMQ processes and checks that
+/// every node always sees coherent values.
 ///
 /// N nodes, one thread each, take turns: each writes a distinct value to the integer object
 /// "int" and every node checks it reads exactly that value; then each inserts its own key into
@@ -37,6 +43,20 @@ const TRACE_FILTER: &str = "coherence_core=trace,transport_local=trace,demo=debu
 /// Then a new node joins, opens both objects with other init values and must see the current
 /// ones. Finally all nodes shut down at once. The last line of stdout is the verdict:
 /// `coherent: yes` (exit code 0) or `coherent: NO (<why>)` (exit code 1).
+///
+/// Over ZeroMQ (`--transport zmq`) every node is its own process:
+///
+/// - Without `--listen`, this process launches `--nodes` node processes on 127.0.0.1 plus one
+///   that joins the running cluster only after the tests are done (a real late process join),
+///   relays the founder's report and exits with the verdict. It kills every process still
+///   running after 10 times `--timeout-ms`, and the verdict is NO then.
+///
+/// - With `--listen ADDR --expect N [--join ADDR]`, this process is one node, e.g. one per
+///   host. The one without `--join` founds the cluster; the others join through any member.
+///   Once N nodes are present, the last one admitted plays the new process (it opens the
+///   objects only after the others wrote them, as under MPI) and the other N-1 take turns.
+///   Node 0 prints the report; every process ends with the verdict line and exits with it.
+///   Joining gives up after `--timeout-ms`, waiting for the other nodes after 4 times that.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
@@ -53,13 +73,44 @@ struct Args {
     #[arg(long, value_name = "MS", default_value_t = 10_000, value_parser = parse_timeout)]
     timeout_ms: u64,
 
-    /// Where the nodes run: threads of this process talking over in-memory channels, or one
-    /// node per MPI rank (run under `mpiexec -n N`; needs a build with `--features mpi`).
+    /// Where the nodes run: threads of this process talking over in-memory channels, one
+    /// node per MPI rank (run under `mpiexec -n N`; needs a build with `--features mpi`), or
+    /// one node per process over ZeroMQ (see above).
     #[arg(long, value_enum, default_value_t = TransportKind::Local)]
     transport: TransportKind,
 
+    /// ZeroMQ: run one node bound to ADDR (e.g. tcp://10.0.0.1:7000; port 0 picks a free
+    /// one) instead of launching processes on 127.0.0.1. Needs --expect.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+
+    /// ZeroMQ with --listen: join the cluster through the member at ADDR. Without it this node
+    /// founds the cluster (and is node 0).
+    #[arg(long, value_name = "ADDR", requires = "listen")]
+    join: Option<String>,
+
+    /// ZeroMQ with --listen: how many nodes (processes) take part, this one included; the
+    /// last one admitted opens the objects late.
+    #[arg(long, value_name = "N", requires = "listen", value_parser = parse_nodes)]
+    expect: Option<usize>,
+
+    /// ZeroMQ: the cluster's name; frames of other clusters are dropped.
+    #[arg(long, value_name = "NAME", default_value = "coherence-demo")]
+    cluster_id: String,
+
+    /// ZeroMQ: file holding the secret shared by all nodes; every frame is then
+    /// authenticated (HMAC-SHA256). Without it the environment variable COHERENCE_SECRET is
+    /// used if set, else frames are not authenticated.
+    #[arg(long, value_name = "PATH")]
+    secret_file: Option<PathBuf>,
+
+    /// ZeroMQ: which process of a launched run this is (set by the launcher).
+    #[arg(long, value_enum, hide = true, requires = "listen")]
+    zmq_role: Option<zmq::Role>,
+
     /// Also write a JSON-lines trace of the run to FILE: one object per event, including every
-    /// protocol message each node sends and receives.
+    /// protocol message each node sends and receives. The ZeroMQ launcher's process K writes
+    /// FILE.K.
     #[arg(long, value_name = "FILE")]
     trace: Option<PathBuf>,
 
@@ -76,6 +127,9 @@ enum TransportKind {
     Local,
     /// One node per MPI rank; `--nodes` is ignored, the MPI world's size counts.
     Mpi,
+    /// One node per process over ZeroMQ: launched on 127.0.0.1, or one per host with
+    /// `--listen`.
+    Zmq,
 }
 
 /// The write policy, as `--policy` spells it.
@@ -122,7 +176,15 @@ fn parse_timeout(text: &str) -> Result<u64, String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if let Err(e) = init_logging(args.verbose, args.trace.as_deref()) {
+    check_zmq_flags(&args);
+    // A launcher's children write the trace files; the launcher itself only logs.
+    let launcher = args.transport == TransportKind::Zmq && args.listen.is_none();
+    let trace = if launcher {
+        None
+    } else {
+        args.trace.as_deref()
+    };
+    if let Err(e) = init_logging(args.verbose, trace) {
         let path = args.trace.as_deref().unwrap_or(Path::new("")).display();
         eprintln!("error: cannot create the trace file {path}: {e}");
         return ExitCode::from(2);
@@ -143,8 +205,111 @@ fn main() -> ExitCode {
             Some(outcome) => outcome,
             None => return ExitCode::SUCCESS,
         },
+        TransportKind::Zmq => {
+            // Read now, so that a bad secret file is a usage error, not a verdict.
+            let secret = match transport_zmq::secret_from_env_or_file(args.secret_file.as_deref()) {
+                Ok(secret) => secret,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            run_zmq(&args, secret, &config)
+        }
     };
     print_outcome(outcome)
+}
+
+/// Rejects ZeroMQ flags that do not fit the transport or each other (exit code 2).
+fn check_zmq_flags(args: &Args) {
+    let zmq_only = [
+        ("--listen", args.listen.is_some()),
+        ("--secret-file", args.secret_file.is_some()),
+    ];
+    if args.transport != TransportKind::Zmq {
+        if let Some((flag, _)) = zmq_only.iter().find(|(_, given)| *given) {
+            Args::command()
+                .error(
+                    ErrorKind::ArgumentConflict,
+                    format!("{flag} needs --transport zmq"),
+                )
+                .exit();
+        }
+    }
+    if args.listen.is_some() && args.expect.is_none() && args.zmq_role.is_none() {
+        Args::command()
+            .error(
+                ErrorKind::MissingRequiredArgument,
+                "--listen needs --expect N: how many nodes take part",
+            )
+            .exit();
+    }
+}
+
+/// Runs the ZeroMQ transport's part: the launcher without `--listen`, else one node.
+fn run_zmq(args: &Args, secret: Option<Vec<u8>>, config: &Config) -> Result<Report, Failure> {
+    let Some(listen) = &args.listen else {
+        println!(
+            "coherence lab over ZeroMQ: {} node processes on 127.0.0.1 and a late-joining \
+             process, {:?} policy, timeout {:?}",
+            args.nodes, config.write_policy, config.timeout
+        );
+        return zmq::launch(&zmq::Launch {
+            nodes: args.nodes,
+            common: child_flags(args),
+            trace: args.trace.clone(),
+            deadline: config.timeout * 10,
+        });
+    };
+    let plan = match (args.zmq_role, args.expect) {
+        (Some(role), _) => {
+            zmq::exit_when_launcher_is_gone();
+            match role {
+                zmq::Role::Founder | zmq::Role::Joiner => zmq::Plan::Participant {
+                    nodes: args.nodes,
+                    founder: role == zmq::Role::Founder,
+                },
+                zmq::Role::Late => zmq::Plan::Late { nodes: args.nodes },
+            }
+        }
+        // check_zmq_flags made sure --expect is there.
+        (None, expect) => zmq::Plan::Host {
+            expect: expect.unwrap_or(2),
+        },
+    };
+    zmq::run_node(
+        &zmq::NodeSpec {
+            listen: listen.clone(),
+            join: args.join.clone(),
+            cluster_id: args.cluster_id.clone(),
+            secret,
+            plan,
+        },
+        config,
+    )
+}
+
+/// The flags the ZeroMQ launcher passes on to every child.
+fn child_flags(args: &Args) -> Vec<OsString> {
+    let policy = match args.policy {
+        Policy::Update => "update",
+        Policy::Invalidate => "invalidate",
+    };
+    let mut flags: Vec<OsString> = vec![
+        "--policy".into(),
+        policy.into(),
+        "--timeout-ms".into(),
+        args.timeout_ms.to_string().into(),
+        "--cluster-id".into(),
+        args.cluster_id.clone().into(),
+    ];
+    if let Some(path) = &args.secret_file {
+        flags.extend(["--secret-file".into(), path.clone().into_os_string()]);
+    }
+    if args.verbose > 0 {
+        flags.push(format!("-{}", "v".repeat(args.verbose.into())).into());
+    }
+    flags
 }
 
 /// Runs this MPI rank's part; `None` on a rank other than 0 whose run was coherent (only rank

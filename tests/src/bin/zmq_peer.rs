@@ -1,0 +1,69 @@
+//! A node in its own OS process, for the SIGKILL test (`tests/tests/zmq_sigkill.rs`).
+//!
+//! `zmq_peer JOIN_ADDR CLUSTER_ID OBJECT VALUE` joins the ZeroMQ cluster through `JOIN_ADDR`,
+//! opens the `i64` object `OBJECT` and writes `VALUE` to it under the `Invalidate` policy, so
+//! that it holds every token of the object. It then prints `holding OBJECT as node ID at
+//! version V` and waits: until it is killed, or until its stdin ends (the test is gone), when
+//! it exits at once, without leaving the cluster, as a crash would.
+
+use std::io::Read;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use coherence_core::{Config, Node, WritePolicy};
+use transport_zmq::{ZmqConfig, ZmqTransport};
+
+/// How long a silent peer stays a member; the test uses the same values.
+const LOST_AFTER: Duration = Duration::from_millis(1500);
+/// Heartbeat interval.
+const HEARTBEAT: Duration = Duration::from_millis(100);
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [join, cluster, object, value] = args.as_slice() else {
+        eprintln!("usage: zmq_peer JOIN_ADDR CLUSTER_ID OBJECT VALUE");
+        return ExitCode::from(2);
+    };
+    let Ok(value) = value.parse::<i64>() else {
+        eprintln!("VALUE must be a whole number, got {value:?}");
+        return ExitCode::from(2);
+    };
+    match hold(join, cluster, object, value) {
+        Ok(node) => {
+            // Nothing more to do: wait to be killed, or for the test to go away.
+            let mut rest = Vec::new();
+            let _ = std::io::stdin().read_to_end(&mut rest);
+            // Exit without a goodbye, like a crash; the node is never shut down.
+            std::mem::forget(node);
+            std::process::exit(0);
+        }
+        Err(e) => {
+            eprintln!("zmq_peer: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Joins, takes every token of `object` by writing `value`, and says so on stdout.
+fn hold(join: &str, cluster: &str, object: &str, value: i64) -> Result<Node, String> {
+    let transport = ZmqTransport::start(ZmqConfig {
+        join: Some(join.to_string()),
+        lost_after: LOST_AFTER,
+        heartbeat: HEARTBEAT,
+        ..ZmqConfig::new("tcp://127.0.0.1:0", cluster)
+    })
+    .map_err(|e| format!("cannot join {join}: {e}"))?;
+    let config = Config::default().write_policy(WritePolicy::Invalidate);
+    let node = Node::start(transport, config).map_err(|e| format!("cannot start: {e}"))?;
+    let obj = node
+        .object(object, 0i64)
+        .map_err(|e| format!("cannot open {object:?}: {e}"))?;
+    obj.write(value)
+        .map_err(|e| format!("cannot write {object:?}: {e}"))?;
+    println!(
+        "holding {object} as node {} at version {}",
+        node.id(),
+        obj.version()
+    );
+    Ok(node)
+}
