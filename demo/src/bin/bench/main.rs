@@ -1,0 +1,348 @@
+//! `bench`: the speed of coherence against the physical floor and the alternatives, every
+//! figure next to its baseline, measured in one run on one machine.
+//!
+//! ```text
+//! cargo run --release -p demo --bin bench -- [--quick] [--out DIR] [--transport local|zmq|mpi|all]
+//! ```
+//!
+//! Per transport: the raw round trip (the floor); read hits against `RwLock<Arc<T>>` with 1 and
+//! 2 threads; write and update latency with spread tokens on 2, 4 and 8 nodes under both write
+//! policies; writes by a node holding every token (messages counted); mixed workloads against
+//! a central server built on the raw transport; value sizes 8 B, 4 KiB and 1 MiB. MPI (a build
+//! with `--features mpi`, under `mpiexec -n 2`) measures what 2 ranks can: the raw MPI
+//! round trip, read hits, write latency and writes holding every token.
+//!
+//! Prints markdown tables and the issue's acceptance ratios to stdout, writes every figure to
+//! `DIR/bench-<transport>.json` and SVG plots to `DIR`, and shows progress on stderr. Nothing
+//! here asserts on timings: it measures and reports. The exit code is 1 when a measurement
+//! failed (the failure is in the report), 2 when nothing could be written.
+
+mod central;
+mod measure;
+#[cfg(feature = "mpi")]
+mod mpi;
+mod net;
+mod plot;
+mod report;
+mod suite;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use clap::{Parser, ValueEnum};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use net::Net;
+use report::{Report, TransportReport};
+
+/// Measures coherence against the raw transport, an `RwLock<Arc<T>>` and a central server.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Make every measurement short (seconds in all): a smoke run, not figures to quote.
+    #[arg(long)]
+    quick: bool,
+
+    /// Directory for the JSON file of every figure and the SVG plots.
+    #[arg(long, value_name = "DIR", default_value = "target/bench")]
+    out: PathBuf,
+
+    /// Transport(s) to measure. `all` is local and zmq; MPI runs on its own, under
+    /// `mpiexec -n 2`, in a build with `--features mpi`.
+    #[arg(long, value_enum, default_value_t = Which::All)]
+    transport: Which,
+}
+
+/// `--transport`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Which {
+    /// In-memory channels between threads.
+    Local,
+    /// ZeroMQ over TCP loopback, all endpoints in this process.
+    Zmq,
+    /// MPI, one node per rank (2 ranks).
+    Mpi,
+    /// Local and zmq.
+    All,
+}
+
+impl Which {
+    fn name(self) -> &'static str {
+        match self {
+            Which::Local => "local",
+            Which::Zmq => "zmq",
+            Which::Mpi => "mpi",
+            Which::All => "all",
+        }
+    }
+}
+
+/// How many samples, and for how long, one pass of a latency measurement takes.
+#[derive(Debug, Clone, Copy)]
+pub struct Budget {
+    /// Stop a pass after this many timed samples...
+    pub samples: usize,
+    /// ...or after this long, once `min_samples` are in.
+    pub time: Duration,
+    /// Samples taken even if time is up.
+    pub min_samples: usize,
+    /// Untimed operations first.
+    pub warmup: usize,
+    /// Passes; the one with the lowest median counts (the machine is shared and noisy, and
+    /// the floors are taken the same way).
+    pub passes: usize,
+}
+
+impl Budget {
+    /// Whether a pass with `n` samples that began at `start` is complete.
+    pub fn done(&self, n: usize, start: Instant) -> bool {
+        n >= self.samples || (n >= self.min_samples && start.elapsed() >= self.time)
+    }
+
+    /// Runs `pass` `passes` times and keeps the result with the lowest median, noting the
+    /// worst pass's median in it.
+    pub fn best(
+        &self,
+        mut pass: impl FnMut() -> Result<report::Latency, String>,
+    ) -> Result<report::Latency, String> {
+        let mut best: Option<report::Latency> = None;
+        let mut worst = 0.0f64;
+        for _ in 0..self.passes.max(1) {
+            let latency = pass()?;
+            worst = worst.max(latency.typical_ns());
+            if best
+                .as_ref()
+                .is_none_or(|b| latency.typical_ns() < b.typical_ns())
+            {
+                best = Some(latency);
+            }
+        }
+        let mut best = best.ok_or_else(|| "no pass".to_string())?;
+        best.worst_pass_ns = Some(worst);
+        Ok(best)
+    }
+}
+
+/// How read hits are measured: the best of `rounds` rounds of `reads` reads per thread.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadPlan {
+    /// Reads per thread per round.
+    pub reads: u64,
+    /// Rounds; the fastest counts (the machine is shared and noisy).
+    pub rounds: usize,
+}
+
+/// Sizes of every measurement.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    /// Raw round trips (measured three times per transport: first, after the write
+    /// latencies and last; the best pass counts).
+    pub rtt: Budget,
+    /// Write and update latency.
+    pub latency: Budget,
+    /// Writes holding every token (`samples` counts writes; `passes` is unused, the best
+    /// batch is reported next to the mean).
+    pub owned: Budget,
+    /// Read hits.
+    pub read: ReadPlan,
+    /// Duration of each pass of a mixed workload.
+    pub mixed: Duration,
+    /// Passes of each mixed workload; the one with the highest total counts.
+    pub mixed_passes: usize,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Plan {
+        let budget = |samples, ms, min_samples, warmup, passes| Budget {
+            samples,
+            time: Duration::from_millis(ms),
+            min_samples,
+            warmup,
+            passes,
+        };
+        if quick {
+            Plan {
+                rtt: budget(2_000, 25, 20, 20, 1),
+                latency: budget(300, 40, 10, 5, 1),
+                owned: budget(20_000, 30, 8, 5, 1),
+                read: ReadPlan {
+                    reads: 100_000,
+                    rounds: 2,
+                },
+                mixed: Duration::from_millis(150),
+                mixed_passes: 1,
+            }
+        } else {
+            Plan {
+                rtt: budget(20_000, 150, 100, 200, 2),
+                latency: budget(2_000, 170, 30, 20, 3),
+                owned: budget(1_000_000, 300, 8, 100, 1),
+                read: ReadPlan {
+                    reads: 1_000_000,
+                    rounds: 12,
+                },
+                mixed: Duration::from_millis(500),
+                mixed_passes: 3,
+            }
+        }
+    }
+}
+
+/// The progress bar on stderr (hidden for `--quick` and on MPI ranks other than 0).
+pub struct Progress(ProgressBar);
+
+impl Progress {
+    /// A bar of `steps` steps, drawn only if `visible`.
+    pub fn new(steps: u64, visible: bool) -> Progress {
+        if !visible {
+            return Progress(ProgressBar::hidden());
+        }
+        let bar = ProgressBar::with_draw_target(Some(steps), ProgressDrawTarget::stderr());
+        if let Ok(style) =
+            ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {wide_msg}")
+        {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        Progress(bar)
+    }
+
+    /// Starts the next step (and counts the previous one as done).
+    pub fn step(&self, message: String) {
+        if self.0.message().is_empty() {
+            self.0.set_message(message);
+        } else {
+            self.0.inc(1);
+            self.0.set_message(message);
+        }
+    }
+
+    /// Removes the bar.
+    pub fn finish(&self) {
+        self.0.finish_and_clear();
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
+    let plan = Plan::new(args.quick);
+    let started = Instant::now();
+    let started_unix_s = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+
+    let transports = match measure_all(args.transport, &plan, args.quick) {
+        Ok(Some(transports)) => transports,
+        // An MPI rank other than 0: rank 0 reports.
+        Ok(None) => return ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let verdicts: Vec<_> = transports.iter().flat_map(|t| t.verdicts()).collect();
+    let report = Report {
+        command: std::env::args().collect(),
+        quick: args.quick,
+        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        started_unix_s,
+        elapsed_s: started.elapsed().as_secs_f64(),
+        transports,
+        verdicts,
+    };
+
+    println!("# coherence benchmarks\n");
+    println!(
+        "`{}` on {} CPUs, {:.0} s{}.\n",
+        report.command.join(" "),
+        report.cpus,
+        report.elapsed_s,
+        if report.quick { ", --quick" } else { "" }
+    );
+    for t in &report.transports {
+        println!("{}", t.markdown());
+    }
+    println!("{}", report::verdicts_markdown(&report.verdicts));
+
+    let failed = report.transports.iter().any(|t| !t.errors.is_empty());
+    match write_outputs(&args.out, args.transport, &report) {
+        Ok(()) if failed => ExitCode::FAILURE,
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Measures the chosen transports; `Ok(None)` on an MPI rank that does not report.
+fn measure_all(
+    which: Which,
+    plan: &Plan,
+    quick: bool,
+) -> Result<Option<Vec<TransportReport>>, String> {
+    let nets: &[Net] = match which {
+        Which::Local => &[Net::Local],
+        Which::Zmq => &[Net::Zmq],
+        Which::All => &[Net::Local, Net::Zmq],
+        Which::Mpi => return measure_mpi(plan, quick).map(|r| r.map(|r| vec![r])),
+    };
+    let progress = Progress::new(suite::STEPS * nets.len() as u64, !quick);
+    let reports = nets
+        .iter()
+        .map(|&net| suite::run(net, plan, &progress))
+        .collect();
+    progress.finish();
+    Ok(Some(reports))
+}
+
+#[cfg(feature = "mpi")]
+fn measure_mpi(plan: &Plan, quick: bool) -> Result<Option<TransportReport>, String> {
+    mpi::run(plan, quick)
+}
+
+#[cfg(not(feature = "mpi"))]
+fn measure_mpi(_plan: &Plan, _quick: bool) -> Result<Option<TransportReport>, String> {
+    Err("this bench was built without MPI support: build it with \
+         `cargo build --release -p demo --features mpi --bin bench` and run it under \
+         `mpiexec -n 2`"
+        .to_string())
+}
+
+/// Writes the JSON file and the plots; a plot that cannot be drawn is reported, not fatal.
+fn write_outputs(dir: &Path, which: Which, report: &Report) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let json = dir.join(format!("bench-{}.json", which.name()));
+    let text = serde_json::to_string_pretty(report).map_err(|e| format!("JSON: {e}"))?;
+    std::fs::write(&json, text).map_err(|e| format!("cannot write {}: {e}", json.display()))?;
+    eprintln!("wrote {}", json.display());
+    for t in &report.transports {
+        if !t.writes.is_empty() {
+            match plot::latency_vs_nodes(dir, t) {
+                Ok(()) => eprintln!(
+                    "wrote {}/latency_vs_nodes-{}.svg",
+                    dir.display(),
+                    t.transport
+                ),
+                Err(e) => eprintln!("warning: plot: {e}"),
+            }
+        }
+        if !t.mixed.is_empty() {
+            match plot::throughput_vs_read_share(dir, t) {
+                Ok(()) => eprintln!(
+                    "wrote {}/throughput_vs_read_share-{}.svg",
+                    dir.display(),
+                    t.transport
+                ),
+                Err(e) => eprintln!("warning: plot: {e}"),
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,344 @@
+//! The transports under test: building clusters of endpoints, counting their frames, the raw
+//! ping-pong floor, and clusters of started nodes.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use coherence_core::{Config, Node, NodeId, Transport, TransportError, TransportEvent};
+use transport_local::LocalTransport;
+use transport_zmq::{ZmqConfig, ZmqTransport};
+
+use crate::report::{Latency, RoundTrip};
+use crate::Budget;
+
+/// How long a raw receive may wait for a frame before the measurement gives up.
+pub const RECV_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A transport shared with the benchmark, so it can still read the transport's own counters
+/// after handing it to a node.
+pub struct Shared<T>(Arc<T>);
+
+impl<T: Transport> Transport for Shared<T> {
+    fn local_id(&self) -> NodeId {
+        self.0.local_id()
+    }
+
+    fn peers(&self) -> Vec<NodeId> {
+        self.0.peers()
+    }
+
+    fn send(&self, to: NodeId, frame: Vec<u8>) -> Result<(), TransportError> {
+        self.0.send(to, frame)
+    }
+
+    fn recv(&self, timeout: Duration) -> Result<Option<TransportEvent>, TransportError> {
+        self.0.recv(timeout)
+    }
+
+    fn close(&self) {
+        self.0.close();
+    }
+}
+
+/// Reads how many frames one endpoint's transport has sent.
+pub type FrameProbe = Box<dyn Fn() -> u64 + Send + Sync>;
+
+/// One endpoint, ready for `Node::start` or raw use, with its frame counter.
+pub struct Endpoint {
+    /// The transport.
+    pub transport: Box<dyn Transport>,
+    /// Its own count of frames sent.
+    pub frames_sent: FrameProbe,
+}
+
+/// A transport that builds clusters inside this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Net {
+    /// `transport-local`: crossbeam channels between threads.
+    Local,
+    /// `transport-zmq`: ROUTER/DEALER over TCP loopback, one runtime thread per endpoint.
+    Zmq,
+}
+
+/// Distinguishes the ZeroMQ clusters of one run.
+static CLUSTERS: AtomicU64 = AtomicU64::new(0);
+
+impl Net {
+    /// The name in reports and file names.
+    pub fn name(self) -> &'static str {
+        match self {
+            Net::Local => "local",
+            Net::Zmq => "zmq",
+        }
+    }
+
+    /// `n` endpoints of one new cluster, ids `0..n`.
+    pub fn endpoints(self, n: usize) -> Result<Vec<Endpoint>, String> {
+        match self {
+            Net::Local => Ok(transport_local::cluster(n)
+                .into_iter()
+                .map(|t| local_endpoint(Arc::new(t)))
+                .collect()),
+            Net::Zmq => zmq_cluster(n).map(|ts| ts.into_iter().map(zmq_endpoint).collect()),
+        }
+    }
+
+    /// `n` local endpoints whose receivers do not busy-poll (`with_spin(0)`: only
+    /// crossbeam's own brief backoff before parking), so a waiting thread never holds a core
+    /// another thread needs. `None` for other transports.
+    pub fn parked_endpoints(self, n: usize) -> Option<Vec<Endpoint>> {
+        (self == Net::Local).then(|| {
+            transport_local::cluster(n)
+                .into_iter()
+                .map(|t| local_endpoint(Arc::new(t.with_spin(Duration::ZERO))))
+                .collect()
+        })
+    }
+
+    /// The raw round trips of this transport: frames through `send`/`recv` between two
+    /// threads, one echoing, at every size in `sizes`.
+    pub fn round_trips(self, sizes: &[usize], budget: Budget) -> Result<Vec<RoundTrip>, String> {
+        let mut out = Vec::new();
+        match self {
+            Net::Local => {
+                for &size in sizes {
+                    let [a, b] = pair(transport_local::cluster(2))?;
+                    let latency = ping_pong(&a, &b, size, budget)?;
+                    out.push(trip(size, "send/recv, receivers spin", false, latency));
+                }
+                // The same with receivers that do not busy-poll before they park.
+                let [a, b] = pair(
+                    transport_local::cluster(2)
+                        .into_iter()
+                        .map(|t| t.with_spin(Duration::ZERO))
+                        .collect(),
+                )?;
+                let latency = ping_pong(&a, &b, 8, budget)?;
+                out.push(trip(
+                    8,
+                    "send/recv, no transport spin (with_spin(0))",
+                    true,
+                    latency,
+                ));
+            }
+            Net::Zmq => {
+                let [a, b] = pair(zmq_cluster(2)?)?;
+                for &size in sizes {
+                    let latency = ping_pong(&a, &b, size, budget)?;
+                    out.push(trip(
+                        size,
+                        "send/recv, threads of one process",
+                        false,
+                        latency,
+                    ));
+                }
+                // Each close waits for the other's acknowledgement: close both at once.
+                std::thread::scope(|s| {
+                    s.spawn(|| a.close());
+                    s.spawn(|| b.close());
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn trip(size_bytes: usize, mode: &str, parked: bool, latency: Latency) -> RoundTrip {
+    RoundTrip {
+        size_bytes,
+        mode: mode.to_string(),
+        parked,
+        latency,
+    }
+}
+
+fn pair<T>(transports: Vec<T>) -> Result<[T; 2], String> {
+    transports
+        .try_into()
+        .map_err(|_| "expected two endpoints".to_string())
+}
+
+fn local_endpoint(t: Arc<LocalTransport>) -> Endpoint {
+    let probe = Arc::clone(&t);
+    Endpoint {
+        transport: Box::new(Shared(t)),
+        frames_sent: Box::new(move || probe.frames_sent()),
+    }
+}
+
+fn zmq_endpoint(t: ZmqTransport) -> Endpoint {
+    let t = Arc::new(t);
+    let probe = Arc::clone(&t);
+    Endpoint {
+        transport: Box::new(Shared(t)),
+        frames_sent: Box::new(move || probe.stats().frames_sent),
+    }
+}
+
+/// `n` ZeroMQ endpoints on loopback: the first founds the cluster, the others join through it.
+fn zmq_cluster(n: usize) -> Result<Vec<ZmqTransport>, String> {
+    let cluster_id = format!(
+        "bench-{}-{}",
+        std::process::id(),
+        CLUSTERS.fetch_add(1, Ordering::Relaxed)
+    );
+    let base = ZmqConfig::new("tcp://127.0.0.1:0", cluster_id);
+    let founder = ZmqTransport::start(base.clone()).map_err(|e| format!("zmq founder: {e}"))?;
+    let join = founder.local_addr();
+    let mut out = vec![founder];
+    for i in 1..n {
+        let t = ZmqTransport::start(ZmqConfig {
+            join: Some(join.clone()),
+            ..base.clone()
+        })
+        .map_err(|e| format!("zmq joiner {i}: {e}"))?;
+        out.push(t);
+    }
+    Ok(out)
+}
+
+/// Waits for the next frame, skipping membership events.
+pub fn next_frame(t: &dyn Transport) -> Result<(NodeId, Vec<u8>), String> {
+    let deadline = Instant::now() + RECV_TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!("no frame within {RECV_TIMEOUT:?}"));
+        }
+        match t.recv(left) {
+            Ok(Some(TransportEvent::Frame { from, bytes })) => return Ok((from, bytes)),
+            Ok(_) => {}
+            Err(e) => return Err(format!("receive: {e}")),
+        }
+    }
+}
+
+/// Round trips of `size`-byte frames from `pinger` to `peer` and back (the best of the
+/// budget's passes); every send is a fresh copy, as a serialized frame would be. Ends the
+/// echo with an empty frame.
+pub fn ping(
+    pinger: &dyn Transport,
+    peer: NodeId,
+    size: usize,
+    budget: Budget,
+) -> Result<Latency, String> {
+    let payload = vec![0x5a_u8; size.max(1)];
+    let result = budget.best(|| ping_pass(pinger, peer, &payload, budget));
+    // Stop the echo even after a failure.
+    let _ = pinger.send(peer, Vec::new());
+    result
+}
+
+fn ping_pass(
+    pinger: &dyn Transport,
+    peer: NodeId,
+    payload: &[u8],
+    budget: Budget,
+) -> Result<Latency, String> {
+    let mut samples = Vec::new();
+    let start = Instant::now();
+    for i in 0.. {
+        if budget.done(samples.len(), start) {
+            break;
+        }
+        let frame = payload.to_vec();
+        let t = Instant::now();
+        pinger.send(peer, frame).map_err(|e| format!("send: {e}"))?;
+        loop {
+            let (from, _) = next_frame(pinger)?;
+            if from == peer {
+                break;
+            }
+        }
+        if i >= budget.warmup {
+            samples.push(t.elapsed());
+        }
+    }
+    Latency::of(samples).ok_or_else(|| "no round trip measured".to_string())
+}
+
+/// Echoes every frame back (as a fresh copy) until an empty one comes.
+pub fn echo(t: &dyn Transport) -> Result<(), String> {
+    loop {
+        let (from, bytes) = next_frame(t)?;
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        t.send(from, bytes.to_vec())
+            .map_err(|e| format!("echo: {e}"))?;
+    }
+}
+
+/// Ping-pong between two endpoints of one process, `a` timing, `b` echoing on its own thread.
+fn ping_pong<T: Transport>(a: &T, b: &T, size: usize, budget: Budget) -> Result<Latency, String> {
+    std::thread::scope(|s| {
+        let echo = s.spawn(|| echo(b));
+        let latency = ping(a, b.local_id(), size, budget);
+        let echoed = echo
+            .join()
+            .unwrap_or_else(|_| Err("echo thread panicked".into()));
+        let latency = latency?;
+        echoed.map(|()| latency)
+    })
+}
+
+/// Started nodes of one cluster, with their transports' frame counters. Dropped without
+/// [`Cluster::shutdown`], each node still leaves (`Node`'s drop does).
+pub struct Cluster {
+    /// Node `i` has id `i`.
+    pub nodes: Vec<Node>,
+    probes: Vec<FrameProbe>,
+}
+
+impl Cluster {
+    /// Starts one node per endpoint.
+    pub fn start(endpoints: Vec<Endpoint>, config: &Config) -> Result<Cluster, String> {
+        let mut nodes = Vec::new();
+        let mut probes = Vec::new();
+        for e in endpoints {
+            nodes.push(Node::start(e.transport, config.clone()).map_err(|e| e.to_string())?);
+            probes.push(e.frames_sent);
+        }
+        Ok(Cluster { nodes, probes })
+    }
+
+    /// Protocol messages all nodes have sent.
+    pub fn messages_sent(&self) -> u64 {
+        self.nodes.iter().map(|n| n.stats().messages_sent).sum()
+    }
+
+    /// Frames all transports have sent, by their own counters.
+    pub fn frames_sent(&self) -> u64 {
+        self.probes.iter().map(|p| p()).sum()
+    }
+
+    /// Shuts every node down at once (each leave waits for the others' acknowledgements).
+    pub fn shutdown(self) -> Result<(), String> {
+        let errors: Vec<String> = std::thread::scope(|s| {
+            let handles: Vec<_> = self
+                .nodes
+                .into_iter()
+                .map(|node| {
+                    s.spawn(move || {
+                        let id = node.id();
+                        node.shutdown().map_err(|e| format!("node {id}: {e}"))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .filter_map(|h| match h.join() {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(e),
+                    Err(_) => Some("a shutdown thread panicked".into()),
+                })
+                .collect()
+        });
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("shutdown: {}", errors.join("; ")))
+        }
+    }
+}

@@ -1,0 +1,667 @@
+//! What the benchmark measured: the figures of one run (serialized to JSON as they are), their
+//! markdown rendering and the acceptance verdicts.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use coherence_core::WritePolicy;
+use serde::Serialize;
+
+/// Value sizes every size-dependent figure is measured at, in bytes.
+pub const SIZES: [usize; 3] = [8, 4 << 10, 1 << 20];
+
+/// Read shares of the mixed workloads, in percent, in the order of the plot's x axis.
+pub const MIXES: [u32; 4] = [50, 90, 99, 100];
+
+/// A human label of a value or frame size.
+pub fn size_label(bytes: usize) -> String {
+    match bytes {
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{} MiB", b >> 20),
+        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{} KiB", b >> 10),
+        b => format!("{b} B"),
+    }
+}
+
+/// A duration given in nanoseconds, with a unit that keeps three significant digits.
+pub fn ns_label(ns: f64) -> String {
+    if !ns.is_finite() {
+        "-".to_string()
+    } else if ns < 1e3 {
+        format!("{ns:.0} ns")
+    } else if ns < 1e6 {
+        format!("{:.2} µs", ns / 1e3)
+    } else {
+        format!("{:.2} ms", ns / 1e6)
+    }
+}
+
+/// An operation rate, in operations per second, with a unit.
+pub fn rate_label(per_s: f64) -> String {
+    if per_s >= 1e6 {
+        format!("{:.2} M/s", per_s / 1e6)
+    } else if per_s >= 1e3 {
+        format!("{:.1} k/s", per_s / 1e3)
+    } else {
+        format!("{per_s:.0} /s")
+    }
+}
+
+/// The write policy a figure was measured with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    /// [`WritePolicy::Update`].
+    Update,
+    /// [`WritePolicy::Invalidate`].
+    Invalidate,
+}
+
+impl Policy {
+    /// Both policies, the default first.
+    pub const BOTH: [Policy; 2] = [Policy::Update, Policy::Invalidate];
+
+    /// The library's value.
+    pub fn write_policy(self) -> WritePolicy {
+        match self {
+            Policy::Update => WritePolicy::Update,
+            Policy::Invalidate => WritePolicy::Invalidate,
+        }
+    }
+
+    /// The lowercase name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::Update => "update",
+            Policy::Invalidate => "invalidate",
+        }
+    }
+}
+
+/// The timed operation of a latency figure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Op {
+    /// `DistObj::write`.
+    Write,
+    /// `DistObj::update` (read-modify-write).
+    Update,
+}
+
+impl Op {
+    /// Both operations.
+    pub const BOTH: [Op; 2] = [Op::Write, Op::Update];
+
+    /// The method name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Write => "write",
+            Op::Update => "update",
+        }
+    }
+}
+
+/// Latency statistics of one operation over many samples, in nanoseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Latency {
+    /// Number of timed operations.
+    pub samples: usize,
+    /// Median, when single operations were timed.
+    pub median_ns: Option<f64>,
+    /// Mean.
+    pub mean_ns: f64,
+    /// 99th percentile, when single operations were timed.
+    pub p99_ns: Option<f64>,
+    /// When this is the best of several passes: the median (or mean) of the worst one, to
+    /// show how much the machine's noise moved the figure.
+    pub worst_pass_ns: Option<f64>,
+}
+
+impl Latency {
+    /// Statistics of individually timed operations; `None` without samples.
+    pub fn of(mut samples: Vec<Duration>) -> Option<Latency> {
+        if samples.is_empty() {
+            return None;
+        }
+        samples.sort_unstable();
+        let ns = |d: Duration| d.as_nanos() as f64;
+        let n = samples.len();
+        Some(Latency {
+            samples: n,
+            median_ns: Some(ns(samples[n / 2])),
+            mean_ns: samples.iter().map(|&d| ns(d)).sum::<f64>() / n as f64,
+            p99_ns: Some(ns(samples[(n * 99 / 100).min(n - 1)])),
+            worst_pass_ns: None,
+        })
+    }
+
+    /// Statistics known only as a mean over `samples` operations.
+    #[cfg(feature = "mpi")]
+    pub fn mean_only(samples: usize, mean: Duration) -> Latency {
+        Latency {
+            samples,
+            median_ns: None,
+            mean_ns: mean.as_nanos() as f64,
+            p99_ns: None,
+            worst_pass_ns: None,
+        }
+    }
+
+    /// The median, or the mean when only that is known: the figure ratios compare.
+    pub fn typical_ns(&self) -> f64 {
+        self.median_ns.unwrap_or(self.mean_ns)
+    }
+}
+
+/// One raw round trip of the transport, without the library: the physical floor.
+#[derive(Debug, Clone, Serialize)]
+pub struct RoundTrip {
+    /// Frame size.
+    pub size_bytes: usize,
+    /// How it was measured (e.g. spinning or parked receivers, `MPI_Send`/`MPI_Recv`).
+    pub mode: String,
+    /// Whether receivers skip the transport's busy-poll (`LocalTransport::with_spin(ZERO)`).
+    pub parked: bool,
+    /// Round-trip time.
+    pub latency: Latency,
+}
+
+/// Read-hit cost at one thread count, against `RwLock<Arc<T>>` read-and-clone.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReadHit {
+    /// Value size.
+    pub size_bytes: usize,
+    /// Reader threads reading at once.
+    pub threads: usize,
+    /// `DistObj::read` nanoseconds per read (per thread).
+    pub ours_ns: f64,
+    /// `Arc::clone(&*lock.read().unwrap())` nanoseconds per read (per thread).
+    pub baseline_ns: f64,
+    /// Total `DistObj::read` reads per second over all threads.
+    pub ours_reads_per_s: f64,
+    /// Total baseline reads per second over all threads.
+    pub baseline_reads_per_s: f64,
+    /// `ours_ns / baseline_ns`.
+    pub ratio: f64,
+}
+
+/// How reads scale from one thread to two.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReadScaling {
+    /// Value size.
+    pub size_bytes: usize,
+    /// `DistObj::read` throughput with 2 threads over that with 1.
+    pub ours_2_vs_1: f64,
+    /// The baseline's throughput with 2 threads over that with 1.
+    pub baseline_2_vs_1: f64,
+    /// The same for a loop that shares nothing between threads: about 2 when the machine
+    /// gave the run two free cores, about 1 when other work took one.
+    pub control_2_vs_1: f64,
+}
+
+/// Latency of a write or update on node 0 while the other nodes hold tokens.
+#[derive(Debug, Clone, Serialize)]
+pub struct WriteLatency {
+    /// Nodes in the cluster.
+    pub nodes: usize,
+    /// Write policy of every node.
+    pub policy: Policy,
+    /// Timed operation.
+    pub op: Op,
+    /// Value size.
+    pub size_bytes: usize,
+    /// Whether every transport receiver skips its busy-poll (`with_spin(0)`, a local
+    /// diagnostic: a waiting driver thread then never holds a core another thread needs).
+    pub parked: bool,
+    /// Latency of the operation.
+    pub latency: Latency,
+    /// Samples thrown away because the writer already held every token (MPI only).
+    pub discarded: usize,
+    /// The raw round trip of a frame of the same size on the same transport, if measured.
+    pub floor_ns: Option<f64>,
+    /// Typical latency over the floor.
+    pub vs_floor: Option<f64>,
+}
+
+/// Writes by a node that holds every token and that no other node disturbs.
+#[derive(Debug, Clone, Serialize)]
+pub struct OwnedWrite {
+    /// Value size.
+    pub size_bytes: usize,
+    /// Writes timed.
+    pub writes: u64,
+    /// Nanoseconds per write in the fastest batch.
+    pub ns_per_write: f64,
+    /// Mean nanoseconds per write over all batches.
+    pub mean_ns_per_write: f64,
+    /// Protocol messages all nodes sent meanwhile (`Node::stats().messages_sent`).
+    pub messages_sent: u64,
+    /// Frames all transports sent meanwhile (e.g. `LocalTransport::frames_sent`).
+    pub frames_sent: u64,
+}
+
+/// Which system a mixed-workload figure is of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum System {
+    /// The library with the Update policy.
+    Update,
+    /// The library with the Invalidate policy.
+    Invalidate,
+    /// The central-server baseline.
+    Central,
+}
+
+impl System {
+    /// The label in tables and plots.
+    pub fn label(self) -> &'static str {
+        match self {
+            System::Update => "ours, update",
+            System::Invalidate => "ours, invalidate",
+            System::Central => "central server",
+        }
+    }
+}
+
+/// A mixed read/write workload: one thread per node, each on its own node's handle of one
+/// 8-byte object, for a fixed time.
+#[derive(Debug, Clone, Serialize)]
+pub struct Mixed {
+    /// Nodes running the workload (the central server's own endpoint is not counted).
+    pub nodes: usize,
+    /// What ran it.
+    pub system: System,
+    /// Share of reads, in percent; the rest are writes.
+    pub read_pct: u32,
+    /// How long it ran, in seconds.
+    pub secs: f64,
+    /// Operations per second of each node.
+    pub per_node: Vec<f64>,
+    /// Sum over the nodes.
+    pub total: f64,
+    /// The slowest node's rate (fairness).
+    pub min: f64,
+    /// Total over the central server's total at the same mix (ours only).
+    pub vs_central: Option<f64>,
+    /// The slowest node's rate over the central server's slowest node (ours only).
+    pub min_vs_central: Option<f64>,
+}
+
+/// Everything measured on one transport.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TransportReport {
+    /// `local`, `zmq` or `mpi`.
+    pub transport: String,
+    /// Raw round trips, the floors.
+    pub round_trips: Vec<RoundTrip>,
+    /// Read hits.
+    pub read_hits: Vec<ReadHit>,
+    /// Read scaling from 1 to 2 threads.
+    pub read_scaling: Vec<ReadScaling>,
+    /// Write and update latency with spread tokens.
+    pub writes: Vec<WriteLatency>,
+    /// Writes holding every token.
+    pub owned_writes: Vec<OwnedWrite>,
+    /// Mixed workloads, ours and the central server.
+    pub mixed: Vec<Mixed>,
+    /// What failed; the figures above are what could be measured anyway.
+    pub errors: Vec<String>,
+}
+
+/// One of the acceptance ratios, checked.
+#[derive(Debug, Clone, Serialize)]
+pub struct Verdict {
+    /// Transport it was measured on.
+    pub transport: String,
+    /// What is required.
+    pub criterion: String,
+    /// The figures it rests on.
+    pub measured: String,
+    /// Whether it holds; `None` when not measured.
+    pub holds: Option<bool>,
+}
+
+impl TransportReport {
+    /// The floor of a frame of `size_bytes` with receivers that spin (or park): the first
+    /// round trip measured so.
+    pub fn floor_ns(&self, size_bytes: usize, parked: bool) -> Option<f64> {
+        self.round_trips
+            .iter()
+            .find(|r| r.size_bytes == size_bytes && r.parked == parked)
+            .map(|r| r.latency.typical_ns())
+    }
+
+    /// Fills `floor_ns` and `vs_floor` of the latency figures from the round trips.
+    pub fn relate_to_floor(&mut self) {
+        let floors: Vec<Option<f64>> = self
+            .writes
+            .iter()
+            .map(|w| self.floor_ns(w.size_bytes, w.parked))
+            .collect();
+        for (w, floor) in self.writes.iter_mut().zip(floors) {
+            w.floor_ns = floor;
+            w.vs_floor = floor.map(|f| w.latency.typical_ns() / f);
+        }
+    }
+
+    /// Fills the ratios of our mixed figures to the central server's at the same mix.
+    pub fn relate_to_central(&mut self) {
+        let central: Vec<Mixed> = self
+            .mixed
+            .iter()
+            .filter(|m| m.system == System::Central)
+            .cloned()
+            .collect();
+        for m in self
+            .mixed
+            .iter_mut()
+            .filter(|m| m.system != System::Central)
+        {
+            if let Some(c) = central
+                .iter()
+                .find(|c| c.nodes == m.nodes && c.read_pct == m.read_pct)
+            {
+                m.vs_central = Some(m.total / c.total);
+                m.min_vs_central = Some(m.min / c.min);
+            }
+        }
+    }
+
+    /// The acceptance ratios, as far as this transport measured them.
+    pub fn verdicts(&self) -> Vec<Verdict> {
+        let mut out = Vec::new();
+        let mut verdict = |criterion: &str, measured: String, holds: Option<bool>| {
+            out.push(Verdict {
+                transport: self.transport.clone(),
+                criterion: criterion.to_string(),
+                measured,
+                holds,
+            });
+        };
+        for threads in [1, 2] {
+            let hit = self
+                .read_hits
+                .iter()
+                .find(|h| h.size_bytes == 8 && h.threads == threads);
+            verdict(
+                &format!("read hit <= 1.5x RwLock<Arc<T>> ({threads} thread(s), 8 B)"),
+                hit.map_or("not measured".into(), |h| {
+                    format!(
+                        "{} vs {}: {:.2}x",
+                        ns_label(h.ours_ns),
+                        ns_label(h.baseline_ns),
+                        h.ratio
+                    )
+                }),
+                hit.map(|h| h.ratio <= 1.5),
+            );
+        }
+        let scaling = self.read_scaling.iter().find(|s| s.size_bytes == 8);
+        verdict(
+            "2 reader threads >= 1.6x the throughput of 1 (8 B)",
+            scaling.map_or("not measured".into(), |s| {
+                format!(
+                    "{:.2}x (RwLock baseline: {:.2}x; threads sharing nothing: {:.2}x)",
+                    s.ours_2_vs_1, s.baseline_2_vs_1, s.control_2_vs_1
+                )
+            }),
+            scaling.map(|s| s.ours_2_vs_1 >= 1.6),
+        );
+        for policy in Policy::BOTH {
+            let write = self.writes.iter().find(|w| {
+                w.nodes == 2
+                    && w.policy == policy
+                    && w.op == Op::Write
+                    && w.size_bytes == 8
+                    && !w.parked
+            });
+            let pair = write.and_then(|w| w.vs_floor.map(|r| (w, r)));
+            verdict(
+                &format!(
+                    "write with spread tokens, 2 nodes, {} policy <= 2x raw round trip (8 B)",
+                    policy.name()
+                ),
+                pair.map_or("not measured".into(), |(w, r)| {
+                    format!(
+                        "median {} vs {}: {r:.1}x",
+                        ns_label(w.latency.typical_ns()),
+                        ns_label(w.floor_ns.unwrap_or(f64::NAN))
+                    )
+                }),
+                pair.map(|(_, r)| r <= 2.0),
+            );
+        }
+        for system in [System::Update, System::Invalidate] {
+            let mixed = self
+                .mixed
+                .iter()
+                .find(|m| m.nodes == 2 && m.read_pct == 99 && m.system == system);
+            let pair = mixed.and_then(|m| m.vs_central.map(|r| (m, r)));
+            verdict(
+                &format!(
+                    "99% reads on 2 nodes >= 20x central server ops/s ({})",
+                    system.label()
+                ),
+                pair.map_or("not measured".into(), |(m, r)| {
+                    format!(
+                        "{} vs {}: {r:.1}x (slowest node: {:.1}x)",
+                        rate_label(m.total),
+                        rate_label(m.total / r),
+                        m.min_vs_central.unwrap_or(f64::NAN)
+                    )
+                }),
+                pair.map(|(_, r)| r >= 20.0),
+            );
+        }
+        let owned = self.owned_writes.iter().find(|o| o.size_bytes == 8);
+        verdict(
+            "write holding all tokens: 0 messages and < 1 µs (8 B)",
+            owned.map_or("not measured".into(), |o| {
+                format!(
+                    "{} messages, {} frames over {} writes; {} per write (best batch), {} (mean)",
+                    o.messages_sent,
+                    o.frames_sent,
+                    o.writes,
+                    ns_label(o.ns_per_write),
+                    ns_label(o.mean_ns_per_write)
+                )
+            }),
+            owned.map(|o| o.messages_sent == 0 && o.frames_sent == 0 && o.ns_per_write < 1000.0),
+        );
+        out
+    }
+
+    /// The markdown tables of this transport.
+    pub fn markdown(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "## Transport: {}\n", self.transport);
+        if !self.round_trips.is_empty() {
+            let _ = writeln!(s, "### Raw round trip (the floor)\n");
+            let _ = writeln!(
+                s,
+                "| frame | how | median | mean | p99 | samples | worst pass median |"
+            );
+            let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+            for r in &self.round_trips {
+                let l = &r.latency;
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} | {} | {} | {} |",
+                    size_label(r.size_bytes),
+                    r.mode,
+                    opt_ns(l.median_ns),
+                    ns_label(l.mean_ns),
+                    opt_ns(l.p99_ns),
+                    l.samples,
+                    opt_ns(l.worst_pass_ns)
+                );
+            }
+            s.push('\n');
+        }
+        if !self.read_hits.is_empty() {
+            let _ = writeln!(s, "### Read hit vs `RwLock<Arc<T>>` read-and-clone\n");
+            let _ = writeln!(
+                s,
+                "| value | threads | RwLock per read | ours per read | ours / RwLock | RwLock reads/s | ours reads/s |"
+            );
+            let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+            for h in &self.read_hits {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {:.1} ns | {:.1} ns | {:.2}x | {} | {} |",
+                    size_label(h.size_bytes),
+                    h.threads,
+                    h.baseline_ns,
+                    h.ours_ns,
+                    h.ratio,
+                    rate_label(h.baseline_reads_per_s),
+                    rate_label(h.ours_reads_per_s)
+                );
+            }
+            let _ = writeln!(
+                s,
+                "\n| value | ours 2 threads / 1 | RwLock 2 threads / 1 | sharing nothing 2 / 1 |"
+            );
+            let _ = writeln!(s, "|---|---|---|---|");
+            for r in &self.read_scaling {
+                let _ = writeln!(
+                    s,
+                    "| {} | {:.2}x | {:.2}x | {:.2}x |",
+                    size_label(r.size_bytes),
+                    r.ours_2_vs_1,
+                    r.baseline_2_vs_1,
+                    r.control_2_vs_1
+                );
+            }
+            s.push('\n');
+        }
+        if !self.writes.is_empty() {
+            let _ = writeln!(s, "### Write and update latency with spread tokens\n");
+            let _ = writeln!(
+                s,
+                "| nodes | policy | op | value | receivers | median | mean | p99 | samples | worst pass median | median / raw RTT |"
+            );
+            let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
+            for w in &self.writes {
+                let l = &w.latency;
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    w.nodes,
+                    w.policy.name(),
+                    w.op.name(),
+                    size_label(w.size_bytes),
+                    if w.parked { "no spin" } else { "spin" },
+                    opt_ns(l.median_ns),
+                    ns_label(l.mean_ns),
+                    opt_ns(l.p99_ns),
+                    l.samples,
+                    opt_ns(l.worst_pass_ns),
+                    w.vs_floor.map_or("-".into(), |r| format!("{r:.1}x"))
+                );
+            }
+            s.push('\n');
+        }
+        if !self.owned_writes.is_empty() {
+            let _ = writeln!(
+                s,
+                "### Write holding every token (invalidate, nobody else touches the object)\n"
+            );
+            let _ = writeln!(
+                s,
+                "| value | writes | per write, best batch | per write, mean | messages sent | frames sent |"
+            );
+            let _ = writeln!(s, "|---|---|---|---|---|---|");
+            for o in &self.owned_writes {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} | {} | {} |",
+                    size_label(o.size_bytes),
+                    o.writes,
+                    ns_label(o.ns_per_write),
+                    ns_label(o.mean_ns_per_write),
+                    o.messages_sent,
+                    o.frames_sent
+                );
+            }
+            s.push('\n');
+        }
+        if !self.mixed.is_empty() {
+            let _ = writeln!(
+                s,
+                "### Mixed workloads (one thread per node, 8 B object), ops/s\n"
+            );
+            let _ = writeln!(
+                s,
+                "| nodes | reads | system | per node | total | slowest node | total / central | slowest / central |"
+            );
+            let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+            for m in &self.mixed {
+                let per_node: Vec<String> = m.per_node.iter().map(|&r| rate_label(r)).collect();
+                let _ = writeln!(
+                    s,
+                    "| {} | {} % | {} | {} | {} | {} | {} | {} |",
+                    m.nodes,
+                    m.read_pct,
+                    m.system.label(),
+                    per_node.join(", "),
+                    rate_label(m.total),
+                    rate_label(m.min),
+                    m.vs_central.map_or("-".into(), |r| format!("{r:.1}x")),
+                    m.min_vs_central.map_or("-".into(), |r| format!("{r:.1}x"))
+                );
+            }
+            s.push('\n');
+        }
+        if !self.errors.is_empty() {
+            let _ = writeln!(s, "### Errors\n");
+            for e in &self.errors {
+                let _ = writeln!(s, "- {e}");
+            }
+            s.push('\n');
+        }
+        s
+    }
+}
+
+fn opt_ns(ns: Option<f64>) -> String {
+    ns.map_or("-".into(), ns_label)
+}
+
+/// The acceptance table.
+pub fn verdicts_markdown(verdicts: &[Verdict]) -> String {
+    let mut s = String::from("## Acceptance ratios\n\n");
+    let _ = writeln!(s, "| transport | criterion | measured | verdict |");
+    let _ = writeln!(s, "|---|---|---|---|");
+    for v in verdicts {
+        let verdict = match v.holds {
+            Some(true) => "holds",
+            Some(false) => "MISSES",
+            None => "not measured",
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} |",
+            v.transport, v.criterion, v.measured, verdict
+        );
+    }
+    s
+}
+
+/// The whole run, as written to the JSON file.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// The command line.
+    pub command: Vec<String>,
+    /// Whether `--quick` shortened everything.
+    pub quick: bool,
+    /// Logical CPUs of this machine.
+    pub cpus: usize,
+    /// Seconds since the Unix epoch when the run started.
+    pub started_unix_s: u64,
+    /// Wall-clock seconds the run took.
+    pub elapsed_s: f64,
+    /// Figures per transport.
+    pub transports: Vec<TransportReport>,
+    /// The acceptance ratios.
+    pub verdicts: Vec<Verdict>,
+}
