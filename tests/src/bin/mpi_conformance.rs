@@ -29,6 +29,9 @@ struct Rank {
 
 type Outcome = Result<(), String>;
 
+/// A named scenario every rank runs.
+type Scenario = (&'static str, fn(&Rank) -> Outcome);
+
 impl Rank {
     /// Waits until every rank arrived.
     fn sync(&self) -> Outcome {
@@ -258,7 +261,7 @@ fn main() -> ExitCode {
         barrier,
         rounds: std::cell::Cell::new(0),
     };
-    let scenarios: [(&str, fn(&Rank) -> Outcome); 5] = [
+    let scenarios: [Scenario; 5] = [
         ("lab integer and dictionary", lab),
         ("concurrent updates", concurrent_updates),
         ("late opener", late_opener),
