@@ -870,8 +870,13 @@ pub fn shared_node(c: &dyn Cluster, policy: WritePolicy) {
     assert_eq!(all, (1..=total).collect::<Vec<_>>());
 }
 
+/// Updates every contending node must complete in the no-starvation scenarios' 1.5 s: a starved
+/// node completes none (its update times out), a served one hundreds or more.
+pub const MIN_PROGRESS: usize = 20;
+
 /// No writer starves under contention: 3 nodes hammer `update(+1)` on one counter for 1.5 s.
-/// Every node completes at least 5% of all updates, no update fails or takes as long as the
+/// Every node keeps completing updates ([`MIN_PROGRESS`] at least; the share itself depends on
+/// scheduling, so it belongs in the benchmark), no update fails or takes a quarter of the
 /// timeout, and no increment is lost.
 pub fn no_starvation(c: &dyn Cluster, policy: WritePolicy) {
     const N: usize = 3;
@@ -901,12 +906,15 @@ pub fn no_starvation(c: &dyn Cluster, policy: WritePolicy) {
     for (id, seen, slowest, final_value) in &results {
         assert_eq!(*final_value as usize, total, "node {id}: final value");
         assert!(
-            seen.len() * 20 >= total,
+            seen.len() >= MIN_PROGRESS,
             "node {id} starved: {} of {total} updates ({:?})",
             seen.len(),
             results.iter().map(|r| r.1.len()).collect::<Vec<_>>()
         );
-        assert!(*slowest < TIMEOUT, "node {id}: an update took {slowest:?}");
+        assert!(
+            *slowest < TIMEOUT / 4,
+            "node {id}: an update took {slowest:?}"
+        );
     }
     let mut all: Vec<i64> = results.into_iter().flat_map(|r| r.1).collect();
     all.sort_unstable();
@@ -915,7 +923,8 @@ pub fn no_starvation(c: &dyn Cluster, policy: WritePolicy) {
 
 /// Local threads cannot starve a remote writer: node 0 updates a counter from two threads, so
 /// one of its updates is always queued, while node 1 updates it from one thread. Node 1 must
-/// still get a fair share, every update well within the timeout.
+/// keep completing updates, every one well within the timeout (before the fix it got none and
+/// timed out).
 pub fn no_starvation_by_local_threads(c: &dyn Cluster, policy: WritePolicy) {
     const RUN: Duration = Duration::from_millis(1500);
     let config = config(policy);
@@ -959,7 +968,7 @@ pub fn no_starvation_by_local_threads(c: &dyn Cluster, policy: WritePolicy) {
     for (id, done, slowest, final_value) in &results {
         assert_eq!(*final_value as usize, total, "node {id}: final value");
         assert!(
-            done * 20 >= total,
+            *done >= MIN_PROGRESS,
             "node {id} starved: {done} of {total} updates"
         );
         assert!(
