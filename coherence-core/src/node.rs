@@ -13,10 +13,10 @@ use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, Sender};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -24,7 +24,7 @@ use crate::cell::{self, Cell};
 use crate::config::Config;
 use crate::error::Error;
 use crate::protocol::{Event, OpId, Outcome, Protocol};
-use crate::transport::{NodeId, Transport, TransportError, TransportEvent};
+use crate::transport::{receive_polling, NodeId, Transport, TransportError, TransportEvent};
 use crate::wire::{self, Init, Message};
 
 /// Counters of one node's traffic.
@@ -46,20 +46,6 @@ struct Counters {
     messages_sent: AtomicU64,
     frames_received: AtomicU64,
     frames_rejected: AtomicU64,
-}
-
-/// Waits for `rx`: polls for up to `spin` (a parked thread's wake-up costs tens of
-/// microseconds on a VM, a network round trip may cost less), then blocks for the rest of
-/// `timeout`.
-fn receive<T>(rx: &Receiver<T>, spin: Duration, timeout: Duration) -> Result<T, RecvTimeoutError> {
-    let start = Instant::now();
-    while start.elapsed() < spin.min(timeout) {
-        match rx.try_recv() {
-            Ok(value) => return Ok(value),
-            Err(_) => std::thread::yield_now(),
-        }
-    }
-    rx.recv_timeout(timeout.saturating_sub(start.elapsed()))
 }
 
 fn encode_value<T: Serialize>(object: &str, value: &T) -> Result<Bytes, Error> {
@@ -199,7 +185,7 @@ impl Inner {
         op: OpId,
         rx: &Receiver<Outcome>,
     ) -> Result<Outcome, Error> {
-        let outcome = match receive(rx, self.config.spin, self.config.timeout) {
+        let outcome = match receive_polling(rx, self.config.spin, self.config.timeout) {
             Ok(outcome) => outcome,
             Err(_) => {
                 let mut core = self.lock();

@@ -3,7 +3,9 @@
 //! A transport moves opaque frames between node ids and reports membership. It knows nothing of
 //! tokens, objects or messages: the wire codec lives in [`crate::wire`].
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 /// Identifies one node (a process, a rank, a thread) of the cluster.
 pub type NodeId = u32;
@@ -89,4 +91,22 @@ impl<T: Transport + ?Sized> Transport for Box<T> {
     fn close(&self) {
         (**self).close()
     }
+}
+
+/// Waits for `rx`: polls for up to `spin` (yielding the core between polls), then blocks for
+/// the rest of `timeout`. Waking a parked thread costs tens of microseconds on a VM, often more
+/// than the message takes to come; the driver and the transports' `recv` share this.
+pub fn receive_polling<T>(
+    rx: &Receiver<T>,
+    spin: Duration,
+    timeout: Duration,
+) -> Result<T, RecvTimeoutError> {
+    let start = Instant::now();
+    while start.elapsed() < spin.min(timeout) {
+        match rx.try_recv() {
+            Ok(value) => return Ok(value),
+            Err(_) => std::thread::yield_now(),
+        }
+    }
+    rx.recv_timeout(timeout.saturating_sub(start.elapsed()))
 }

@@ -1436,3 +1436,48 @@ pub mod linearizability {
         log(Entry::Return(thread, ret));
     }
 }
+
+/// Declares the whole suite for one transport: a module per scenario with one `#[test]` per
+/// write policy, each running the scenario on a fresh `$cluster` (an expression of a type that
+/// implements [`Cluster`]). Every transport's runner is this one line, so none can miss a
+/// scenario.
+#[macro_export]
+macro_rules! conformance_suite {
+    ($cluster:expr) => {
+        $crate::conformance_suite!(
+            $cluster;
+            lab_integer_and_dict,
+            counter,
+            late_joiner,
+            type_mismatch,
+            shutdown_hands_tokens_on,
+            concurrent_create,
+            many_objects,
+            shared_node,
+            no_starvation,
+            no_starvation_by_local_threads,
+            timeouts_are_errors,
+        );
+    };
+    ($cluster:expr; $($scenario:ident),* $(,)?) => {
+        $(
+            mod $scenario {
+                #[test]
+                fn update_policy() {
+                    $crate::conformance::$scenario(
+                        &$cluster,
+                        coherence_core::WritePolicy::Update,
+                    );
+                }
+
+                #[test]
+                fn invalidate_policy() {
+                    $crate::conformance::$scenario(
+                        &$cluster,
+                        coherence_core::WritePolicy::Invalidate,
+                    );
+                }
+            }
+        )*
+    };
+}

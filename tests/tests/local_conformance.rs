@@ -6,43 +6,4 @@
 
 use tests::conformance::LocalCluster;
 
-/// Declares a module named after a scenario with one test per write policy.
-macro_rules! scenarios {
-    ($($scenario:ident),* $(,)?) => {
-        $(
-            mod $scenario {
-                use coherence_core::WritePolicy;
-
-                #[test]
-                fn update_policy() {
-                    tests::conformance::$scenario(
-                        &super::LocalCluster::default(),
-                        WritePolicy::Update,
-                    );
-                }
-
-                #[test]
-                fn invalidate_policy() {
-                    tests::conformance::$scenario(
-                        &super::LocalCluster::default(),
-                        WritePolicy::Invalidate,
-                    );
-                }
-            }
-        )*
-    };
-}
-
-scenarios!(
-    lab_integer_and_dict,
-    counter,
-    late_joiner,
-    type_mismatch,
-    shutdown_hands_tokens_on,
-    concurrent_create,
-    many_objects,
-    shared_node,
-    no_starvation,
-    no_starvation_by_local_threads,
-    timeouts_are_errors,
-);
+tests::conformance_suite!(super::LocalCluster::default());

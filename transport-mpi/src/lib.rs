@@ -30,6 +30,7 @@ use std::sync::Mutex;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use coherence_core::transport::receive_polling;
 use coherence_core::{NodeId, Transport, TransportError, TransportEvent};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use mpi::environment::Threading;
@@ -190,18 +191,7 @@ impl Transport for MpiTransport {
         if self.closed.load(Ordering::Acquire) {
             return Err(TransportError::Closed);
         }
-        // Poll briefly before sleeping: a wake-up costs tens of microseconds here.
-        let start = Instant::now();
-        while start.elapsed() < RECV_SPIN.min(timeout) {
-            if let Ok(event) = self.inbox.try_recv() {
-                return Ok(Some(event));
-            }
-            std::thread::yield_now();
-        }
-        match self
-            .inbox
-            .recv_timeout(timeout.saturating_sub(start.elapsed()))
-        {
+        match receive_polling(&self.inbox, RECV_SPIN, timeout) {
             Ok(event) => Ok(Some(event)),
             Err(RecvTimeoutError::Timeout) => Ok(None),
             Err(RecvTimeoutError::Disconnected) => Err(TransportError::Closed),

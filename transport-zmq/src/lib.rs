@@ -84,8 +84,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use coherence_core::transport::receive_polling;
 use coherence_core::{NodeId, Transport, TransportError, TransportEvent};
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::engine::{Command, Settings, Shared};
 use crate::wire::{Codec, HEADER_LEN, MAC_LEN};
@@ -453,23 +454,7 @@ impl Transport for ZmqTransport {
         if self.closed.load(Ordering::Acquire) {
             return Err(TransportError::Closed);
         }
-        let start = std::time::Instant::now();
-        let spin = SPIN.min(timeout);
-        loop {
-            match self.inbox.try_recv() {
-                Ok(event) => return Ok(Some(event)),
-                Err(TryRecvError::Disconnected) => return Err(TransportError::Closed),
-                Err(TryRecvError::Empty) => {}
-            }
-            if start.elapsed() >= spin {
-                break;
-            }
-            std::thread::yield_now();
-        }
-        match self
-            .inbox
-            .recv_timeout(timeout.saturating_sub(start.elapsed()))
-        {
+        match receive_polling(&self.inbox, SPIN, timeout) {
             Ok(event) => Ok(Some(event)),
             Err(RecvTimeoutError::Timeout) => Ok(None),
             Err(RecvTimeoutError::Disconnected) => Err(TransportError::Closed),
