@@ -9,6 +9,7 @@
 //! `docs/PROTOCOL.md` explains the rules and why they are safe and starvation-free.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -54,14 +55,14 @@ pub enum Event {
     /// The local copy of `object` is readable with this value.
     Readable {
         /// The object's name.
-        object: String,
+        object: Arc<str>,
         /// The value now readable.
         value: Value,
     },
     /// The local copy of `object` may no longer be read.
     Unreadable {
         /// The object's name.
-        object: String,
+        object: Arc<str>,
     },
     /// A local operation finished.
     Completed {
@@ -163,19 +164,21 @@ pub struct Protocol {
     policy: WritePolicy,
     clock: u64,
     members: BTreeSet<NodeId>,
-    objects: BTreeMap<String, Object>,
+    objects: BTreeMap<Arc<str>, Object>,
     /// Whether this node creates objects nobody has created yet (node 0 at first).
     genesis: bool,
     /// Objects created by a genesis node so far (complete only while `genesis`).
-    created: BTreeSet<String>,
+    created: BTreeSet<Arc<str>>,
     leaving: bool,
     /// Peers that announced their leave but have not closed yet: they may still send to us.
     departing: BTreeSet<NodeId>,
     awaiting_acks: BTreeSet<NodeId>,
     left: bool,
     /// Objects touched in the current step, synchronised at its end.
-    dirty: BTreeSet<String>,
-    events: Vec<Event>,
+    dirty: Vec<Arc<str>>,
+    /// Readability changes, applied before `completions` (see [`Protocol::take_events`]).
+    readability: Vec<Event>,
+    completions: Vec<Event>,
     sends: Vec<(NodeId, Message)>,
 }
 
@@ -194,8 +197,9 @@ impl Protocol {
             departing: BTreeSet::new(),
             awaiting_acks: BTreeSet::new(),
             left: false,
-            dirty: BTreeSet::new(),
-            events: Vec::new(),
+            dirty: Vec::new(),
+            readability: Vec::new(),
+            completions: Vec::new(),
             sends: Vec::new(),
         }
     }
@@ -233,7 +237,7 @@ impl Protocol {
 
     /// Names of every object this node has heard of.
     pub fn object_names(&self) -> impl Iterator<Item = &str> {
-        self.objects.keys().map(String::as_str)
+        self.objects.keys().map(|name| &**name)
     }
 
     /// The value readable here, if any.
@@ -262,33 +266,40 @@ impl Protocol {
 
     /// Events produced so far; apply them before sending. Readability changes come first, so
     /// the caller of a completed operation already sees the value it wrote or read.
-    pub fn take_events(&mut self) -> Vec<Event> {
-        let (mut readability, rest): (Vec<Event>, Vec<Event>) = std::mem::take(&mut self.events)
-            .into_iter()
-            .partition(|e| matches!(e, Event::Readable { .. } | Event::Unreadable { .. }));
-        readability.extend(rest);
-        readability
+    pub fn take_events(&mut self) -> impl Iterator<Item = Event> + '_ {
+        self.readability.drain(..).chain(self.completions.drain(..))
     }
 
     /// Messages produced so far, in the order they must be sent.
-    pub fn take_sends(&mut self) -> Vec<(NodeId, Message)> {
-        std::mem::take(&mut self.sends)
+    pub fn take_sends(&mut self) -> std::vec::Drain<'_, (NodeId, Message)> {
+        self.sends.drain(..)
+    }
+
+    /// The shared name of `object`, adding the object if this node has not heard of it: the
+    /// table, messages and events then share one allocation of the name.
+    fn intern(&mut self, object: &str) -> Arc<str> {
+        if let Some((name, _)) = self.objects.get_key_value(object) {
+            return Arc::clone(name);
+        }
+        let name: Arc<str> = Arc::from(object);
+        self.objects.insert(Arc::clone(&name), Object::default());
+        name
     }
 
     // ----- local operations -----
 
     /// Opens `object`, creating it with `init` if it exists nowhere yet.
     pub fn open(&mut self, op: OpId, object: &str, init: Init) {
-        let o = self.objects.entry(object.to_string()).or_default();
-        o.openers.push((op, init));
-        self.step(object);
+        let name = self.intern(object);
+        self.object(&name).openers.push((op, init));
+        self.step(&name);
     }
 
     /// Reads `object` (completes at once if a token is here).
     pub fn read(&mut self, op: OpId, object: &str) {
-        let o = self.objects.entry(object.to_string()).or_default();
-        o.readers.push(op);
-        self.step(object);
+        let name = self.intern(object);
+        self.object(&name).readers.push(op);
+        self.step(&name);
     }
 
     /// Writes `bytes` to `object` once all tokens are here.
@@ -303,9 +314,16 @@ impl Protocol {
     }
 
     fn queue_write(&mut self, op: OpId, object: &str, bytes: Option<Bytes>) {
-        let o = self.objects.entry(object.to_string()).or_default();
-        o.writers.push_back(PendingWrite { op, bytes });
-        self.step(object);
+        let name = self.intern(object);
+        self.object(&name)
+            .writers
+            .push_back(PendingWrite { op, bytes });
+        self.step(&name);
+    }
+
+    /// An object known to exist (interned, stepped, or listed).
+    fn object(&mut self, name: &str) -> &mut Object {
+        self.objects.get_mut(name).expect("known objects exist")
     }
 
     /// Ends the lock of a granted operation, writing `bytes` if given. Returns the version now
@@ -322,11 +340,11 @@ impl Protocol {
         Some(version)
     }
 
-    fn find_lock(&self, op: OpId) -> Option<String> {
+    fn find_lock(&self, op: OpId) -> Option<Arc<str>> {
         self.objects
             .iter()
             .find(|(_, o)| o.locked == Some(op))
-            .map(|(name, _)| name.clone())
+            .map(|(name, _)| Arc::clone(name))
     }
 
     /// Abandons a waiting operation (its caller timed out). A granted lock is released without
@@ -356,7 +374,7 @@ impl Protocol {
             return;
         }
         self.leaving = true;
-        let names: Vec<String> = self.objects.keys().cloned().collect();
+        let names: Vec<Arc<str>> = self.objects.keys().cloned().collect();
         for name in &names {
             let o = self.objects.get_mut(name).expect("listed");
             let mut aborted: Vec<OpId> = o.readers.drain(..).collect();
@@ -364,7 +382,7 @@ impl Protocol {
             aborted.extend(o.writers.drain(..).map(|w| w.op));
             aborted.extend(o.locked.take());
             for op in aborted {
-                self.events.push(Event::Completed {
+                self.completions.push(Event::Completed {
                     op,
                     outcome: Outcome::Aborted,
                 });
@@ -422,8 +440,8 @@ impl Protocol {
         match message {
             Message::Request(request) => {
                 self.clock = self.clock.max(request.id.ts);
-                let name = request.object;
-                let o = self.objects.entry(name.clone()).or_default();
+                let name = self.intern(&request.object);
+                let o = self.object(&name);
                 o.interested.insert(request.id.node);
                 o.requests.insert(
                     request.id,
@@ -437,9 +455,8 @@ impl Protocol {
                 self.step(&name);
             }
             Message::Grant(grant) => {
-                let name = grant.object.clone();
-                let o = self.objects.entry(name.clone()).or_default();
-                receive_grant(o, grant);
+                let name = self.intern(&grant.object);
+                receive_grant(self.object(&name), grant);
                 self.step(&name);
             }
             Message::Done { object, id } => {
@@ -465,7 +482,7 @@ impl Protocol {
                 } else {
                     self.genesis = true;
                     self.created.extend(created);
-                    let names: Vec<String> = self.objects.keys().cloned().collect();
+                    let names: Vec<Arc<str>> = self.objects.keys().cloned().collect();
                     for name in names {
                         self.step(&name);
                     }
@@ -478,7 +495,7 @@ impl Protocol {
 
     fn forget(&mut self, peer: NodeId) {
         self.members.remove(&peer);
-        let names: Vec<String> = self.objects.keys().cloned().collect();
+        let names: Vec<Arc<str>> = self.objects.keys().cloned().collect();
         for name in names {
             let o = self.objects.get_mut(&name).expect("listed");
             o.interested.remove(&peer);
@@ -490,15 +507,17 @@ impl Protocol {
     fn check_left(&mut self) {
         if self.leaving && !self.left && self.awaiting_acks.is_empty() {
             self.left = true;
-            self.events.push(Event::Left);
+            self.completions.push(Event::Left);
         }
     }
 
     /// Runs `object` to a fixed point after any input: create it if this node is genesis,
     /// complete what can complete, issue or cancel the own request, pass idle tokens on, and
     /// publish readability changes.
-    fn step(&mut self, name: &str) {
-        self.dirty.insert(name.to_string());
+    fn step(&mut self, name: &Arc<str>) {
+        if !self.dirty.contains(name) {
+            self.dirty.push(Arc::clone(name));
+        }
         self.create_if_genesis(name);
         loop {
             let progressed = self.complete_local(name);
@@ -513,7 +532,7 @@ impl Protocol {
 
     /// Genesis holds, virtually, every token of every object nobody created yet: on the first
     /// opening request it creates the object with that request's init, so exactly one init wins.
-    fn create_if_genesis(&mut self, name: &str) {
+    fn create_if_genesis(&mut self, name: &Arc<str>) {
         if !self.genesis || self.created.contains(name) {
             return;
         }
@@ -536,13 +555,13 @@ impl Protocol {
             type_name: init.type_name,
             bytes: init.bytes,
         });
-        self.created.insert(name.to_string());
+        self.created.insert(Arc::clone(name));
     }
 
     /// Completes local operations the held tokens allow. Returns whether anything completed.
     /// A node holding every token applies its queued writes at once; the tokens go on to other
     /// requests in the same step, so that overtakes by at most one batch.
-    fn complete_local(&mut self, name: &str) -> bool {
+    fn complete_local(&mut self, name: &Arc<str>) -> bool {
         let o = self.objects.get_mut(name).expect("stepped objects exist");
         if !o.readable() {
             return false;
@@ -550,14 +569,14 @@ impl Protocol {
         let mut progressed = false;
         let value = o.current();
         for op in o.readers.drain(..) {
-            self.events.push(Event::Completed {
+            self.completions.push(Event::Completed {
                 op,
                 outcome: Outcome::Read(value.clone()),
             });
             progressed = true;
         }
         for (op, _) in o.openers.drain(..) {
-            self.events.push(Event::Completed {
+            self.completions.push(Event::Completed {
                 op,
                 outcome: Outcome::Opened(value.clone()),
             });
@@ -586,7 +605,7 @@ impl Protocol {
                     Outcome::Granted(o.current())
                 }
             };
-            self.events.push(Event::Completed {
+            self.completions.push(Event::Completed {
                 op: pending.op,
                 outcome,
             });
@@ -600,7 +619,7 @@ impl Protocol {
 
     /// Issues the own request when local operations wait, retires it when none do. Returns
     /// whether it issued a new request (which may already be this node's turn).
-    fn update_own_request(&mut self, name: &str) -> bool {
+    fn update_own_request(&mut self, name: &Arc<str>) -> bool {
         let o = self.objects.get_mut(name).expect("stepped objects exist");
         let wanted = if !o.writers.is_empty() {
             Some(Access::Write)
@@ -650,7 +669,7 @@ impl Protocol {
     }
 
     /// Removes the own request from the table and tells every member it is finished.
-    fn retire_own_request(&mut self, name: &str) {
+    fn retire_own_request(&mut self, name: &Arc<str>) {
         let o = self.objects.get_mut(name).expect("stepped objects exist");
         let Some(Mine { id, announced, .. }) = o.mine.take() else {
             return;
@@ -658,7 +677,7 @@ impl Protocol {
         o.requests.remove(&id);
         if announced {
             for &peer in &self.members {
-                let object = name.to_string();
+                let object = Arc::clone(name);
                 self.sends.push((peer, Message::Done { object, id }));
             }
         }
@@ -667,7 +686,7 @@ impl Protocol {
     /// Idle tokens flow toward the highest-priority requests: the owner hands one token to each
     /// read ahead of the first write, the first write gets every remaining token. A node stops
     /// at its own request (it is next), and never gives tokens away while locked.
-    fn pass_tokens_on(&mut self, name: &str) {
+    fn pass_tokens_on(&mut self, name: &Arc<str>) {
         let me = self.id;
         let leaving = self.leaving;
         let o = self.objects.get_mut(name).expect("stepped objects exist");
@@ -725,7 +744,7 @@ impl Protocol {
 
     /// Redistributes after a write, per policy: the Update policy sends the new value with one
     /// token to every interested node, unless a write waits (then the tokens go there).
-    fn after_write(&mut self, name: &str) {
+    fn after_write(&mut self, name: &Arc<str>) {
         // The write request is finished: its `Done` must reach the others before the new
         // tokens, or they would pass those tokens straight back to the finished writer.
         self.retire_own_request(name);
@@ -768,7 +787,9 @@ impl Protocol {
     /// Ends a step: broadcasts a new own request, retires a finished one, publishes
     /// readability changes.
     fn finish_step(&mut self) {
-        for name in std::mem::take(&mut self.dirty) {
+        // Taken and put back, so the buffer keeps its capacity from step to step.
+        let mut dirty = std::mem::take(&mut self.dirty);
+        for name in dirty.drain(..) {
             let o = self.objects.get_mut(&name).expect("dirty objects exist");
             // A request that was served within its own step never needs to leave the node.
             if let Some(mine) = o.mine.as_mut().filter(|m| !m.announced && !m.spent) {
@@ -783,22 +804,23 @@ impl Protocol {
             let version = o.value.as_ref().map(|v| v.version);
             if readable && o.published != version {
                 o.published = version;
-                self.events.push(Event::Readable {
+                self.readability.push(Event::Readable {
                     object: name.clone(),
                     value: o.current(),
                 });
             } else if !readable && o.published.is_some() {
                 o.published = None;
-                self.events.push(Event::Unreadable { object: name });
+                self.readability.push(Event::Unreadable { object: name });
             }
         }
+        self.dirty = dirty;
     }
 }
 
-fn request_of(name: &str, id: RequestId, entry: &Entry) -> Request {
+fn request_of(name: &Arc<str>, id: RequestId, entry: &Entry) -> Request {
     Request {
         id,
-        object: name.to_string(),
+        object: Arc::clone(name),
         access: entry.access,
         have_version: entry.have_version,
         init: entry.init.clone(),
@@ -817,7 +839,7 @@ fn apply_write(o: &mut Object, bytes: Bytes) -> u64 {
 
 /// Takes `count` tokens out of `o` (the owner token last), with the value if the receiver, who
 /// has `have`, may lack it. Giving the last token away makes the local copy unreadable.
-fn take_tokens(name: &str, o: &mut Object, count: u32, have: Option<u64>) -> Grant {
+fn take_tokens(name: &Arc<str>, o: &mut Object, count: u32, have: Option<u64>) -> Grant {
     debug_assert!(count >= 1 && count <= o.tokens);
     let version = o
         .valid
@@ -834,7 +856,7 @@ fn take_tokens(name: &str, o: &mut Object, count: u32, have: Option<u64>) -> Gra
         o.valid = false;
     }
     Grant {
-        object: name.to_string(),
+        object: Arc::clone(name),
         count,
         owner,
         total: o.total,

@@ -6,6 +6,7 @@
 //! `Vec<u8>` is encoded element by element and measured 150x slower.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -39,7 +40,7 @@ pub enum Access {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Init {
     /// Name of the value's type, so a node opening the object with another type gets an error.
-    pub type_name: String,
+    pub type_name: Arc<str>,
     /// The encoded initial value.
     pub bytes: Bytes,
 }
@@ -49,8 +50,8 @@ pub struct Init {
 pub struct Value {
     /// Writes applied since creation; versions are totally ordered because writes need all tokens.
     pub version: u64,
-    /// Name of the value's type.
-    pub type_name: String,
+    /// Name of the value's type (shared: every copy of a value names the same type).
+    pub type_name: Arc<str>,
     /// The encoded value.
     pub bytes: Bytes,
 }
@@ -60,8 +61,8 @@ pub struct Value {
 pub struct Request {
     /// Priority and identity.
     pub id: RequestId,
-    /// The object's name.
-    pub object: String,
+    /// The object's name (shared with the node's table, so messages do not copy it).
+    pub object: Arc<str>,
     /// Read or write.
     pub access: Access,
     /// The version the requester already holds, so holders can omit unchanged data.
@@ -74,8 +75,8 @@ pub struct Request {
 /// DATA_UPDATE).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Grant {
-    /// The object's name.
-    pub object: String,
+    /// The object's name (shared with the node's table, so messages do not copy it).
+    pub object: Arc<str>,
     /// Tokens carried, including the owner token if `owner`.
     pub count: u32,
     /// Whether the owner token is among them; its holder is responsible for the data.
@@ -99,7 +100,7 @@ pub enum Message {
     /// ACKNOWLEDGE, here sent by the requester).
     Done {
         /// The object's name.
-        object: String,
+        object: Arc<str>,
         /// The finished request.
         id: RequestId,
     },
@@ -110,7 +111,7 @@ pub enum Message {
     /// Hands on the genesis role: the receiver now creates objects nobody has created yet.
     Genesis {
         /// Every object created so far.
-        created: BTreeSet<String>,
+        created: BTreeSet<Arc<str>>,
     },
 }
 
@@ -132,9 +133,18 @@ pub enum DecodeError {
 }
 
 /// Encodes messages into one frame.
-pub fn encode(messages: &[Message]) -> Vec<u8> {
-    let mut frame = vec![PROTOCOL_VERSION];
-    rmp_serde::encode::write(&mut frame, messages).expect("writing to a Vec cannot fail");
+pub fn encode<'a, I>(messages: I) -> Vec<u8>
+where
+    I: IntoIterator<Item = &'a Message>,
+    I::IntoIter: ExactSizeIterator,
+{
+    use serde::Serializer;
+    // Room for a small frame, so it is not regrown byte by byte.
+    let mut frame = Vec::with_capacity(128);
+    frame.push(PROTOCOL_VERSION);
+    rmp_serde::Serializer::new(&mut frame)
+        .collect_seq(messages)
+        .expect("writing to a Vec cannot fail");
     frame
 }
 
@@ -183,7 +193,7 @@ mod tests {
             Message::Leaving,
             Message::LeaveAck,
             Message::Genesis {
-                created: ["a".to_string(), "b".to_string()].into(),
+                created: ["a".into(), "b".into()].into(),
             },
         ];
         let frame = encode(&messages);
@@ -201,7 +211,7 @@ mod tests {
             version: None,
             value: Some(Value {
                 version: 0,
-                type_name: String::new(),
+                type_name: "".into(),
                 bytes: big,
             }),
         })]);

@@ -243,7 +243,7 @@ impl State {
                 Item::Joined(_) | Item::Left(_) => &[],
             })
             .filter_map(move |message| match message {
-                Message::Grant(g) if g.object == object => Some((g.count, g.owner, g.total)),
+                Message::Grant(g) if &*g.object == object => Some((g.count, g.owner, g.total)),
                 _ => None,
             })
     }
@@ -313,7 +313,7 @@ impl State {
         }
         let value = Value {
             version,
-            type_name: TYPE_NAME.to_string(),
+            type_name: TYPE_NAME.into(),
             bytes,
         };
         Arc::make_mut(&mut self.latest).insert(object.to_string(), value);
@@ -471,7 +471,7 @@ impl CoherenceModel {
         match step {
             Step::Open { object, init } => {
                 let init = Init {
-                    type_name: TYPE_NAME.to_string(),
+                    type_name: TYPE_NAME.into(),
                     bytes: Bytes::from_static(init),
                 };
                 self.run(state, id, |p| p.open(op, object, init));
@@ -515,16 +515,19 @@ impl CoherenceModel {
         let Life::Live(protocol) = &mut state.node_mut(id).life else {
             unreachable!("only members get input");
         };
-        let events = protocol.take_events();
-        let sends = protocol.take_sends();
+        let events: Vec<Event> = protocol.take_events().collect();
+        let sends: Vec<(NodeId, Message)> = protocol.take_sends().collect();
         let mut left = false;
         for event in events {
             match event {
                 Event::Readable { object, value } => {
-                    state.node_mut(id).published.insert(object, value);
+                    state
+                        .node_mut(id)
+                        .published
+                        .insert(object.to_string(), value);
                 }
                 Event::Unreadable { object } => {
-                    state.node_mut(id).published.remove(&object);
+                    state.node_mut(id).published.remove(&*object);
                 }
                 Event::Completed { op, outcome } => {
                     writes.extend(self.complete(state, id, op, outcome).map(|o| (op, o)));
@@ -824,7 +827,7 @@ impl CoherenceModel {
 /// The grants of `object` among `sends`.
 fn grants<'a>(sends: &'a [(NodeId, Message)], object: &'a str) -> impl Iterator<Item = &'a Grant> {
     sends.iter().filter_map(move |(_, message)| match message {
-        Message::Grant(g) if g.object == object => Some(g),
+        Message::Grant(g) if &*g.object == object => Some(g),
         _ => None,
     })
 }

@@ -784,8 +784,8 @@ impl Simulation {
     /// events, removes it if it finished leaving, then checks every invariant.
     fn after_input(&mut self, node: NodeId) -> Result<(), String> {
         let proto = &mut self.node_mut(node).proto;
-        let events = proto.take_events();
-        let sends = proto.take_sends();
+        let events: Vec<Event> = proto.take_events().collect();
+        let sends: Vec<(NodeId, Message)> = proto.take_sends().collect();
         if self.cfg.trace {
             for event in &events {
                 println!("    event {event:?}");
@@ -798,7 +798,7 @@ impl Simulation {
         let mut handed_on: BTreeMap<String, u32> = BTreeMap::new();
         for (to, message) in sends {
             if let Message::Grant(grant) = &message {
-                *handed_on.entry(grant.object.clone()).or_default() += grant.count;
+                *handed_on.entry(grant.object.to_string()).or_default() += grant.count;
             }
             self.enqueue(node, to, message)?;
         }
@@ -819,10 +819,12 @@ impl Simulation {
                 Event::Readable { object, value } => {
                     let index = self.index_of(&object)?;
                     self.check_latest(index, &value, || format!("Readable event at node {node}"))?;
-                    self.node_mut(node).published.insert(object, value.version);
+                    self.node_mut(node)
+                        .published
+                        .insert(object.to_string(), value.version);
                 }
                 Event::Unreadable { object } => {
-                    if self.node_mut(node).published.remove(&object).is_none() {
+                    if self.node_mut(node).published.remove(&*object).is_none() {
                         return Err(self.fail(format!(
                             "node {node}: Unreadable {object} that was not readable"
                         )));
@@ -1043,7 +1045,7 @@ impl Simulation {
                 .collect();
             if values.iter().any(|v| *v != v0)
                 || v0.version != 0
-                || v0.type_name != TYPE_NAME
+                || &*v0.type_name != TYPE_NAME
                 || openers.len() != 1
             {
                 return Err(self.fail(format!(
@@ -1063,7 +1065,7 @@ impl Simulation {
             .values()
             .flatten()
             .filter_map(move |item| match item {
-                Item::Message(Message::Grant(g)) if g.object == name => Some(g),
+                Item::Message(Message::Grant(g)) if &*g.object == name => Some(g),
                 _ => None,
             })
     }
