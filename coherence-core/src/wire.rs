@@ -40,6 +40,7 @@ pub enum Access {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Init {
     /// Name of the value's type, so a node opening the object with another type gets an error.
+    #[serde(deserialize_with = "shared_str")]
     pub type_name: Arc<str>,
     /// The encoded initial value.
     pub bytes: Bytes,
@@ -51,6 +52,7 @@ pub struct Value {
     /// Writes applied since creation; versions are totally ordered because writes need all tokens.
     pub version: u64,
     /// Name of the value's type (shared: every copy of a value names the same type).
+    #[serde(deserialize_with = "shared_str")]
     pub type_name: Arc<str>,
     /// The encoded value.
     pub bytes: Bytes,
@@ -62,6 +64,7 @@ pub struct Request {
     /// Priority and identity.
     pub id: RequestId,
     /// The object's name (shared with the node's table, so messages do not copy it).
+    #[serde(deserialize_with = "shared_str")]
     pub object: Arc<str>,
     /// Read or write.
     pub access: Access,
@@ -76,6 +79,7 @@ pub struct Request {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Grant {
     /// The object's name (shared with the node's table, so messages do not copy it).
+    #[serde(deserialize_with = "shared_str")]
     pub object: Arc<str>,
     /// Tokens carried, including the owner token if `owner`.
     pub count: u32,
@@ -100,6 +104,7 @@ pub enum Message {
     /// ACKNOWLEDGE, here sent by the requester).
     Done {
         /// The object's name.
+        #[serde(deserialize_with = "shared_str")]
         object: Arc<str>,
         /// The finished request.
         id: RequestId,
@@ -113,6 +118,24 @@ pub enum Message {
         /// Every object created so far.
         created: BTreeSet<Arc<str>>,
     },
+}
+
+/// Decodes a name straight into its shared form: serde's own `Arc<str>` goes through a
+/// `String` and a `Box<str>` first, three allocations where one does.
+fn shared_str<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Arc<str>, D::Error> {
+    struct SharedStr;
+    impl serde::de::Visitor<'_> for SharedStr {
+        type Value = Arc<str>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a string")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Arc<str>, E> {
+            Ok(Arc::from(s))
+        }
+    }
+    deserializer.deserialize_str(SharedStr)
 }
 
 /// Why a frame could not be decoded.
