@@ -8,7 +8,9 @@
 //! Per transport: the raw round trip (the floor); read hits against `RwLock<Arc<T>>` with 1 and
 //! 2 threads; write and update latency with spread tokens on 2, 4 and 8 nodes under both write
 //! policies; writes by a node holding every token (messages counted); mixed workloads against
-//! a central server built on the raw transport; value sizes 8 B, 4 KiB and 1 MiB. MPI (a build
+//! a central server built on the raw transport; value sizes 8 B, 4 KiB and 1 MiB. ZeroMQ also
+//! runs between two processes (this one starts the second): the raw zmq.rs round trip between
+//! them and write latency with spread tokens, which the acceptance ratio uses. MPI (a build
 //! with `--features mpi`, under `mpiexec -n 2`) measures what 2 ranks can: the raw MPI
 //! round trip, read hits, write latency and writes holding every token.
 //!
@@ -25,6 +27,7 @@ mod net;
 mod plot;
 mod report;
 mod suite;
+mod two_process;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -52,6 +55,11 @@ struct Args {
     /// `mpiexec -n 2`, in a build with `--features mpi`.
     #[arg(long, value_enum, default_value_t = Which::All)]
     transport: Which,
+
+    /// Internal: run as the second process of the two-process ZeroMQ measurement, talking to
+    /// the first one's socket at ADDR.
+    #[arg(long = two_process::PEER_FLAG, value_name = "ADDR", hide = true)]
+    zmq_peer_of: Option<String>,
 }
 
 /// `--transport`.
@@ -59,7 +67,7 @@ struct Args {
 enum Which {
     /// In-memory channels between threads.
     Local,
-    /// ZeroMQ over TCP loopback, all endpoints in this process.
+    /// ZeroMQ over TCP loopback: all endpoints in this process, then two processes.
     Zmq,
     /// MPI, one node per rank (2 ranks).
     Mpi,
@@ -231,6 +239,9 @@ fn main() -> ExitCode {
             .with_writer(std::io::stderr)
             .init();
     }
+    if let Some(addr) = &args.zmq_peer_of {
+        return two_process::serve(addr);
+    }
     let plan = Plan::new(args.quick);
     let started = Instant::now();
     let started_unix_s = SystemTime::now()
@@ -293,10 +304,22 @@ fn measure_all(
         Which::All => &[Net::Local, Net::Zmq],
         Which::Mpi => return measure_mpi(plan, quick).map(|r| r.map(|r| vec![r])),
     };
-    let progress = Progress::new(suite::STEPS * nets.len() as u64, !quick);
+    let steps = suite::STEPS * nets.len() as u64
+        + if nets.contains(&Net::Zmq) {
+            two_process::STEPS
+        } else {
+            0
+        };
+    let progress = Progress::new(steps, !quick);
     let reports = nets
         .iter()
-        .map(|&net| suite::run(net, plan, &progress))
+        .map(|&net| {
+            let mut report = suite::run(net, plan, &progress);
+            if net == Net::Zmq {
+                two_process::measure(plan, &progress, &mut report);
+            }
+            report
+        })
         .collect();
     progress.finish();
     Ok(Some(reports))

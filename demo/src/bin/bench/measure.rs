@@ -169,6 +169,26 @@ pub fn write_latency<V: Payload>(
     budget: Budget,
 ) -> Result<Latency, String> {
     let (writer, others) = objs.split_first().ok_or("no node")?;
+    spread_write_latency(writer, size, op, budget, || {
+        if policy == Policy::Invalidate {
+            for other in others {
+                other.read().map_err(text)?;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Latency of `op` on `writer` (the best of the budget's passes), calling `spread` untimed
+/// before each operation: it must leave a token with every other node that does not get one
+/// from the write itself (in another process, it asks that process to read).
+pub fn spread_write_latency<V: Payload>(
+    writer: &DistObj<V>,
+    size: usize,
+    op: Op,
+    budget: Budget,
+    mut spread: impl FnMut() -> Result<(), String>,
+) -> Result<Latency, String> {
     let proto = V::of_size(size);
     let mut i = 0u64;
     budget.best(|| {
@@ -176,11 +196,7 @@ pub fn write_latency<V: Payload>(
         let start = Instant::now();
         let mut warmup = budget.warmup;
         while !budget.done(samples.len(), start) {
-            if policy == Policy::Invalidate {
-                for other in others {
-                    other.read().map_err(text)?;
-                }
-            }
+            spread()?;
             let value = proto.variant(i);
             i += 1;
             let t = Instant::now();

@@ -7,7 +7,8 @@ use crate::central::Central;
 use crate::measure::{self, Payload};
 use crate::net::{Cluster, Net};
 use crate::report::{
-    size_label, Mixed, Op, Policy, System, TransportReport, WriteLatency, MIXES, SIZES,
+    merge_round_trips, size_label, Mixed, Op, Policy, System, TransportReport, WriteLatency, MIXES,
+    SIZES,
 };
 use crate::{Plan, Progress};
 
@@ -63,19 +64,7 @@ pub fn run(net: Net, plan: &Plan, progress: &Progress) -> TransportReport {
 fn remeasure_floors(net: Net, plan: &Plan, progress: &Progress, report: &mut TransportReport) {
     progress.step(format!("{}: raw round trips again", net.name()));
     match net.round_trips(&SIZES, plan.rtt) {
-        Ok(trips) if report.round_trips.is_empty() => report.round_trips.extend(trips),
-        Ok(trips) => {
-            for (trip, again) in report.round_trips.iter_mut().zip(trips) {
-                let worst = match (trip.latency.worst_pass_ns, again.latency.worst_pass_ns) {
-                    (Some(a), Some(b)) => Some(a.max(b)),
-                    (a, b) => a.or(b),
-                };
-                if again.latency.typical_ns() < trip.latency.typical_ns() {
-                    trip.latency = again.latency;
-                }
-                trip.latency.worst_pass_ns = worst;
-            }
-        }
+        Ok(trips) => merge_round_trips(&mut report.round_trips, trips),
         Err(e) => report.errors.push(format!("raw round trip: {e}")),
     }
 }
