@@ -4,9 +4,10 @@
 //! a [`WritePolicy`]. It starts one [`Node`] per transport on its own thread, runs, and asserts
 //! real outcomes (values, versions, error variants, timings); a failure panics with a message
 //! that names the node and the step. The in-memory transport runs them, through
-//! [`LocalCluster`], in `tests/tests/local_conformance.rs`; the ZeroMQ and MPI transports run
-//! the same functions with their own [`Cluster`]. The [`linearizability`] check is
-//! transport-agnostic in the same way.
+//! [`LocalCluster`], in `tests/tests/local_conformance.rs`; the ZeroMQ transport runs the
+//! same functions with its own [`Cluster`] (threads in one process). The same kinds of
+//! scenario with one node per OS process, for MPI ranks and ZeroMQ node processes, are in
+//! [`crate::ranked`]. The [`linearizability`] check is transport-agnostic in the same way.
 //!
 //! Nothing here can hang a test run: every operation is bounded by [`TIMEOUT`], and the
 //! threads of a scenario meet at a [`Team`] barrier that gives up when a member panicked or
