@@ -2,7 +2,8 @@
 //! of itself (the hidden `--zmq-peer-of ADDR`) and, in one run, measures the raw zmq.rs round
 //! trip between the two (a ROUTER here, a DEALER there, no library) and the write and update
 //! latency of a `Node` over `ZmqTransport` in each, with spread tokens, under both policies.
-//! The floor is measured before and after the writes; the best pass counts.
+//! The floor is measured before, between and after the two policies' writes, as the
+//! in-process floors are; the best pass counts.
 //!
 //! The second process serves commands on its DEALER: ping frames are echoed as they are;
 //! `start`, `read`, `stop` are text and answered with `ok` or `error: ...`; `quit` ends it.
@@ -42,8 +43,11 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long the second process may take to quit before it is killed.
 const QUIT_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Progress steps: starting the second process, the floors twice, the latencies.
-pub const STEPS: u64 = (1 + 2 * SIZES_2P.len() + Policy::BOTH.len() * SIZES_2P.len() * 2) as u64;
+/// Progress steps: starting the second process, the floors before each policy and at the
+/// end, the latencies.
+pub const STEPS: u64 = (1
+    + (Policy::BOTH.len() + 1) * SIZES_2P.len()
+    + Policy::BOTH.len() * SIZES_2P.len() * 2) as u64;
 
 /// Measures everything between two processes into `report.two_processes`; failures go to
 /// `report.errors`, with whatever could be measured kept.
@@ -68,8 +72,8 @@ fn run(
 ) -> Result<(), String> {
     progress.step("zmq, two processes: starting the second process".into());
     let mut peer = Peer::start()?;
-    floors(&mut peer, plan, progress, two)?;
     for policy in Policy::BOTH {
+        floors(&mut peer, plan, progress, two)?;
         if let Err(e) = phase(&mut peer, policy, plan, progress, two) {
             errors.push(format!("{} policy: {e}", policy.name()));
         }
