@@ -668,6 +668,15 @@ fn lab(r: &Rank) -> Outcome {
     r.sync()
 }
 
+/// No increment lost or doubled: the values updates of a counter starting at 0 returned,
+/// sorted, are exactly 1..=total.
+fn check_increments(mut seen: Vec<i64>, total: i64) -> Outcome {
+    seen.sort_unstable();
+    check(seen.iter().copied().eq(1..=total), || {
+        format!("update results are not exactly 1..={total}")
+    })
+}
+
 /// Every rank adds 1 three hundred times: each rank's results increase, and all results
 /// together are exactly 1..=300*size.
 fn concurrent_updates(r: &Rank) -> Outcome {
@@ -692,12 +701,11 @@ fn concurrent_updates(r: &Rank) -> Outcome {
         )
     })?;
     let all = r.gather("updates/results", mine)?;
-    let mut seen: Vec<u64> = all.values().flatten().copied().collect();
-    seen.sort_unstable();
     let total = PER_RANK * r.size as u64;
-    check(seen == (1..=total).collect::<Vec<_>>(), || {
-        format!("update results are not exactly 1..={total}")
-    })?;
+    check_increments(
+        all.values().flatten().map(|&v| v as i64).collect(),
+        total as i64,
+    )?;
     let last = r.read(&counter)?;
     check(last == total, || {
         format!("rank {}: final counter {last}", r.rank)
@@ -837,11 +845,7 @@ fn shared_node(r: &Rank) -> Outcome {
     .flatten()
     .collect();
     let all = r.gather("shared/results", mine)?;
-    let mut seen: Vec<i64> = all.into_values().flatten().collect();
-    seen.sort_unstable();
-    check(seen == (1..=total).collect::<Vec<_>>(), || {
-        format!("update results are not exactly 1..={total}")
-    })?;
+    check_increments(all.into_values().flatten().collect(), total)?;
     let last = r.read(&counter)?;
     check(last == total, || format!("rank {}: final {last}", r.rank))?;
     r.sync()
@@ -874,12 +878,9 @@ fn no_starvation(r: &Rank) -> Outcome {
             format!("rank {rank} starved: {} updates of {counts:?}", seen.len())
         })?;
     }
-    let mut seen: Vec<i64> = all.into_values().flatten().collect();
-    seen.sort_unstable();
+    let seen: Vec<i64> = all.into_values().flatten().collect();
     let total = seen.len() as i64;
-    check(seen == (1..=total).collect::<Vec<_>>(), || {
-        format!("update results are not exactly 1..={total}")
-    })?;
+    check_increments(seen, total)?;
     let last = r.read(&counter)?;
     check(last == total, || {
         format!("rank {}: final {last} of {total}", r.rank)
