@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use coherence_core::{NodeId, TransportEvent};
-use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use crossbeam_channel::{Receiver, TryRecvError};
 use futures::StreamExt;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -110,53 +110,41 @@ pub(crate) struct Settings {
     pub join_timeout: Duration,
 }
 
-/// The thread body: builds the runtime, binds, joins or founds, runs until close.
-pub(crate) fn run_thread(
+/// The engine task: binds, joins or founds, runs until close. Whichever thread drives the
+/// runtime runs it (see `Driver` in the crate root).
+pub(crate) async fn run(
     settings: Settings,
     shared: Arc<Shared>,
     commands: Receiver<Command>,
-    inbox: Sender<TransportEvent>,
-    started: Sender<Result<Started, ZmqError>>,
+    inbox: mpsc::UnboundedSender<TransportEvent>,
+    started: mpsc::UnboundedSender<Result<Started, ZmqError>>,
 ) {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
+    let mut router = RouterSocket::new();
+    let endpoint = match router.bind(&settings.listen).await {
+        Ok(endpoint) => endpoint,
         Err(e) => {
-            let _ = started.send(Err(ZmqError::Runtime(e)));
+            let _ = started.send(Err(ZmqError::Bind {
+                addr: settings.listen.clone(),
+                reason: e.to_string(),
+            }));
             return;
         }
     };
-    runtime.block_on(async move {
-        let mut router = RouterSocket::new();
-        let endpoint = match router.bind(&settings.listen).await {
-            Ok(endpoint) => endpoint,
-            Err(e) => {
-                let _ = started.send(Err(ZmqError::Bind {
-                    addr: settings.listen.clone(),
-                    reason: e.to_string(),
-                }));
-                return;
-            }
-        };
-        let (router_tx, router_rx) = mpsc::channel(ROUTER_BUFFER);
-        let _reader = AbortOnDrop(tokio::spawn(read_router(router, router_tx)));
-        let (links_tx, links_rx) = mpsc::unbounded_channel();
-        let mut engine = Engine::new(
-            settings,
-            endpoint.to_string(),
-            shared,
-            commands,
-            inbox,
-            links_tx,
-        );
-        if engine.start(started) {
-            engine.run(router_rx, links_rx).await;
-        }
-    });
-    // Dropping the runtime cancels the remaining tasks and closes every socket.
-    drop(runtime);
+    let (router_tx, router_rx) = mpsc::channel(ROUTER_BUFFER);
+    let _reader = AbortOnDrop(tokio::spawn(read_router(router, router_tx)));
+    let (links_tx, links_rx) = mpsc::unbounded_channel();
+    let mut engine = Engine::new(
+        settings,
+        endpoint.to_string(),
+        shared,
+        commands,
+        inbox,
+        links_tx,
+    );
+    if engine.start(started) {
+        engine.run(router_rx, links_rx).await;
+    }
+    // Dropping the engine closes every DEALER; dropping `_reader` closes the ROUTER.
 }
 
 /// Reads the ROUTER and forwards messages and disconnections to the engine.
@@ -393,7 +381,7 @@ struct Joining {
     link: Link,
     deadline: Instant,
     next_try: Instant,
-    started: Sender<Result<Started, ZmqError>>,
+    started: mpsc::UnboundedSender<Result<Started, ZmqError>>,
     /// Everything but the welcome, replayed in order once we know our id.
     stash: Vec<(Bytes, Header, Bytes)>,
 }
@@ -415,7 +403,7 @@ struct Engine {
     advertised: String,
     shared: Arc<Shared>,
     commands: Receiver<Command>,
-    inbox: Sender<TransportEvent>,
+    inbox: mpsc::UnboundedSender<TransportEvent>,
     links_tx: mpsc::UnboundedSender<LinkEvent>,
     /// Random per start; also the nonce of our join request.
     incarnation: u64,
@@ -445,7 +433,7 @@ impl Engine {
         local_addr: String,
         shared: Arc<Shared>,
         commands: Receiver<Command>,
-        inbox: Sender<TransportEvent>,
+        inbox: mpsc::UnboundedSender<TransportEvent>,
         links_tx: mpsc::UnboundedSender<LinkEvent>,
     ) -> Engine {
         let advertised = settings.advertise.unwrap_or_else(|| local_addr.clone());
@@ -480,7 +468,7 @@ impl Engine {
     }
 
     /// Founds a cluster (reporting at once) or starts joining one; `false` if already failed.
-    fn start(&mut self, started: Sender<Result<Started, ZmqError>>) -> bool {
+    fn start(&mut self, started: mpsc::UnboundedSender<Result<Started, ZmqError>>) -> bool {
         match self.join.clone() {
             None => {
                 self.id = Some(0);

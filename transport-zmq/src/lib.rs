@@ -4,9 +4,14 @@
 //! # Shape
 //! Each node binds one ROUTER and connects one DEALER to every peer's ROUTER; all traffic from
 //! A to B goes over A's single DEALER to B, which is what makes frames of one ordered pair
-//! arrive in order. zmq.rs is asynchronous: a dedicated thread runs a current-thread tokio
-//! runtime that owns every socket, and the synchronous [`Transport`] methods talk to it over
-//! crossbeam channels (commands wake the runtime through a `Notify`).
+//! arrive in order. zmq.rs is asynchronous: one task on a current-thread tokio runtime owns
+//! every socket. The runtime has no thread of its own: whichever thread waits in
+//! [`Transport::recv`] runs it (a node's driver, or a caller polling for its reply), and
+//! [`Transport::send`] runs it briefly when nobody does. A frame thus goes from the socket to
+//! the protocol on one thread, as in a raw zmq.rs loop; a hand-off to a runtime thread and
+//! back cost each round trip two thread wake-ups. A keeper thread drives the runtime only
+//! after nobody has for a few milliseconds, so heartbeats, joins and queued frames go on
+//! while no one receives.
 //!
 //! # Membership
 //! A node started without [`ZmqConfig::join`] founds a cluster and is node 0. A node started
@@ -78,15 +83,18 @@
 mod engine;
 mod wire;
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use coherence_core::transport::receive_polling;
 use coherence_core::{NodeId, Transport, TransportError, TransportEvent};
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::Sender;
+use tokio::runtime::Runtime;
+use tokio::sync::mpsc::error::TryRecvError;
+use tokio::sync::{mpsc, Notify};
 
 use crate::engine::{Command, Settings, Shared};
 use crate::wire::{Codec, HEADER_LEN, MAC_LEN};
@@ -97,11 +105,18 @@ pub const SECRET_ENV: &str = "COHERENCE_SECRET";
 /// Default [`ZmqConfig::max_frame`]: large values cross in one frame.
 pub const DEFAULT_MAX_FRAME: usize = 64 << 20;
 
-/// How long `recv` polls (yielding the core) before it parks: a parked wake-up costs tens of
-/// microseconds, and a reply often comes sooner.
-const SPIN: Duration = Duration::from_micros(100);
+/// How many times `recv(Duration::ZERO)` lets the runtime poll the sockets and run what became
+/// ready: a frame that arrived needs two rounds (one wakes the socket's reader, the next
+/// passes the frame through the engine to the inbox).
+const ZERO_WAIT_ROUNDS: usize = 2;
 
-/// Extra time `start` and `close` allow the runtime thread beyond its own deadlines.
+/// How often the keeper looks whether anyone drove the runtime since its last look.
+const KEEPER_LOOK: Duration = Duration::from_millis(5);
+
+/// How long the keeper drives at a time, unless a thread that wants to drive asks it to stop.
+const KEEPER_SLICE: Duration = Duration::from_millis(50);
+
+/// Extra time `start` and `close` allow the engine beyond its own deadlines.
 const GRACE: Duration = Duration::from_secs(2);
 
 /// How a [`ZmqTransport`] starts.
@@ -213,7 +228,7 @@ pub enum ZmqError {
         /// What zmq.rs reported.
         reason: String,
     },
-    /// The runtime thread or the tokio runtime could not be created.
+    /// The tokio runtime or the keeper thread could not be created.
     #[error("cannot start the ZeroMQ runtime: {0}")]
     Runtime(#[source] std::io::Error),
     /// No welcome came in time: the member is unreachable, or it uses another cluster id or
@@ -227,8 +242,8 @@ pub enum ZmqError {
         /// The configured join timeout.
         after: Duration,
     },
-    /// The runtime thread stopped before reporting the start-up result.
-    #[error("the ZeroMQ runtime stopped during start-up")]
+    /// The engine stopped, or did not report, within `join_timeout` and a grace period.
+    #[error("the ZeroMQ engine stopped or hung during start-up")]
     StartUp,
     /// The secret file could not be read.
     #[error("cannot read the secret file {path}: {source}")]
@@ -292,6 +307,125 @@ pub struct ZmqStats {
     pub rejected_oversize: u64,
 }
 
+/// Runs the tokio runtime on the threads that call in; see the crate documentation.
+struct Driver {
+    /// `Some` until dropped: the runtime is shut down without blocking, which is allowed
+    /// even inside another runtime.
+    runtime: Option<Runtime>,
+    /// Threads inside the runtime for `start`, `send`, `recv` or `close`.
+    driving: AtomicUsize,
+    /// Counts entries, so the keeper sees whether anyone drove since its last look.
+    entries: AtomicU64,
+    /// Set while the keeper drives; a thread that enters then asks it to hand over.
+    keeper_driving: AtomicBool,
+    /// Ends the keeper's slice early.
+    handover: Notify,
+    /// Tells the keeper thread to end.
+    stopping: AtomicBool,
+}
+
+impl Driver {
+    fn new() -> Result<Driver, ZmqError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(ZmqError::Runtime)?;
+        Ok(Driver {
+            runtime: Some(runtime),
+            driving: AtomicUsize::new(0),
+            entries: AtomicU64::new(0),
+            keeper_driving: AtomicBool::new(false),
+            handover: Notify::new(),
+            stopping: AtomicBool::new(false),
+        })
+    }
+
+    fn runtime(&self) -> &Runtime {
+        self.runtime
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("the runtime lives until the driver is dropped"))
+    }
+
+    /// Runs the runtime on this thread until `future` is done. Inside another runtime, where
+    /// `block_on` is not allowed (a caller in async code), a helper thread does it.
+    fn run<F>(&self, future: F) -> Result<F::Output, TransportError>
+    where
+        F: Future + Send,
+        F::Output: Send,
+    {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Ok(self.block_on(future));
+        }
+        std::thread::scope(|scope| {
+            std::thread::Builder::new()
+                .name("coherence-zmq-drive".into())
+                .spawn_scoped(scope, || self.block_on(future))
+                .map_err(|e| TransportError::Io(format!("cannot start a thread: {e}")))?
+                .join()
+                .map_err(|_| TransportError::Io("the ZeroMQ runtime panicked".into()))
+        })
+    }
+
+    fn block_on<F: Future>(&self, future: F) -> F::Output {
+        self.driving.fetch_add(1, Ordering::SeqCst);
+        self.entries.fetch_add(1, Ordering::Relaxed);
+        if self.keeper_driving.load(Ordering::SeqCst) {
+            self.handover.notify_one();
+        }
+        let output = self.runtime().block_on(future);
+        self.driving.fetch_sub(1, Ordering::SeqCst);
+        output
+    }
+
+    /// Lets the runtime run once what is ready, on this thread, if nobody drives it and this
+    /// thread may (it is not inside another runtime).
+    fn nudge(&self) {
+        if self.idle() && tokio::runtime::Handle::try_current().is_err() {
+            self.block_on(tokio::task::yield_now());
+        }
+    }
+
+    /// Whether no thread drives the runtime right now.
+    fn idle(&self) -> bool {
+        self.driving.load(Ordering::SeqCst) == 0
+    }
+
+    /// The keeper thread: drives the runtime in slices while nobody else has for a look.
+    fn keep(&self) {
+        let mut seen = self.entries.load(Ordering::Relaxed);
+        while !self.stopping.load(Ordering::Acquire) {
+            std::thread::park_timeout(KEEPER_LOOK);
+            let entries = self.entries.load(Ordering::Relaxed);
+            if entries != seen || !self.idle() || self.stopping.load(Ordering::Acquire) {
+                seen = entries;
+                continue;
+            }
+            // Announce first, then check again: a thread entering at the same time either
+            // sees the flag and ends the slice, or is seen here.
+            self.keeper_driving.store(true, Ordering::SeqCst);
+            if self.idle() {
+                self.runtime().block_on(async {
+                    tokio::select! {
+                        () = tokio::time::sleep(KEEPER_SLICE) => {}
+                        () = self.handover.notified() => {}
+                    }
+                });
+            }
+            self.keeper_driving.store(false, Ordering::SeqCst);
+            seen = self.entries.load(Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            // Cancels what is left (socket tasks, DEALERs), closing every socket.
+            runtime.shutdown_background();
+        }
+    }
+}
+
 /// One node's endpoint. Closing or dropping it leaves the cluster.
 pub struct ZmqTransport {
     id: NodeId,
@@ -301,8 +435,10 @@ pub struct ZmqTransport {
     lost_after: Duration,
     shared: Arc<Shared>,
     commands: Sender<Command>,
-    inbox: Receiver<TransportEvent>,
-    runtime: Mutex<Option<JoinHandle<()>>>,
+    inbox: Mutex<mpsc::UnboundedReceiver<TransportEvent>>,
+    driver: Arc<Driver>,
+    engine: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    keeper: Mutex<Option<JoinHandle<()>>>,
     closed: AtomicBool,
 }
 
@@ -328,30 +464,32 @@ impl ZmqTransport {
             lost_after: cfg.lost_after,
             join_timeout: cfg.join_timeout,
         };
+        let driver = Arc::new(Driver::new()?);
         let shared = Arc::new(Shared::default());
         let (commands_tx, commands_rx) = crossbeam_channel::unbounded();
-        let (inbox_tx, inbox_rx) = crossbeam_channel::unbounded();
-        let (started_tx, started_rx) = crossbeam_channel::bounded(1);
-        let thread_shared = Arc::clone(&shared);
-        let runtime = std::thread::Builder::new()
-            .name("coherence-zmq".into())
-            .spawn(move || {
-                engine::run_thread(settings, thread_shared, commands_rx, inbox_tx, started_tx)
-            })
-            .map_err(ZmqError::Runtime)?;
-        let started = match started_rx.recv_timeout(cfg.join_timeout + GRACE) {
-            Ok(Ok(started)) => started,
-            Ok(Err(e)) => {
-                let _ = runtime.join();
-                return Err(e);
-            }
-            Err(_) => {
-                // Dropping the command channel and waking the runtime makes it stop soon.
-                drop(commands_tx);
-                shared.wake.notify_one();
-                return Err(ZmqError::StartUp);
-            }
+        let (inbox_tx, inbox_rx) = mpsc::unbounded_channel();
+        let (started_tx, mut started_rx) = mpsc::unbounded_channel();
+        let engine = driver.runtime().spawn(engine::run(
+            settings,
+            Arc::clone(&shared),
+            commands_rx,
+            inbox_tx,
+            started_tx,
+        ));
+        // The engine reports once it has an id; dropping the driver on failure ends it.
+        let started = driver
+            .run(async { tokio::time::timeout(cfg.join_timeout + GRACE, started_rx.recv()).await })
+            .map_err(|e| ZmqError::Runtime(std::io::Error::other(e.to_string())))?;
+        let started = match started {
+            Ok(Some(Ok(started))) => started,
+            Ok(Some(Err(e))) => return Err(e),
+            Ok(None) | Err(_) => return Err(ZmqError::StartUp),
         };
+        let keeper_driver = Arc::clone(&driver);
+        let keeper = std::thread::Builder::new()
+            .name("coherence-zmq-keeper".into())
+            .spawn(move || keeper_driver.keep())
+            .map_err(ZmqError::Runtime)?;
         tracing::debug!(id = started.id, addr = %started.local_addr, "ZeroMQ transport started");
         Ok(ZmqTransport {
             id: started.id,
@@ -361,8 +499,10 @@ impl ZmqTransport {
             lost_after: cfg.lost_after,
             shared,
             commands: commands_tx,
-            inbox: inbox_rx,
-            runtime: Mutex::new(Some(runtime)),
+            inbox: Mutex::new(inbox_rx),
+            driver,
+            engine: Mutex::new(Some(engine)),
+            keeper: Mutex::new(Some(keeper)),
             closed: AtomicBool::new(false),
         })
     }
@@ -383,32 +523,47 @@ impl ZmqTransport {
         self.stop(Command::Abort);
     }
 
-    /// Hands `command` to the runtime once and waits (bounded) for the runtime thread to end.
+    /// Hands `command` to the engine once, drives the runtime until the engine ends (bounded),
+    /// and stops the keeper.
     fn stop(&self, command: Command) {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
         }
         let _ = self.commands.send(command);
         self.shared.wake.notify_one();
-        let runtime = self
-            .runtime
+        let engine = self
+            .engine
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        let Some(runtime) = runtime else {
-            return;
-        };
-        // close waits at most lost_after for acknowledgements; never wait forever on top.
-        let deadline = std::time::Instant::now() + self.lost_after + GRACE;
-        while !runtime.is_finished() {
-            if std::time::Instant::now() >= deadline {
-                tracing::error!(id = self.id, "the ZeroMQ runtime did not stop; detached");
-                return;
+        if let Some(engine) = engine {
+            // close waits at most lost_after for acknowledgements; never wait forever on top.
+            let limit = self.lost_after + GRACE;
+            // The timer must be made inside the runtime.
+            match self
+                .driver
+                .run(async move { tokio::time::timeout(limit, engine).await })
+            {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(_))) => tracing::error!(id = self.id, "the ZeroMQ engine panicked"),
+                Ok(Err(_)) => {
+                    tracing::error!(id = self.id, "the ZeroMQ engine did not stop; cancelled")
+                }
+                Err(e) => tracing::error!(id = self.id, error = %e, "cannot stop the engine"),
             }
-            std::thread::sleep(Duration::from_millis(1));
         }
-        if runtime.join().is_err() {
-            tracing::error!(id = self.id, "the ZeroMQ runtime panicked");
+        self.driver.stopping.store(true, Ordering::Release);
+        self.driver.handover.notify_one();
+        let keeper = self
+            .keeper
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(keeper) = keeper {
+            keeper.thread().unpark();
+            if keeper.join().is_err() {
+                tracing::error!(id = self.id, "the ZeroMQ keeper thread panicked");
+            }
         }
     }
 }
@@ -447,6 +602,9 @@ impl Transport for ZmqTransport {
             .map_err(|_| TransportError::Closed)?;
         self.shared.wake.notify_one();
         self.shared.frames_sent.fetch_add(1, Ordering::Relaxed);
+        // When nobody runs the engine, let it write the frame now rather than at the next
+        // `recv` or the keeper's next look.
+        self.driver.nudge();
         Ok(())
     }
 
@@ -454,10 +612,33 @@ impl Transport for ZmqTransport {
         if self.closed.load(Ordering::Acquire) {
             return Err(TransportError::Closed);
         }
-        match receive_polling(&self.inbox, SPIN, timeout) {
-            Ok(event) => Ok(Some(event)),
-            Err(RecvTimeoutError::Timeout) => Ok(None),
-            Err(RecvTimeoutError::Disconnected) => Err(TransportError::Closed),
+        let mut inbox = self.inbox.lock().unwrap_or_else(PoisonError::into_inner);
+        match inbox.try_recv() {
+            Ok(event) => return Ok(Some(event)),
+            Err(TryRecvError::Disconnected) => return Err(TransportError::Closed),
+            Err(TryRecvError::Empty) => {}
+        }
+        let inbox = &mut *inbox;
+        let received = self.driver.run(async move {
+            if !timeout.is_zero() {
+                return tokio::time::timeout(timeout, inbox.recv()).await.ok();
+            }
+            // Let the runtime poll the sockets and run what became ready, without waiting.
+            for _ in 0..ZERO_WAIT_ROUNDS {
+                tokio::task::yield_now().await;
+                match inbox.try_recv() {
+                    Ok(event) => return Some(Some(event)),
+                    Err(TryRecvError::Disconnected) => return Some(None),
+                    Err(TryRecvError::Empty) => {}
+                }
+            }
+            None
+        })?;
+        match received {
+            Some(Some(event)) => Ok(Some(event)),
+            // The engine ended: the transport was closed or failed.
+            Some(None) => Err(TransportError::Closed),
+            None => Ok(None),
         }
     }
 
