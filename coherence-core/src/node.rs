@@ -153,6 +153,8 @@ struct Inner {
     receive_turn: Mutex<()>,
     /// Callers polling the transport themselves; the driver naps while there are any.
     pollers: AtomicUsize,
+    /// Counts operations that started polling, so the driver tells one from the next.
+    poll_starts: AtomicU64,
     /// The driver sleeps until the last poller wakes it.
     driver_parked: AtomicBool,
     /// The driver thread, to wake it from a nap when the last poller gives up early.
@@ -316,22 +318,27 @@ impl Inner {
     }
 
     /// Polls for up to [`Config::spin`] (bounded by the timeout): takes the receive turn when
-    /// it is free and handles whatever the transport delivered, so the reply is handled right
-    /// here. `None` when the outcome did not come; the driver has the turn back then.
+    /// it is free and handles what the transport delivered, one event at a time, so the reply
+    /// is handled right here and the caller leaves as soon as it is. `None` when the outcome
+    /// did not come; the driver has the turn back then.
     fn poll_for(&self, waiter: &Waiter, start: Instant) -> Option<Outcome> {
         let budget = self.config.spin.min(self.config.timeout);
         self.pollers.fetch_add(1, Ordering::SeqCst);
+        self.poll_starts.fetch_add(1, Ordering::Relaxed);
         let mut rounds = 0u32;
         let outcome = loop {
             if let Some(outcome) = waiter.take() {
                 break Some(outcome);
             }
             if let Ok(_turn) = self.receive_turn.try_lock() {
-                if !self.handle_ready() {
+                // One event at a time: once ours is handled the caller goes, and what else
+                // came (or frames the transport still has to write) is the driver's.
+                match self.transport.recv(Duration::ZERO) {
+                    Ok(Some(event)) => self.handle_event(event),
+                    Ok(None) => std::hint::spin_loop(),
                     // The transport failed or closed: leave it to the driver, which stops.
-                    break None;
+                    Err(_) => break None,
                 }
-                std::hint::spin_loop();
             } else {
                 // The driver is waiting inside the transport and will handle the reply: give
                 // it the core.
@@ -377,9 +384,18 @@ impl Inner {
     fn drive(self: Arc<Self>) {
         let mut leave_started = false;
         let mut polled_since = None;
+        let mut seen_episode = 0;
         let mut busy_since = Instant::now();
         while !self.halt.load(Ordering::Acquire) {
             if self.pollers.load(Ordering::SeqCst) > 0 {
+                // Each operation that polls gets the driver's yielding window anew: a driver
+                // that only ever ran while callers polled would otherwise nap at once, and
+                // the next operation would wait for its wake-up.
+                let episode = self.poll_starts.load(Ordering::Relaxed);
+                if seen_episode != episode {
+                    seen_episode = episode;
+                    polled_since = None;
+                }
                 self.stand_aside(*polled_since.get_or_insert_with(Instant::now));
                 busy_since = Instant::now();
                 continue;
@@ -412,7 +428,9 @@ impl Inner {
                 }
                 Ok(None) if wait.is_zero() => {
                     drop(turn);
-                    std::hint::spin_loop();
+                    // Cooperative: on a machine with few cores, another thread (a caller, the
+                    // peer process's driver) may need this core to produce what we wait for.
+                    std::thread::yield_now();
                 }
                 Ok(None) => {}
                 Err(TransportError::Closed) => break,
@@ -511,6 +529,7 @@ impl Node {
             counters: Counters::default(),
             receive_turn: Mutex::new(()),
             pollers: AtomicUsize::new(0),
+            poll_starts: AtomicU64::new(0),
             driver_parked: AtomicBool::new(false),
             driver: std::sync::OnceLock::new(),
         });

@@ -6,12 +6,13 @@
 //! A to B goes over A's single DEALER to B, which is what makes frames of one ordered pair
 //! arrive in order. zmq.rs is asynchronous: one task on a current-thread tokio runtime owns
 //! every socket. The runtime has no thread of its own: whichever thread waits in
-//! [`Transport::recv`] runs it (a node's driver, or a caller polling for its reply), and
-//! [`Transport::send`] runs it briefly when nobody does. A frame thus goes from the socket to
-//! the protocol on one thread, as in a raw zmq.rs loop; a hand-off to a runtime thread and
-//! back cost each round trip two thread wake-ups. A keeper thread drives the runtime only
-//! after nobody has for a few milliseconds, so heartbeats, joins and queued frames go on
-//! while no one receives.
+//! [`Transport::recv`] runs it (a node's driver, or a caller polling for its reply). A frame
+//! thus goes from the socket to the protocol on one thread, as in a raw zmq.rs loop; a
+//! hand-off to a runtime thread and back cost each round trip two thread wake-ups.
+//! [`Transport::send`] queues the frame and returns: a thread waiting inside the runtime is
+//! woken to write it, else the next `recv` does. A keeper thread drives the runtime when
+//! nobody has for a few milliseconds (at once when a frame is sent then), so heartbeats,
+//! joins and frames go on while no one receives.
 //!
 //! # Membership
 //! A node started without [`ZmqConfig::join`] founds a cluster and is node 0. A node started
@@ -86,7 +87,7 @@ mod wire;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -316,6 +317,10 @@ struct Driver {
     driving: AtomicUsize,
     /// Counts entries, so the keeper sees whether anyone drove since its last look.
     entries: AtomicU64,
+    /// `entries` as of the keeper's last look.
+    seen: AtomicU64,
+    /// The keeper thread, for `send_soon` to wake.
+    keeper: OnceLock<std::thread::Thread>,
     /// Set while the keeper drives; a thread that enters then asks it to hand over.
     keeper_driving: AtomicBool,
     /// Ends the keeper's slice early.
@@ -334,6 +339,8 @@ impl Driver {
             runtime: Some(runtime),
             driving: AtomicUsize::new(0),
             entries: AtomicU64::new(0),
+            seen: AtomicU64::new(0),
+            keeper: OnceLock::new(),
             keeper_driving: AtomicBool::new(false),
             handover: Notify::new(),
             stopping: AtomicBool::new(false),
@@ -377,11 +384,16 @@ impl Driver {
         output
     }
 
-    /// Lets the runtime run once what is ready, on this thread, if nobody drives it and this
-    /// thread may (it is not inside another runtime).
-    fn nudge(&self) {
-        if self.idle() && tokio::runtime::Handle::try_current().is_err() {
-            self.block_on(tokio::task::yield_now());
+    /// After a send: if nobody has driven the runtime since the keeper's last look (no one
+    /// receives), wake the keeper to send the frame now rather than at its next look.
+    /// Otherwise whoever drives next sends it, and one waiting inside the runtime is woken by
+    /// the command itself.
+    fn send_soon(&self) {
+        if self.idle() && self.entries.load(Ordering::Relaxed) == self.seen.load(Ordering::Relaxed)
+        {
+            if let Some(keeper) = self.keeper.get() {
+                keeper.unpark();
+            }
         }
     }
 
@@ -392,12 +404,13 @@ impl Driver {
 
     /// The keeper thread: drives the runtime in slices while nobody else has for a look.
     fn keep(&self) {
-        let mut seen = self.entries.load(Ordering::Relaxed);
         while !self.stopping.load(Ordering::Acquire) {
             std::thread::park_timeout(KEEPER_LOOK);
             let entries = self.entries.load(Ordering::Relaxed);
-            if entries != seen || !self.idle() || self.stopping.load(Ordering::Acquire) {
-                seen = entries;
+            if self.seen.swap(entries, Ordering::Relaxed) != entries
+                || !self.idle()
+                || self.stopping.load(Ordering::Acquire)
+            {
                 continue;
             }
             // Announce first, then check again: a thread entering at the same time either
@@ -412,7 +425,8 @@ impl Driver {
                 });
             }
             self.keeper_driving.store(false, Ordering::SeqCst);
-            seen = self.entries.load(Ordering::Relaxed);
+            self.seen
+                .store(self.entries.load(Ordering::Relaxed), Ordering::Relaxed);
         }
     }
 }
@@ -490,6 +504,7 @@ impl ZmqTransport {
             .name("coherence-zmq-keeper".into())
             .spawn(move || keeper_driver.keep())
             .map_err(ZmqError::Runtime)?;
+        let _ = driver.keeper.set(keeper.thread().clone());
         tracing::debug!(id = started.id, addr = %started.local_addr, "ZeroMQ transport started");
         Ok(ZmqTransport {
             id: started.id,
@@ -602,9 +617,7 @@ impl Transport for ZmqTransport {
             .map_err(|_| TransportError::Closed)?;
         self.shared.wake.notify_one();
         self.shared.frames_sent.fetch_add(1, Ordering::Relaxed);
-        // When nobody runs the engine, let it write the frame now rather than at the next
-        // `recv` or the keeper's next look.
-        self.driver.nudge();
+        self.driver.send_soon();
         Ok(())
     }
 
