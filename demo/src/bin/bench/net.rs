@@ -57,7 +57,7 @@ pub struct Endpoint {
 pub enum Net {
     /// `transport-local`: crossbeam channels between threads.
     Local,
-    /// `transport-zmq`: ROUTER/DEALER over TCP loopback, one runtime thread per endpoint.
+    /// `transport-zmq`: ROUTER/DEALER over TCP loopback, driven by the threads that receive.
     Zmq,
 }
 
