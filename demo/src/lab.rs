@@ -89,6 +89,68 @@ pub struct Failure {
     pub reasons: Vec<String>,
 }
 
+/// A report if `reasons` is empty, a failure otherwise; sorts the observations into report
+/// order first (by step, then node; stable, so each node's own order stays).
+pub fn outcome(
+    mut observations: Vec<Observation>,
+    reasons: Vec<String>,
+) -> Result<Report, Failure> {
+    observations.sort_by_key(|o| (o.step, o.node));
+    if reasons.is_empty() {
+        Ok(Report { observations })
+    } else {
+        Err(Failure {
+            observations,
+            reasons,
+        })
+    }
+}
+
+/// How far the turn-taking nodes of a multi-process run (ZeroMQ, MPI) have got, and whether
+/// one of them gave up: the value of the shared barrier object.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Barrier {
+    /// Arrivals so far, over every round.
+    pub arrivals: u64,
+    /// Why a node called the run off, naming the node.
+    pub failed: Option<String>,
+}
+
+/// What one process of a multi-process run reports at the end.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProcessResult {
+    /// What its node saw.
+    pub observations: Vec<Observation>,
+    /// Why it failed, naming its node.
+    pub failure: Option<String>,
+}
+
+/// Every process's result by node id: the value of the shared results object.
+pub type Results = BTreeMap<NodeId, ProcessResult>;
+
+/// Combines every process's result into the run's verdict: coherent only if all `total`
+/// processes reported, none failed and this node's `shutdown` did not fail either.
+pub fn verdict(
+    all: Result<Results, String>,
+    shutdown: Option<String>,
+    total: usize,
+) -> Result<Report, Failure> {
+    let mut reasons: Vec<String> = shutdown.into_iter().collect();
+    let results = all.unwrap_or_else(|e| {
+        reasons.push(e);
+        Results::new()
+    });
+    let mut observations = Vec::new();
+    for result in results.values() {
+        observations.extend(result.observations.iter().cloned());
+        reasons.extend(result.failure.iter().cloned());
+    }
+    if results.len() < total && reasons.is_empty() {
+        reasons.push(format!("only {} of {total} nodes reported", results.len()));
+    }
+    outcome(observations, reasons)
+}
+
 /// Why a scenario function stopped early.
 #[derive(Debug)]
 pub enum Stop {
@@ -309,6 +371,39 @@ pub fn shut_down<H: Harness>(node: Node, harness: &H) -> Result<(), Stop> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn result(node: NodeId, failure: Option<&str>) -> ProcessResult {
+        ProcessResult {
+            observations: vec![Observation {
+                step: Step::IntOpened,
+                node,
+                text: format!("seen by {node}"),
+            }],
+            failure: failure.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn verdict_needs_every_result_and_no_failure() {
+        let all: Results = (0..3).map(|n| (n, result(n, None))).collect();
+        let report = verdict(Ok(all.clone()), None, 3).unwrap();
+        assert_eq!(report.observations.len(), 3);
+
+        let failure = verdict(Ok(all.clone()), None, 4).unwrap_err();
+        assert_eq!(failure.reasons, vec!["only 3 of 4 nodes reported"]);
+
+        let failure = verdict(Ok(all), Some("node 0: shutdown failed".into()), 3).unwrap_err();
+        assert_eq!(failure.reasons, vec!["node 0: shutdown failed"]);
+
+        let mut some_failed: Results = (0..2).map(|n| (n, result(n, None))).collect();
+        some_failed.insert(2, result(2, Some("node 2 read 3, expected 4")));
+        let failure = verdict(Ok(some_failed), None, 3).unwrap_err();
+        assert_eq!(failure.reasons, vec!["node 2 read 3, expected 4"]);
+        assert_eq!(failure.observations.len(), 3);
+
+        let failure = verdict(Err("only 1 of 3 nodes reported".into()), None, 3).unwrap_err();
+        assert_eq!(failure.reasons, vec!["only 1 of 3 nodes reported"]);
+    }
 
     #[test]
     fn expected_values() {

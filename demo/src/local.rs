@@ -122,17 +122,10 @@ impl Shared {
 
     /// The run's result as it stands: a report if nothing went wrong.
     fn outcome(&self) -> Result<Report, Failure> {
-        let mut observations = lock(&self.observations).clone();
-        observations.sort_by_key(|o| (o.step, o.node));
-        let reasons = lock(&self.reasons).clone();
-        if reasons.is_empty() {
-            Ok(Report { observations })
-        } else {
-            Err(Failure {
-                observations,
-                reasons,
-            })
-        }
+        lab::outcome(
+            lock(&self.observations).clone(),
+            lock(&self.reasons).clone(),
+        )
     }
 }
 

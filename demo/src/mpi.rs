@@ -8,36 +8,20 @@
 //! object, so no MPI call is made outside the transport's progress thread. Every rank learns
 //! the verdict; rank 0 prints the report.
 
-use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use coherence_core::{Config, DistObj, Node};
-use serde::{Deserialize, Serialize};
 use transport_mpi::MpiTransport;
 
-use crate::lab::{self, Failure, Harness, Observation, Report, Stop};
+use crate::lab::{
+    self, Barrier, Failure, Harness, Observation, ProcessResult, Report, Results, Stop,
+};
 
 /// The barrier the turn-taking ranks meet at.
 const BARRIER: &str = "demo/barrier";
 /// Every rank's observations and outcome, keyed by rank.
 const RESULTS: &str = "demo/results";
-
-/// How far the turn-taking ranks have got, and whether one of them gave up.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct Barrier {
-    arrivals: u64,
-    failed: Option<String>,
-}
-
-/// What one rank reports.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct RankResult {
-    observations: Vec<Observation>,
-    failure: Option<String>,
-}
-
-type Results = BTreeMap<u32, RankResult>;
 
 /// What this rank prints and returns: rank 0 gets the whole report, the others only the
 /// verdict.
@@ -87,16 +71,16 @@ fn run_rank(config: &Config) -> Result<Outcome, String> {
             harness.call_off(&reason);
             Some(reason)
         }
-        Err(Stop::Aborted) => Some(format!("rank {rank}: called off")),
+        Err(Stop::Aborted) => Some(format!("node {rank}: called off")),
     };
     let observations = std::mem::take(&mut *harness.observations.lock().unwrap());
-    let mine = RankResult {
+    let mine = ProcessResult {
         observations,
         failure,
     };
     harness
         .results
-        .update(|results| results.insert(rank as u32, mine))
+        .update(|results| results.insert(node.id(), mine))
         .map_err(|e| format!("rank {rank}: cannot report its result: {e}"))?;
     let all = wait_for_results(&harness.results, ranks, patience);
     drop(harness);
@@ -105,44 +89,12 @@ fn run_rank(config: &Config) -> Result<Outcome, String> {
         .err()
         .map(|e| format!("rank {rank}: shutdown failed: {e}"));
 
-    let outcome = verdict(all, shutdown, ranks);
+    let outcome = lab::verdict(all, shutdown, ranks);
     Ok(if rank == 0 {
         Outcome::Report(outcome)
     } else {
         Outcome::Verdict(outcome.is_ok())
     })
-}
-
-/// Combines every rank's result into the run's verdict.
-fn verdict(
-    all: Result<Results, String>,
-    shutdown: Option<String>,
-    ranks: usize,
-) -> Result<Report, Failure> {
-    let mut reasons: Vec<String> = shutdown.into_iter().collect();
-    let results = all.unwrap_or_else(|e| {
-        reasons.push(e);
-        Results::new()
-    });
-    let mut observations = Vec::new();
-    for (rank, result) in &results {
-        observations.extend(result.observations.iter().cloned());
-        if let Some(failure) = &result.failure {
-            reasons.push(format!("rank {rank}: {failure}"));
-        }
-    }
-    if results.len() < ranks && reasons.is_empty() {
-        reasons.push(format!("only {} of {ranks} ranks reported", results.len()));
-    }
-    observations.sort_by_key(|o| o.step);
-    if reasons.is_empty() {
-        Ok(Report { observations })
-    } else {
-        Err(Failure {
-            observations,
-            reasons,
-        })
-    }
 }
 
 /// Polls `results` until `count` ranks have reported, for at most `patience`.

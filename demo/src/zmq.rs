@@ -19,7 +19,6 @@
 //! hangs. Node 0, the founder, prints the report; every node process ends with the verdict
 //! line and exits with it.
 
-use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
@@ -31,10 +30,11 @@ use std::time::{Duration, Instant};
 
 use clap::ValueEnum;
 use coherence_core::{Config, DistObj, Node, NodeId, Transport};
-use serde::{Deserialize, Serialize};
 use transport_zmq::{ZmqConfig, ZmqTransport};
 
-use crate::lab::{self, Failure, Harness, Observation, Report, Stop};
+use crate::lab::{
+    self, Barrier, Failure, Harness, Observation, ProcessResult, Report, Results, Stop,
+};
 
 /// The membership object: the ids of the nodes taking part, in the order they registered.
 const MEMBERS: &str = "demo/members";
@@ -101,22 +101,6 @@ enum Part {
     /// Opens the objects once the takers are done.
     Late,
 }
-
-/// How far the turn-taking nodes have got, and whether one of them gave up.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct Barrier {
-    arrivals: u64,
-    failed: Option<String>,
-}
-
-/// What one node reports.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct NodeResult {
-    observations: Vec<Observation>,
-    failure: Option<String>,
-}
-
-type Results = BTreeMap<NodeId, NodeResult>;
 
 /// Runs one node process. Node 0 returns the whole report; any other node returns only the
 /// verdict (no observations).
@@ -230,7 +214,7 @@ fn run_parts(
         }
         Err(Stop::Aborted) => Some(format!("node {id}: called off")),
     };
-    let mine = NodeResult {
+    let mine = ProcessResult {
         observations: std::mem::take(&mut *lock(&harness.observations)),
         failure,
     };
@@ -250,7 +234,7 @@ fn run_parts(
         .watch("shutdown", || node.shutdown())
         .err()
         .map(|e| format!("node {id}: shutdown failed: {e}"));
-    Ok((id, verdict(all, shutdown, total)))
+    Ok((id, lab::verdict(all, shutdown, total)))
 }
 
 /// Registers this node in the membership object and waits until `size` nodes have, for at
@@ -301,37 +285,6 @@ fn gather(
             ));
         }
         thread::sleep(Duration::from_millis(2));
-    }
-}
-
-/// Combines every node's result into the run's verdict.
-fn verdict(
-    all: Result<Results, String>,
-    shutdown: Option<String>,
-    total: usize,
-) -> Result<Report, Failure> {
-    let mut reasons: Vec<String> = shutdown.into_iter().collect();
-    let results = all.unwrap_or_else(|e| {
-        reasons.push(e);
-        Results::new()
-    });
-    let mut observations = Vec::new();
-    // Each failure names its node already.
-    for result in results.values() {
-        observations.extend(result.observations.iter().cloned());
-        reasons.extend(result.failure.iter().cloned());
-    }
-    if results.len() < total && reasons.is_empty() {
-        reasons.push(format!("only {} of {total} nodes reported", results.len()));
-    }
-    observations.sort_by_key(|o| (o.step, o.node));
-    if reasons.is_empty() {
-        Ok(Report { observations })
-    } else {
-        Err(Failure {
-            observations,
-            reasons,
-        })
     }
 }
 
@@ -755,43 +708,4 @@ pub fn launch(spec: &Launch) -> Result<Report, Failure> {
 /// Locks `mutex`, ignoring poisoning: every critical section here leaves its data consistent.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::lab::Step;
-
-    fn result(node: NodeId, failure: Option<&str>) -> NodeResult {
-        NodeResult {
-            observations: vec![Observation {
-                step: Step::IntOpened,
-                node,
-                text: format!("seen by {node}"),
-            }],
-            failure: failure.map(str::to_string),
-        }
-    }
-
-    #[test]
-    fn verdict_needs_every_result_and_no_failure() {
-        let all: Results = (0..3).map(|n| (n, result(n, None))).collect();
-        let report = verdict(Ok(all.clone()), None, 3).unwrap();
-        assert_eq!(report.observations.len(), 3);
-
-        let failure = verdict(Ok(all.clone()), None, 4).unwrap_err();
-        assert_eq!(failure.reasons, vec!["only 3 of 4 nodes reported"]);
-
-        let failure = verdict(Ok(all), Some("node 0: shutdown failed".into()), 3).unwrap_err();
-        assert_eq!(failure.reasons, vec!["node 0: shutdown failed"]);
-
-        let mut some_failed: Results = (0..2).map(|n| (n, result(n, None))).collect();
-        some_failed.insert(2, result(2, Some("node 2 read 3, expected 4")));
-        let failure = verdict(Ok(some_failed), None, 3).unwrap_err();
-        assert_eq!(failure.reasons, vec!["node 2 read 3, expected 4"]);
-        assert_eq!(failure.observations.len(), 3);
-
-        let failure = verdict(Err("only 1 of 3 nodes reported".into()), None, 3).unwrap_err();
-        assert_eq!(failure.reasons, vec!["only 1 of 3 nodes reported"]);
-    }
 }
