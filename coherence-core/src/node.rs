@@ -243,6 +243,11 @@ impl Inner {
                         .messages_sent
                         .fetch_add(batch.len() as u64, Ordering::Relaxed);
                 }
+                // After our own leave the transport is closed while peers that leave at the
+                // same time may still be answered (a `LeaveAck`); they hear of our close.
+                Err(TransportError::Closed) if self.stopped.load(Ordering::Acquire) => {
+                    tracing::debug!(node = self.id, to, "frame not sent: this node has left")
+                }
                 Err(e) => tracing::warn!(node = self.id, to, error = %e, "frame not sent"),
             }
         }
