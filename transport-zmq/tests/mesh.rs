@@ -255,3 +255,34 @@ fn joined_is_queued_at_every_member_before_start_returns() {
         nodes.push(node);
     }
 }
+
+/// A caller in async code runs inside another tokio runtime, where `block_on` would panic:
+/// start, send, receive (with and without waiting) and close must work there too.
+#[test]
+fn works_when_called_from_inside_another_tokio_runtime() {
+    let outer = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    outer.block_on(async {
+        let nodes = cluster(2, &config("inside-a-runtime"));
+        nodes[0].send(1, b"from async code".to_vec()).unwrap();
+        assert_eq!(next(&nodes[1]), frame(0, b"from async code"));
+        nodes[1].send(0, b"and back".to_vec()).unwrap();
+        let deadline = Instant::now() + common::WAIT;
+        let reply = loop {
+            if let Some(event) = nodes[0].recv(Duration::ZERO).expect("transport is open") {
+                break event;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no reply within {:?}",
+                common::WAIT
+            );
+        };
+        assert_eq!(reply, frame(1, b"and back"));
+        nodes[1].close();
+        assert_eq!(next(&nodes[0]), TransportEvent::Left(1));
+        nodes[0].close();
+    });
+}
