@@ -213,6 +213,29 @@ impl Rank {
         read(self.rank, obj)
     }
 
+    /// Reads `obj` and fails, naming this rank and the object, unless it holds `expected`;
+    /// `when` says at which point of the scenario.
+    fn read_expecting<T>(&self, obj: &DistObj<T>, expected: &T, when: impl Display) -> Outcome
+    where
+        T: Serialize
+            + DeserializeOwned
+            + Send
+            + Sync
+            + Clone
+            + PartialEq
+            + std::fmt::Debug
+            + 'static,
+    {
+        let seen = self.read(obj)?;
+        check(&seen == expected, || {
+            format!(
+                "rank {}: {} is {seen:?} {when}, expected {expected:?}",
+                self.rank,
+                obj.name()
+            )
+        })
+    }
+
     /// Waits until every rank still taking part arrived.
     pub fn sync(&self) -> Outcome {
         let target = self.target.get() + self.parties.get();
@@ -516,12 +539,7 @@ fn late_joiner(r: &Rank) -> Outcome {
         r.wait_until(&written, |&w| w >= founders)?;
         let int = r.open("late-join/int", -999i64)?;
         let expected: i64 = (0..late as i64).map(|i| 10 + i).sum();
-        let seen = r.read(&int)?;
-        check(seen == expected, || {
-            format!(
-                "the late rank read late-join/int {seen}, expected {expected} (its init is -999)"
-            )
-        })?;
+        r.read_expecting(&int, &expected, "on the late rank (its init is -999)")?;
         check(int.version() == founders, || {
             format!(
                 "the late rank: late-join/int at version {}, expected {founders}",
@@ -534,10 +552,7 @@ fn late_joiner(r: &Rank) -> Outcome {
             tags: BTreeMap::new(),
         };
         let rec = r.open("late-join/struct", other)?;
-        let seen = r.read(&rec)?;
-        check(seen == written_record, || {
-            format!("the late rank read late-join/struct {seen:?}")
-        })?;
+        r.read_expecting(&rec, &written_record, "on the late rank")?;
         let busy = r.open("late-join/busy", -1_000_000i64)?;
         for _ in 0..LATE_BUSY {
             add(r.rank, &busy, 1)?;
@@ -552,38 +567,18 @@ fn late_joiner(r: &Rank) -> Outcome {
     let busy = r.open("late-join/busy", 0i64)?;
     let counts = r.open("late-join/busy-counts", BTreeMap::<u32, u64>::new())?;
     let counts = r.wait_until(&counts, |c| c.len() as u64 >= founders)?;
-    let seen = r.read(&int)?;
-    check(seen == 1000, || {
-        format!(
-            "rank {}: late-join/int {seen} after the late rank's write",
-            r.rank
-        )
-    })?;
-    let seen = r.read(&rec)?;
-    check(seen == joiner_record, || {
-        format!(
-            "rank {}: late-join/struct {seen:?} after the late rank's write",
-            r.rank
-        )
-    })?;
+    r.read_expecting(&int, &1000, "after the late rank's write")?;
+    r.read_expecting(&rec, &joiner_record, "after the late rank's write")?;
     let expected = counts.values().sum::<u64>() as i64 + LATE_BUSY;
-    let seen = r.read(&busy)?;
-    check(seen == expected, || {
-        format!(
-            "rank {}: late-join/busy {seen}, expected {expected} ({counts:?} + {LATE_BUSY})",
-            r.rank
-        )
-    })?;
+    r.read_expecting(
+        &busy,
+        &expected,
+        format_args!("after {counts:?} + {LATE_BUSY} increments"),
+    )?;
     r.sync()?;
     add(r.rank, &int, 1)?;
     r.sync()?;
-    let seen = r.read(&int)?;
-    check(seen == 1000 + r.size as i64, || {
-        format!(
-            "rank {}: late-join/int {seen} after everyone's update",
-            r.rank
-        )
-    })?;
+    r.read_expecting(&int, &(1000 + r.size as i64), "after everyone's update")?;
     r.sync()
 }
 
@@ -594,13 +589,7 @@ fn lab(r: &Rank) -> Outcome {
     let dict = r.open("lab/dict", BTreeMap::<u32, i64>::new())?;
     r.sync()?;
     let check_int = |expected: i64, version: u64, after: &str| -> Outcome {
-        let seen = r.read(&int)?;
-        check(seen == expected, || {
-            format!(
-                "rank {} read int {seen} after {after}, expected {expected}",
-                r.rank
-            )
-        })?;
+        r.read_expecting(&int, &expected, format_args!("after {after}"))?;
         check(int.version() == version, || {
             format!(
                 "rank {}: int at version {} after {after}, expected {version}",
@@ -798,10 +787,7 @@ fn many_objects(r: &Rank) -> Outcome {
     r.sync()?;
     for (k, obj) in objects.iter().enumerate() {
         let expected = 1000 * k as i64 + (r.size * THREADS * ROUNDS) as i64;
-        let seen = r.read(obj)?;
-        check(seen == expected, || {
-            format!("rank {}: many/{k} is {seen}, expected {expected}", r.rank)
-        })?;
+        r.read_expecting(obj, &expected, "after every thread's updates")?;
     }
     r.sync()
 }
@@ -1030,15 +1016,9 @@ fn type_mismatch(r: &Rank) -> Outcome {
             "Record",
         )?;
         let x = r.open("typed/x", 0i64)?;
-        let seen = r.read(&x)?;
-        check(seen == 6, || {
-            format!("rank {}: typed/x {seen} after a mismatch", r.rank)
-        })?;
+        r.read_expecting(&x, &6, "after a mismatch")?;
         let rec = r.open("typed/rec", record.clone())?;
-        let seen = r.read(&rec)?;
-        check(seen == record, || {
-            format!("rank {}: typed/rec {seen:?} after a mismatch", r.rank)
-        })?;
+        r.read_expecting(&rec, &record, "after a mismatch")?;
     }
     if r.rank == last {
         let y = r.open("typed/y", "hello".to_string())?;
@@ -1047,8 +1027,7 @@ fn type_mismatch(r: &Rank) -> Outcome {
     r.sync()?;
     if r.rank == 0 {
         let y = r.open("typed/y", String::new())?;
-        let seen = r.read(&y)?;
-        check(seen == "world", || format!("rank 0: typed/y {seen:?}"))?;
+        r.read_expecting(&y, &"world".to_string(), "after the last rank's write")?;
         expect_mismatch(
             r.rank,
             r.node().object("typed/y", 0u8),
@@ -1105,20 +1084,8 @@ fn shutdown_hands_tokens_on(r: &mut Rank) -> Outcome {
         r.sync()?;
         r.parties.set(r.parties.get() - 1);
         let remaining = r.parties.get() as i64;
-        let seen = r.read(&a)?;
-        check(seen == value, || {
-            format!(
-                "rank {}: handoff/a {seen} after rank {leaver} left, expected {value}",
-                r.rank
-            )
-        })?;
-        let seen = r.read(&b)?;
-        check(seen == text, || {
-            format!(
-                "rank {}: handoff/b {seen:?} after rank {leaver} left",
-                r.rank
-            )
-        })?;
+        r.read_expecting(&a, &value, format_args!("after rank {leaver} left"))?;
+        r.read_expecting(&b, &text, format_args!("after rank {leaver} left"))?;
         let seen = r.read(&c)?;
         check(seen == vec![leaver as u32; 1000], || {
             format!(
@@ -1131,10 +1098,11 @@ fn shutdown_hands_tokens_on(r: &mut Rank) -> Outcome {
         add(r.rank, &a, 1)?;
         r.sync()?;
         expected_a = value + remaining;
-        let seen = r.read(&a)?;
-        check(seen == expected_a, || {
-            format!("rank {}: handoff/a {seen} after updates without rank {leaver}, expected {expected_a}", r.rank)
-        })?;
+        r.read_expecting(
+            &a,
+            &expected_a,
+            format_args!("after updates without rank {leaver}"),
+        )?;
         r.sync()?;
     }
     // Only ranks that stay get here; the genesis role has moved from rank 0.
