@@ -465,7 +465,7 @@ impl Inner {
     fn handle_event(&self, event: TransportEvent) {
         let mut core = self.lock();
         match event {
-            TransportEvent::Frame { from, bytes } => match wire::decode(&bytes) {
+            TransportEvent::Frame { from, bytes } => match wire::decode(Bytes::from(bytes)) {
                 Ok(messages) => {
                     self.counters
                         .frames_received

@@ -1,24 +1,30 @@
 //! Wire messages and their versioned codec.
 //!
-//! A frame is one protocol-version byte followed by a MessagePack (rmp-serde) array of
-//! [`Message`]s. The driver batches everything one step sends to the same peer into one frame.
-//! Values travel as [`Bytes`], which serialize as MessagePack binary: a 4 KiB payload as a plain
-//! `Vec<u8>` is encoded element by element and measured 150x slower.
+//! A frame is one protocol-version byte followed by a MessagePack array of [`Message`]s. The
+//! driver batches everything one step sends to the same peer into one frame. Each message is a
+//! MessagePack array: an integer tag (`TAG_*`), then the message's fields in declaration order,
+//! with [`RequestId`]s flattened, [`Init`] and [`Value`] as nested arrays, absent options as nil
+//! and value bytes as MessagePack binary.
+//!
+//! The codec is written by hand over `rmp` (the MessagePack layer rmp-serde is built on) rather
+//! than derived with serde: every write crosses the wire twice, and rmp-serde's derived decoding
+//! cost about 1,300 instructions for an 11-byte request (the enum variant named by a string,
+//! then a generic visitor per field) against about 150 here. User values stay serde +
+//! rmp-serde. A decoded value's bytes share the frame's buffer instead of being copied.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 
 use crate::transport::NodeId;
 
 /// Version of the wire format; a frame with another version is rejected.
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
 
 /// Identifies one request: its Lamport timestamp, then its node. Lower sorts first and has
 /// priority, so every node orders the same requests the same way.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RequestId {
     /// Lamport timestamp at the requester when it issued the request.
     pub ts: u64,
@@ -27,7 +33,7 @@ pub struct RequestId {
 }
 
 /// What a request asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Access {
     /// One token and the current value.
     Read,
@@ -37,34 +43,31 @@ pub enum Access {
 
 /// The value an object is created with, carried by an opening node's request. Only the genesis
 /// node uses it, and only if the object does not exist yet.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Init {
     /// Name of the value's type, so a node opening the object with another type gets an error.
-    #[serde(deserialize_with = "shared_str")]
     pub type_name: Arc<str>,
     /// The encoded initial value.
     pub bytes: Bytes,
 }
 
 /// A value with its version (the number of writes applied to it) and type.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Value {
     /// Writes applied since creation; versions are totally ordered because writes need all tokens.
     pub version: u64,
     /// Name of the value's type (shared: every copy of a value names the same type).
-    #[serde(deserialize_with = "shared_str")]
     pub type_name: Arc<str>,
     /// The encoded value.
     pub bytes: Bytes,
 }
 
 /// A persistent request for tokens of one object, broadcast to every member.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Request {
     /// Priority and identity.
     pub id: RequestId,
     /// The object's name (shared with the node's table, so messages do not copy it).
-    #[serde(deserialize_with = "shared_str")]
     pub object: Arc<str>,
     /// Read or write.
     pub access: Access,
@@ -76,10 +79,9 @@ pub struct Request {
 
 /// Tokens handed from one node to another (the lab's TOKEN_RELEASE, and with data its
 /// DATA_UPDATE).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Grant {
     /// The object's name (shared with the node's table, so messages do not copy it).
-    #[serde(deserialize_with = "shared_str")]
     pub object: Arc<str>,
     /// Tokens carried, including the owner token if `owner`.
     pub count: u32,
@@ -94,7 +96,7 @@ pub struct Grant {
 }
 
 /// One protocol message.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Message {
     /// Asks for tokens (the lab's TOKEN_REQUEST, WRITE_REQUEST and NEW_PROCESS).
     Request(Request),
@@ -104,7 +106,6 @@ pub enum Message {
     /// ACKNOWLEDGE, here sent by the requester).
     Done {
         /// The object's name.
-        #[serde(deserialize_with = "shared_str")]
         object: Arc<str>,
         /// The finished request.
         id: RequestId,
@@ -120,23 +121,15 @@ pub enum Message {
     },
 }
 
-/// Decodes a name straight into its shared form: serde's own `Arc<str>` goes through a
-/// `String` and a `Box<str>` first, three allocations where one does.
-fn shared_str<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Arc<str>, D::Error> {
-    struct SharedStr;
-    impl serde::de::Visitor<'_> for SharedStr {
-        type Value = Arc<str>;
+const TAG_REQUEST: u8 = 0;
+const TAG_GRANT: u8 = 1;
+const TAG_DONE: u8 = 2;
+const TAG_LEAVING: u8 = 3;
+const TAG_LEAVE_ACK: u8 = 4;
+const TAG_GENESIS: u8 = 5;
 
-        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("a string")
-        }
-
-        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Arc<str>, E> {
-            Ok(Arc::from(s))
-        }
-    }
-    deserializer.deserialize_str(SharedStr)
-}
+const ACCESS_READ: u8 = 0;
+const ACCESS_WRITE: u8 = 1;
 
 /// Why a frame could not be decoded.
 #[derive(Debug, thiserror::Error)]
@@ -151,8 +144,13 @@ pub enum DecodeError {
         found: u8,
     },
     /// The body is not a valid message list.
-    #[error("malformed frame: {0}")]
-    Malformed(#[from] rmp_serde::decode::Error),
+    #[error("malformed frame at byte {offset}: {reason}")]
+    Malformed {
+        /// Where in the frame (counting the version byte) decoding stopped.
+        offset: usize,
+        /// What was wrong there.
+        reason: String,
+    },
 }
 
 /// Encodes messages into one frame.
@@ -161,32 +159,329 @@ where
     I: IntoIterator<Item = &'a Message>,
     I::IntoIter: ExactSizeIterator,
 {
-    use serde::Serializer;
+    let messages = messages.into_iter();
     // Room for a small frame, so it is not regrown byte by byte.
-    let mut frame = Vec::with_capacity(128);
-    frame.push(PROTOCOL_VERSION);
-    rmp_serde::Serializer::new(&mut frame)
-        .collect_seq(messages)
-        .expect("writing to a Vec cannot fail");
-    frame
+    let mut w = Vec::with_capacity(128);
+    w.push(PROTOCOL_VERSION);
+    array_len(&mut w, messages.len());
+    for message in messages {
+        encode_message(&mut w, message);
+    }
+    w
 }
 
-/// Decodes a frame made by [`encode`].
-pub fn decode(frame: &[u8]) -> Result<Vec<Message>, DecodeError> {
-    let (&version, body) = frame.split_first().ok_or(DecodeError::Empty)?;
+// Writing to a `Vec` cannot fail: rmp's errors there are the `Vec`'s, which has none.
+fn array_len(w: &mut Vec<u8>, len: usize) {
+    let len = u32::try_from(len).expect("fewer than 2^32 elements");
+    rmp::encode::write_array_len(w, len).expect("writing to a Vec");
+}
+
+fn uint(w: &mut Vec<u8>, n: u64) {
+    rmp::encode::write_uint(w, n).expect("writing to a Vec");
+}
+
+fn text(w: &mut Vec<u8>, s: &str) {
+    rmp::encode::write_str(w, s).expect("writing to a Vec");
+}
+
+fn binary(w: &mut Vec<u8>, bytes: &[u8]) {
+    rmp::encode::write_bin(w, bytes).expect("writing to a Vec");
+}
+
+fn optional_uint(w: &mut Vec<u8>, n: Option<u64>) {
+    match n {
+        Some(n) => uint(w, n),
+        None => rmp::encode::write_nil(w).expect("writing to a Vec"),
+    }
+}
+
+fn encode_message(w: &mut Vec<u8>, message: &Message) {
+    match message {
+        Message::Request(r) => {
+            array_len(w, 7);
+            uint(w, TAG_REQUEST.into());
+            uint(w, r.id.ts);
+            uint(w, r.id.node.into());
+            text(w, &r.object);
+            uint(
+                w,
+                match r.access {
+                    Access::Read => ACCESS_READ,
+                    Access::Write => ACCESS_WRITE,
+                }
+                .into(),
+            );
+            optional_uint(w, r.have_version);
+            match &r.init {
+                Some(init) => {
+                    array_len(w, 2);
+                    text(w, &init.type_name);
+                    binary(w, &init.bytes);
+                }
+                None => rmp::encode::write_nil(w).expect("writing to a Vec"),
+            }
+        }
+        Message::Grant(g) => {
+            array_len(w, 7);
+            uint(w, TAG_GRANT.into());
+            text(w, &g.object);
+            uint(w, g.count.into());
+            rmp::encode::write_bool(w, g.owner).expect("writing to a Vec");
+            uint(w, g.total.into());
+            optional_uint(w, g.version);
+            match &g.value {
+                Some(value) => {
+                    array_len(w, 3);
+                    uint(w, value.version);
+                    text(w, &value.type_name);
+                    binary(w, &value.bytes);
+                }
+                None => rmp::encode::write_nil(w).expect("writing to a Vec"),
+            }
+        }
+        Message::Done { object, id } => {
+            array_len(w, 4);
+            uint(w, TAG_DONE.into());
+            text(w, object);
+            uint(w, id.ts);
+            uint(w, id.node.into());
+        }
+        Message::Leaving => {
+            array_len(w, 1);
+            uint(w, TAG_LEAVING.into());
+        }
+        Message::LeaveAck => {
+            array_len(w, 1);
+            uint(w, TAG_LEAVE_ACK.into());
+        }
+        Message::Genesis { created } => {
+            array_len(w, 2);
+            uint(w, TAG_GENESIS.into());
+            array_len(w, created.len());
+            for name in created {
+                text(w, name);
+            }
+        }
+    }
+}
+
+/// Decodes a frame made by [`encode`]. Value bytes are slices of `frame`, not copies.
+pub fn decode(frame: Bytes) -> Result<Vec<Message>, DecodeError> {
+    let (&version, _) = frame.split_first().ok_or(DecodeError::Empty)?;
     if version != PROTOCOL_VERSION {
         return Err(DecodeError::Version { found: version });
     }
-    Ok(rmp_serde::from_slice(body)?)
+    let mut d = Decoder {
+        rest: &frame[1..],
+        frame: &frame,
+    };
+    let count = d.array_len("the message list")?;
+    // Every message takes at least two bytes, so a forged count cannot reserve much.
+    let mut messages = Vec::with_capacity((count as usize).min(frame.len() / 2));
+    for _ in 0..count {
+        messages.push(d.message()?);
+    }
+    if !d.rest.is_empty() {
+        return Err(d.malformed("bytes after the last message".into()));
+    }
+    Ok(messages)
+}
+
+/// Reads one frame's MessagePack, naming what it expected where it fails.
+struct Decoder<'a> {
+    /// What is left to read.
+    rest: &'a [u8],
+    frame: &'a Bytes,
+}
+
+impl<'a> Decoder<'a> {
+    fn malformed(&self, reason: String) -> DecodeError {
+        DecodeError::Malformed {
+            offset: self.frame.len() - self.rest.len(),
+            reason,
+        }
+    }
+
+    fn expected(&self, what: &str) -> DecodeError {
+        self.malformed(format!("expected {what}"))
+    }
+
+    /// One MessagePack item read by `read`; on failure the error points at the item's start.
+    fn item<T, E>(
+        &mut self,
+        what: &str,
+        read: impl FnOnce(&mut &'a [u8]) -> Result<T, E>,
+    ) -> Result<T, DecodeError> {
+        let start = self.rest;
+        read(&mut self.rest).map_err(|_| {
+            self.rest = start;
+            self.expected(what)
+        })
+    }
+
+    fn array_len(&mut self, what: &str) -> Result<u32, DecodeError> {
+        self.item(what, rmp::decode::read_array_len)
+    }
+
+    fn uint<T: TryFrom<u64>>(&mut self, what: &str) -> Result<T, DecodeError> {
+        let start = self.rest;
+        let n: u64 = self.item(what, rmp::decode::read_int)?;
+        T::try_from(n).map_err(|_| {
+            self.rest = start;
+            self.malformed(format!("{what} out of range: {n}"))
+        })
+    }
+
+    fn is_nil(&mut self) -> bool {
+        if let Some((&0xc0, rest)) = self.rest.split_first() {
+            self.rest = rest;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn optional_uint(&mut self, what: &str) -> Result<Option<u64>, DecodeError> {
+        if self.is_nil() {
+            Ok(None)
+        } else {
+            self.uint(what).map(Some)
+        }
+    }
+
+    fn bool(&mut self, what: &str) -> Result<bool, DecodeError> {
+        self.item(what, rmp::decode::read_bool)
+    }
+
+    /// The next `len` bytes.
+    fn take(&mut self, len: u32, what: &str) -> Result<&'a [u8], DecodeError> {
+        let len = len as usize;
+        if self.rest.len() < len {
+            return Err(self.malformed(format!("{what} truncated")));
+        }
+        let (taken, rest) = self.rest.split_at(len);
+        self.rest = rest;
+        Ok(taken)
+    }
+
+    fn text(&mut self, what: &str) -> Result<Arc<str>, DecodeError> {
+        let len = self.item(what, rmp::decode::read_str_len)?;
+        let bytes = self.take(len, what)?;
+        match std::str::from_utf8(bytes) {
+            Ok(text) => Ok(Arc::from(text)),
+            Err(_) => Err(self.malformed(format!("{what} is not UTF-8"))),
+        }
+    }
+
+    /// Binary data as a slice of the frame, sharing its buffer.
+    fn binary(&mut self, what: &str) -> Result<Bytes, DecodeError> {
+        let len = self.item(what, rmp::decode::read_bin_len)?;
+        let bytes = self.take(len, what)?;
+        Ok(self.frame.slice_ref(bytes))
+    }
+
+    /// The array header of a message part with exactly `fields` fields.
+    fn fields(&mut self, fields: u32, what: &str) -> Result<(), DecodeError> {
+        let len = self.array_len(what)?;
+        if len != fields {
+            return Err(self.malformed(format!("{what} has {len} fields, expected {fields}")));
+        }
+        Ok(())
+    }
+
+    fn message(&mut self) -> Result<Message, DecodeError> {
+        let len = self.array_len("a message")?;
+        let tag_at = self.rest;
+        let tag: u8 = self.uint("a message tag")?;
+        let expected_len = match tag {
+            TAG_REQUEST | TAG_GRANT => 7,
+            TAG_DONE => 4,
+            TAG_LEAVING | TAG_LEAVE_ACK => 1,
+            TAG_GENESIS => 2,
+            other => {
+                self.rest = tag_at;
+                return Err(self.malformed(format!("unknown message tag {other}")));
+            }
+        };
+        if len != expected_len {
+            return Err(self.malformed(format!(
+                "message with tag {tag} has {len} fields, expected {expected_len}"
+            )));
+        }
+        Ok(match tag {
+            TAG_REQUEST => {
+                let id = RequestId {
+                    ts: self.uint("a request's timestamp")?,
+                    node: self.uint("a request's node")?,
+                };
+                let object = self.text("an object name")?;
+                let access = match self.uint::<u8>("an access")? {
+                    ACCESS_READ => Access::Read,
+                    ACCESS_WRITE => Access::Write,
+                    other => return Err(self.malformed(format!("unknown access {other}"))),
+                };
+                let have_version = self.optional_uint("a version")?;
+                let init = if self.is_nil() {
+                    None
+                } else {
+                    self.fields(2, "an init")?;
+                    Some(Init {
+                        type_name: self.text("a type name")?,
+                        bytes: self.binary("an initial value")?,
+                    })
+                };
+                Message::Request(Request {
+                    id,
+                    object,
+                    access,
+                    have_version,
+                    init,
+                })
+            }
+            TAG_GRANT => Message::Grant(Grant {
+                object: self.text("an object name")?,
+                count: self.uint("a token count")?,
+                owner: self.bool("an owner flag")?,
+                total: self.uint("a token total")?,
+                version: self.optional_uint("a version")?,
+                value: if self.is_nil() {
+                    None
+                } else {
+                    self.fields(3, "a value")?;
+                    Some(Value {
+                        version: self.uint("a value's version")?,
+                        type_name: self.text("a type name")?,
+                        bytes: self.binary("a value's bytes")?,
+                    })
+                },
+            }),
+            TAG_DONE => Message::Done {
+                object: self.text("an object name")?,
+                id: RequestId {
+                    ts: self.uint("a request's timestamp")?,
+                    node: self.uint("a request's node")?,
+                },
+            },
+            TAG_LEAVING => Message::Leaving,
+            TAG_LEAVE_ACK => Message::LeaveAck,
+            _ => {
+                let count = self.array_len("a list of object names")?;
+                let mut created = BTreeSet::new();
+                for _ in 0..count {
+                    created.insert(self.text("an object name")?);
+                }
+                Message::Genesis { created }
+            }
+        })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn round_trip_keeps_every_message() {
-        let messages = vec![
+    fn every_message() -> Vec<Message> {
+        vec![
             Message::Request(Request {
                 id: RequestId { ts: 7, node: 3 },
                 object: "x".into(),
@@ -196,6 +491,16 @@ mod tests {
                     type_name: "i64".into(),
                     bytes: Bytes::from_static(&[1, 2, 3]),
                 }),
+            }),
+            Message::Request(Request {
+                id: RequestId {
+                    ts: u64::MAX,
+                    node: NodeId::MAX,
+                },
+                object: "ünïcode".into(),
+                access: Access::Read,
+                have_version: None,
+                init: None,
             }),
             Message::Grant(Grant {
                 object: "x".into(),
@@ -209,6 +514,14 @@ mod tests {
                     bytes: Bytes::from(vec![9u8; 4096]),
                 }),
             }),
+            Message::Grant(Grant {
+                object: "y".into(),
+                count: 1,
+                owner: false,
+                total: 1,
+                version: None,
+                value: None,
+            }),
             Message::Done {
                 object: "x".into(),
                 id: RequestId { ts: 7, node: 3 },
@@ -218,15 +531,27 @@ mod tests {
             Message::Genesis {
                 created: ["a".into(), "b".into()].into(),
             },
-        ];
-        let frame = encode(&messages);
-        assert_eq!(decode(&frame).unwrap(), messages);
+            Message::Genesis {
+                created: BTreeSet::new(),
+            },
+        ]
+    }
+
+    fn decode_vec(frame: Vec<u8>) -> Result<Vec<Message>, DecodeError> {
+        decode(Bytes::from(frame))
     }
 
     #[test]
-    fn payload_is_encoded_as_binary_not_as_an_array() {
+    fn round_trip_keeps_every_message() {
+        let messages = every_message();
+        assert_eq!(decode_vec(encode(&messages)).unwrap(), messages);
+        assert_eq!(decode_vec(encode(&[])).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn payload_is_encoded_as_binary_and_decoded_without_a_copy() {
         let big = Bytes::from(vec![0xABu8; 4096]);
-        let frame = encode(&[Message::Grant(Grant {
+        let frame = Bytes::from(encode(&[Message::Grant(Grant {
             object: "o".into(),
             count: 1,
             owner: false,
@@ -235,26 +560,84 @@ mod tests {
             value: Some(Value {
                 version: 0,
                 type_name: "".into(),
-                bytes: big,
+                bytes: big.clone(),
             }),
-        })]);
+        })]));
         // As an array, each byte >= 0x80 would take two bytes on the wire.
         assert!(frame.len() < 4096 + 64, "frame is {} bytes", frame.len());
+        let [Message::Grant(grant)] = &decode(frame.clone()).unwrap()[..] else {
+            panic!("one grant expected");
+        };
+        let bytes = &grant.value.as_ref().unwrap().bytes;
+        assert_eq!(bytes, &big);
+        let within = frame.as_ptr_range();
+        assert!(within.contains(&bytes.as_ptr()), "the value was copied");
+    }
+
+    fn malformed(frame: Vec<u8>) -> (usize, String) {
+        match decode_vec(frame) {
+            Err(DecodeError::Malformed { offset, reason }) => (offset, reason),
+            other => panic!("expected a malformed frame, got {other:?}"),
+        }
     }
 
     #[test]
-    fn bad_frames_are_errors() {
-        assert!(matches!(decode(&[]), Err(DecodeError::Empty)));
+    fn bad_frames_are_errors_that_say_what_was_wrong() {
+        assert!(matches!(decode_vec(vec![]), Err(DecodeError::Empty)));
         assert!(matches!(
-            decode(&[99, 0x90]),
+            decode_vec(vec![99, 0x90]),
             Err(DecodeError::Version { found: 99 })
         ));
-        assert!(matches!(
-            decode(&[PROTOCOL_VERSION, 0xc1, 0xff]),
-            Err(DecodeError::Malformed(_))
-        ));
-        let mut truncated = encode(&[Message::Leaving, Message::LeaveAck]);
-        truncated.pop();
-        assert!(decode(&truncated).is_err());
+        assert_eq!(
+            malformed(vec![PROTOCOL_VERSION, 0xc1, 0xff]),
+            (1, "expected the message list".into())
+        );
+        // [[9]]: a message with an unknown tag.
+        assert_eq!(
+            malformed(vec![PROTOCOL_VERSION, 0x91, 0x91, 9]),
+            (3, "unknown message tag 9".into())
+        );
+        // [[3, 0]]: Leaving with a field too many.
+        assert_eq!(
+            malformed(vec![PROTOCOL_VERSION, 0x91, 0x92, 3, 0]).1,
+            "message with tag 3 has 2 fields, expected 1"
+        );
+        // [[3]] followed by a stray byte.
+        assert_eq!(
+            malformed(vec![PROTOCOL_VERSION, 0x91, 0x91, 3, 0]),
+            (4, "bytes after the last message".into())
+        );
+        // A Done whose node id does not fit in a NodeId.
+        let mut frame = vec![PROTOCOL_VERSION, 0x91, 0x94, TAG_DONE, 0xa1, b'x', 1];
+        frame.push(0xcf);
+        frame.extend_from_slice(&u64::MAX.to_be_bytes());
+        assert!(malformed(frame)
+            .1
+            .starts_with("a request's node out of range"));
+        // A Done whose object name is not UTF-8.
+        let frame = vec![PROTOCOL_VERSION, 0x91, 0x94, TAG_DONE, 0xa1, 0xff, 1, 1];
+        assert_eq!(malformed(frame).1, "an object name is not UTF-8");
+        // A list that claims more messages than the frame holds.
+        assert_eq!(
+            malformed(vec![PROTOCOL_VERSION, 0xdd, 0xff, 0xff, 0xff, 0xff]).1,
+            "expected a message"
+        );
+    }
+
+    #[test]
+    fn every_truncation_and_corruption_is_an_error_not_a_panic() {
+        let frame = encode(&every_message());
+        for len in 0..frame.len() {
+            assert!(decode_vec(frame[..len].to_vec()).is_err(), "cut at {len}");
+        }
+        // Every single byte replaced by a few telling values: decoding may succeed (a changed
+        // number is still a number) but must never panic.
+        for at in 1..frame.len() {
+            for byte in [0x00, 0x7f, 0xc0, 0xc1, 0xcf, 0xdb, 0xdd, 0xff] {
+                let mut corrupt = frame.clone();
+                corrupt[at] = byte;
+                let _ = decode_vec(corrupt);
+            }
+        }
     }
 }
