@@ -72,6 +72,8 @@ struct Core {
     left: Option<Sender<()>>,
     /// This step's messages, grouped by destination; kept to reuse its buffer.
     outbox: Vec<(NodeId, Message)>,
+    /// The messages of the frame being handled; kept to reuse its buffer.
+    inbox: Vec<Message>,
 }
 
 /// Where a waiting caller's outcome lands. Each thread has one and reuses it for every
@@ -200,6 +202,7 @@ impl Inner {
             cells,
             left,
             outbox,
+            ..
         } = core;
         for event in protocol.take_events() {
             match event {
@@ -465,23 +468,30 @@ impl Inner {
     fn handle_event(&self, event: TransportEvent) {
         let mut core = self.lock();
         match event {
-            TransportEvent::Frame { from, bytes } => match wire::decode(Bytes::from(bytes)) {
-                Ok(messages) => {
-                    self.counters
-                        .frames_received
-                        .fetch_add(1, Ordering::Relaxed);
-                    for message in messages {
-                        tracing::trace!(node = self.id, from, msg = ?message, "receive");
-                        self.step(&mut core, |p| p.handle(from, message));
+            TransportEvent::Frame { from, bytes } => {
+                let mut inbox = std::mem::take(&mut core.inbox);
+                let protocol = &core.protocol;
+                match wire::decode_into(Bytes::from(bytes), &mut inbox, |name| {
+                    protocol.shared_name(name)
+                }) {
+                    Ok(()) => {
+                        self.counters
+                            .frames_received
+                            .fetch_add(1, Ordering::Relaxed);
+                        for message in inbox.drain(..) {
+                            tracing::trace!(node = self.id, from, msg = ?message, "receive");
+                            self.step(&mut core, |p| p.handle(from, message));
+                        }
+                    }
+                    Err(e) => {
+                        self.counters
+                            .frames_rejected
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(node = self.id, from, error = %e, "frame rejected");
                     }
                 }
-                Err(e) => {
-                    self.counters
-                        .frames_rejected
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(node = self.id, from, error = %e, "frame rejected");
-                }
-            },
+                core.inbox = inbox;
+            }
             TransportEvent::Joined(peer) => {
                 tracing::debug!(node = self.id, peer, "peer joined");
                 self.step(&mut core, |p| p.peer_joined(peer));
@@ -527,6 +537,7 @@ impl Node {
                 cells: BTreeMap::new(),
                 left: None,
                 outbox: Vec::new(),
+                inbox: Vec::new(),
             }),
             stopped: AtomicBool::new(false),
             halt: AtomicBool::new(false),

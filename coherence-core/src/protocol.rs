@@ -9,6 +9,7 @@
 //! `docs/PROTOCOL.md` explains the rules and why they are safe and starvation-free.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::ops::Bound;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -101,6 +102,49 @@ struct Entry {
     served: bool,
 }
 
+/// The active requests of one object, in priority order. A sorted `Vec`: there are at most as
+/// many as nodes, and a `BTreeMap` allocated and freed a node each time its only request came
+/// and went, which was most of a write's allocations.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+struct Requests(Vec<(RequestId, Entry)>);
+
+impl Requests {
+    fn position(&self, id: &RequestId) -> Result<usize, usize> {
+        self.0.binary_search_by(|(other, _)| other.cmp(id))
+    }
+
+    /// Adds a request, replacing one with the same id.
+    fn insert(&mut self, id: RequestId, entry: Entry) {
+        match self.position(&id) {
+            Ok(at) => self.0[at].1 = entry,
+            Err(at) => self.0.insert(at, (id, entry)),
+        }
+    }
+
+    fn remove(&mut self, id: &RequestId) {
+        if let Ok(at) = self.position(id) {
+            self.0.remove(at);
+        }
+    }
+
+    fn get(&self, id: &RequestId) -> &Entry {
+        let at = self.position(id).expect("a known request");
+        &self.0[at].1
+    }
+
+    fn first_id(&self) -> Option<&RequestId> {
+        self.0.first().map(|(id, _)| id)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &(RequestId, Entry)> {
+        self.0.iter()
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
 /// A local write waiting for all tokens: with bytes it is applied at once, without it locks.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct PendingWrite {
@@ -132,7 +176,7 @@ struct Object {
     /// The version the driver was last told is readable.
     published: Option<u64>,
     /// Every known active request, in priority order.
-    requests: BTreeMap<RequestId, Entry>,
+    requests: Requests,
     /// Nodes that opened the object: they get the new value after a write (Update policy).
     interested: BTreeSet<NodeId>,
     /// This node's active request.
@@ -233,6 +277,14 @@ impl Protocol {
             readable: o.readable(),
             version: o.value.as_ref().map(|v| v.version),
         })
+    }
+
+    /// This node's shared copy of the name `object`, if it has heard of it: a decoded message
+    /// can use it instead of allocating the name again.
+    pub fn shared_name(&self, object: &str) -> Option<Arc<str>> {
+        self.objects
+            .get_key_value(object)
+            .map(|(name, _)| Arc::clone(name))
     }
 
     /// Names of every object this node has heard of.
@@ -420,7 +472,7 @@ impl Protocol {
         }
         for (name, o) in &self.objects {
             if let Some(mine) = o.mine.filter(|m| m.announced) {
-                let entry = &o.requests[&mine.id];
+                let entry = o.requests.get(&mine.id);
                 self.sends
                     .push((peer, Message::Request(request_of(name, mine.id, entry))));
             }
@@ -499,7 +551,7 @@ impl Protocol {
         for name in names {
             let o = self.objects.get_mut(&name).expect("listed");
             o.interested.remove(&peer);
-            o.requests.retain(|id, _| id.node != peer);
+            o.requests.0.retain(|(id, _)| id.node != peer);
             self.step(&name);
         }
     }
@@ -541,7 +593,7 @@ impl Protocol {
             .openers
             .first()
             .map(|(_, init)| init.clone())
-            .or_else(|| o.requests.values().find_map(|e| e.init.clone()));
+            .or_else(|| o.requests.iter().find_map(|(_, e)| e.init.clone()));
         let Some(init) = init else {
             return;
         };
@@ -584,7 +636,7 @@ impl Protocol {
         }
         // Writes run while every token is here and this node's turn has come: its request is
         // the first in the table (or nobody else asked).
-        let turn = match (o.mine, o.requests.keys().next()) {
+        let turn = match (o.mine, o.requests.first_id()) {
             (Some(mine), first) => !mine.spent && first == Some(&mine.id),
             (None, first) => first.is_none(),
         };
@@ -632,7 +684,7 @@ impl Protocol {
             return false;
         }
         let spent = o.mine.is_some_and(|m| m.spent);
-        let current = o.mine.map(|m| o.requests[&m.id].access);
+        let current = o.mine.map(|m| o.requests.get(&m.id).access);
         if !spent && current == wanted {
             return false;
         }
@@ -688,23 +740,27 @@ impl Protocol {
     /// at its own request (it is next), and never gives tokens away while locked.
     fn pass_tokens_on(&mut self, name: &Arc<str>) {
         let me = self.id;
-        let leaving = self.leaving;
-        let o = self.objects.get_mut(name).expect("stepped objects exist");
+        let Protocol {
+            objects,
+            sends,
+            members,
+            leaving,
+            ..
+        } = self;
+        let o = objects.get_mut(name).expect("stepped objects exist");
         if o.locked.is_some() || o.tokens == 0 {
             return;
         }
-        let mut grants = Vec::new();
-        let ids: Vec<RequestId> = o.requests.keys().copied().collect();
-        for id in ids {
+        for at in 0..o.requests.len() {
+            let (id, ref mut entry) = o.requests.0[at];
             if o.tokens == 0 || id.node == me {
                 break;
             }
-            let entry = o.requests.get_mut(&id).expect("listed");
+            let have = entry.have_version;
             match entry.access {
                 Access::Read => {
                     if o.owner && !entry.served {
                         entry.served = true;
-                        let have = entry.have_version;
                         let want = (o.interested.len() as u32 + 1).max(o.total);
                         if o.tokens == o.total && want > o.total {
                             // Minting is safe only while every token is here.
@@ -712,33 +768,32 @@ impl Protocol {
                             o.tokens = want;
                         }
                         let count = if o.tokens > 1 { 1 } else { o.tokens };
-                        grants.push((id.node, take_tokens(name, o, count, have)));
+                        let grant = take_tokens(name, o, count, have);
+                        sends.push((id.node, Message::Grant(grant)));
                     }
                 }
                 Access::Write => {
-                    let have = entry.have_version;
                     let all = o.tokens;
-                    grants.push((id.node, take_tokens(name, o, all, have)));
+                    let grant = take_tokens(name, o, all, have);
+                    sends.push((id.node, Message::Grant(grant)));
                     break;
                 }
             }
         }
-        if leaving && o.tokens > 0 {
+        if *leaving && o.tokens > 0 {
             // Nobody asked: hand the rest to a node that uses the object, else to anyone.
             let heir = o
                 .requests
-                .keys()
-                .map(|id| id.node)
+                .iter()
+                .map(|(id, _)| id.node)
                 .find(|&n| n != me)
                 .or_else(|| o.interested.iter().copied().find(|&n| n != me))
-                .or_else(|| self.members.iter().next().copied());
+                .or_else(|| members.iter().next().copied());
             if let Some(heir) = heir {
                 let all = o.tokens;
-                grants.push((heir, take_tokens(name, o, all, None)));
+                let grant = take_tokens(name, o, all, None);
+                sends.push((heir, Message::Grant(grant)));
             }
-        }
-        for (to, grant) in grants {
-            self.sends.push((to, Message::Grant(grant)));
         }
     }
 
@@ -749,38 +804,46 @@ impl Protocol {
         // tokens, or they would pass those tokens straight back to the finished writer.
         self.retire_own_request(name);
         let me = self.id;
-        let o = self.objects.get_mut(name).expect("stepped objects exist");
+        let Protocol {
+            objects,
+            sends,
+            members,
+            ..
+        } = self;
+        let o = objects.get_mut(name).expect("stepped objects exist");
         let first_other = o.requests.iter().find(|(id, _)| id.node != me);
         let write_waits = matches!(first_other, Some((_, e)) if e.access == Access::Write);
         if self.policy != WritePolicy::Update || write_waits || self.leaving {
             return;
         }
-        let targets: Vec<NodeId> = o
-            .interested
-            .iter()
-            .copied()
-            .filter(|&n| n != me && self.members.contains(&n))
-            .collect();
-        if targets.is_empty() {
+        let is_target = |n: &NodeId| *n != me && members.contains(n);
+        let targets = o.interested.iter().filter(|n| is_target(n)).count() as u32;
+        if targets == 0 {
             return;
         }
-        let want = (targets.len() as u32 + 1).max(o.total);
+        let want = (targets + 1).max(o.total);
         if o.tokens == o.total && want > o.total {
             o.total = want;
             o.tokens = want;
         }
-        for &target in &targets {
+        let mut next = o.interested.iter().copied().find(is_target);
+        while let Some(target) = next {
             if o.tokens <= 1 {
                 break;
             }
             // The grant answers the target's pending read, if any.
-            for (id, entry) in o.requests.iter_mut() {
+            for (id, entry) in o.requests.0.iter_mut() {
                 if id.node == target && entry.access == Access::Read {
                     entry.served = true;
                 }
             }
             let grant = take_tokens(name, o, 1, None);
-            self.sends.push((target, Message::Grant(grant)));
+            sends.push((target, Message::Grant(grant)));
+            next = o
+                .interested
+                .range((Bound::Excluded(target), Bound::Unbounded))
+                .copied()
+                .find(is_target);
         }
     }
 
@@ -795,7 +858,7 @@ impl Protocol {
             if let Some(mine) = o.mine.as_mut().filter(|m| !m.announced && !m.spent) {
                 mine.announced = true;
                 let id = mine.id;
-                let request = request_of(&name, id, &o.requests[&id]);
+                let request = request_of(&name, id, o.requests.get(&id));
                 for &peer in &self.members {
                     self.sends.push((peer, Message::Request(request.clone())));
                 }

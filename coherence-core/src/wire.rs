@@ -267,6 +267,20 @@ fn encode_message(w: &mut Vec<u8>, message: &Message) {
 
 /// Decodes a frame made by [`encode`]. Value bytes are slices of `frame`, not copies.
 pub fn decode(frame: Bytes) -> Result<Vec<Message>, DecodeError> {
+    let mut messages = Vec::new();
+    decode_into(frame, &mut messages, |_| None)?;
+    Ok(messages)
+}
+
+/// [`decode`] into `messages` (cleared first, so a caller can reuse one buffer), taking object
+/// names from `known` where it has them: a name this node already uses is shared, not
+/// allocated again. On error `messages` is left empty.
+pub fn decode_into(
+    frame: Bytes,
+    messages: &mut Vec<Message>,
+    known: impl Fn(&str) -> Option<Arc<str>>,
+) -> Result<(), DecodeError> {
+    messages.clear();
     let (&version, _) = frame.split_first().ok_or(DecodeError::Empty)?;
     if version != PROTOCOL_VERSION {
         return Err(DecodeError::Version { found: version });
@@ -274,17 +288,13 @@ pub fn decode(frame: Bytes) -> Result<Vec<Message>, DecodeError> {
     let mut d = Decoder {
         rest: &frame[1..],
         frame: &frame,
+        known: &known,
     };
-    let count = d.array_len("the message list")?;
-    // Every message takes at least two bytes, so a forged count cannot reserve much.
-    let mut messages = Vec::with_capacity((count as usize).min(frame.len() / 2));
-    for _ in 0..count {
-        messages.push(d.message()?);
+    let decoded = d.messages(messages);
+    if decoded.is_err() {
+        messages.clear();
     }
-    if !d.rest.is_empty() {
-        return Err(d.malformed("bytes after the last message".into()));
-    }
-    Ok(messages)
+    decoded
 }
 
 /// Reads one frame's MessagePack, naming what it expected where it fails.
@@ -292,9 +302,23 @@ struct Decoder<'a> {
     /// What is left to read.
     rest: &'a [u8],
     frame: &'a Bytes,
+    known: &'a dyn Fn(&str) -> Option<Arc<str>>,
 }
 
 impl<'a> Decoder<'a> {
+    fn messages(&mut self, messages: &mut Vec<Message>) -> Result<(), DecodeError> {
+        let count = self.array_len("the message list")?;
+        // Every message takes at least two bytes, so a forged count cannot reserve much.
+        messages.reserve((count as usize).min(self.rest.len() / 2));
+        for _ in 0..count {
+            messages.push(self.message()?);
+        }
+        if !self.rest.is_empty() {
+            return Err(self.malformed("bytes after the last message".into()));
+        }
+        Ok(())
+    }
+
     fn malformed(&self, reason: String) -> DecodeError {
         DecodeError::Malformed {
             offset: self.frame.len() - self.rest.len(),
@@ -368,7 +392,7 @@ impl<'a> Decoder<'a> {
         let len = self.item(what, rmp::decode::read_str_len)?;
         let bytes = self.take(len, what)?;
         match std::str::from_utf8(bytes) {
-            Ok(text) => Ok(Arc::from(text)),
+            Ok(text) => Ok((self.known)(text).unwrap_or_else(|| Arc::from(text))),
             Err(_) => Err(self.malformed(format!("{what} is not UTF-8"))),
         }
     }
