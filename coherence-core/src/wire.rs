@@ -365,12 +365,20 @@ impl<'a> Decoder<'a> {
         }
     }
 
-    fn optional_uint(&mut self, what: &str) -> Result<Option<u64>, DecodeError> {
+    /// Nil as `None`, anything else read by `read`.
+    fn optional<T>(
+        &mut self,
+        read: impl FnOnce(&mut Self) -> Result<T, DecodeError>,
+    ) -> Result<Option<T>, DecodeError> {
         if self.is_nil() {
             Ok(None)
         } else {
-            self.uint(what).map(Some)
+            read(self).map(Some)
         }
+    }
+
+    fn optional_uint(&mut self, what: &str) -> Result<Option<u64>, DecodeError> {
+        self.optional(|d| d.uint(what))
     }
 
     fn bool(&mut self, what: &str) -> Result<bool, DecodeError> {
@@ -445,15 +453,13 @@ impl<'a> Decoder<'a> {
                     other => return Err(self.malformed(format!("unknown access {other}"))),
                 };
                 let have_version = self.optional_uint("a version")?;
-                let init = if self.is_nil() {
-                    None
-                } else {
-                    self.fields(2, "an init")?;
-                    Some(Init {
-                        type_name: self.text("a type name")?,
-                        bytes: self.binary("an initial value")?,
+                let init = self.optional(|d| {
+                    d.fields(2, "an init")?;
+                    Ok(Init {
+                        type_name: d.text("a type name")?,
+                        bytes: d.binary("an initial value")?,
                     })
-                };
+                })?;
                 Message::Request(Request {
                     id,
                     object,
@@ -468,16 +474,14 @@ impl<'a> Decoder<'a> {
                 owner: self.bool("an owner flag")?,
                 total: self.uint("a token total")?,
                 version: self.optional_uint("a version")?,
-                value: if self.is_nil() {
-                    None
-                } else {
-                    self.fields(3, "a value")?;
-                    Some(Value {
-                        version: self.uint("a value's version")?,
-                        type_name: self.text("a type name")?,
-                        bytes: self.binary("a value's bytes")?,
+                value: self.optional(|d| {
+                    d.fields(3, "a value")?;
+                    Ok(Value {
+                        version: d.uint("a value's version")?,
+                        type_name: d.text("a type name")?,
+                        bytes: d.binary("a value's bytes")?,
                     })
-                },
+                })?,
             }),
             TAG_DONE => Message::Done {
                 object: self.text("an object name")?,
