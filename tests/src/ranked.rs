@@ -867,10 +867,7 @@ fn no_starvation(r: &Rank) -> Outcome {
     let seen: Vec<i64> = all.into_values().flatten().collect();
     let total = seen.len() as i64;
     check_increments(seen, total)?;
-    let last = r.read(&counter)?;
-    check(last == total, || {
-        format!("rank {}: final {last} of {total}", r.rank)
-    })?;
+    r.read_expecting(&counter, &total, "after every update")?;
     r.sync()
 }
 
@@ -913,10 +910,7 @@ fn no_starvation_by_local_threads(r: &Rank) -> Outcome {
         })?;
     }
     let total = all.values().sum::<u64>() as i64;
-    let last = r.read(&counter)?;
-    check(last == total, || {
-        format!("rank {}: final {last} of {total}", r.rank)
-    })?;
+    r.read_expecting(&counter, &total, "after every update")?;
     r.sync()
 }
 
