@@ -23,6 +23,7 @@ pub mod config;
 pub mod error;
 pub mod node;
 pub mod protocol;
+mod spin;
 pub mod transport;
 pub mod wire;
 

@@ -12,7 +12,9 @@
 //! and the driver thread naps meanwhile. Handing a reply from the driver to a waiting caller
 //! costs a thread hop (a futex wake-up is ~35 us on these VMs, the whole round trip well under
 //! one), and two threads polling on one node leave no core for the peer on a 2-core machine.
-//! After [`Config::spin`] the caller hands the turn back to the driver and sleeps.
+//! After [`Config::spin`] the caller hands the turn back to the driver and sleeps. A polling
+//! caller spins only while the process's polling threads fit its cores, else it yields between
+//! polls (see the `spin` module).
 
 use std::collections::BTreeMap;
 use std::marker::PhantomData;
@@ -30,6 +32,7 @@ use crate::cell::{self, Cell};
 use crate::config::Config;
 use crate::error::Error;
 use crate::protocol::{Event, OpId, Outcome, Protocol};
+use crate::spin::{Budget, Poller};
 use crate::transport::{NodeId, Transport, TransportError, TransportEvent};
 use crate::wire::{self, Init, Message};
 
@@ -334,6 +337,7 @@ impl Inner {
         self.pollers.fetch_add(1, Ordering::SeqCst);
         self.poll_starts.fetch_add(1, Ordering::Relaxed);
         let mut rounds = 0u32;
+        let mut poller = Poller::new(Budget::of_process());
         let outcome = loop {
             if let Some(outcome) = waiter.take() {
                 break Some(outcome);
@@ -343,13 +347,16 @@ impl Inner {
                 // came (or frames the transport still has to write) is the driver's.
                 match self.transport.recv(Duration::ZERO) {
                     Ok(Some(event)) => self.handle_event(event),
-                    Ok(None) => std::hint::spin_loop(),
+                    Ok(None) => {
+                        poller.pause();
+                    }
                     // The transport failed or closed: leave it to the driver, which stops.
                     Err(_) => break None,
                 }
             } else {
                 // The driver is waiting inside the transport and will handle the reply: give
                 // it the core.
+                poller.release();
                 std::thread::yield_now();
             }
             if let Some(outcome) = waiter.take() {
@@ -361,6 +368,7 @@ impl Inner {
                 break None;
             }
         };
+        poller.release();
         if self.pollers.fetch_sub(1, Ordering::SeqCst) == 1
             && self.driver_parked.load(Ordering::SeqCst)
         {
@@ -394,8 +402,10 @@ impl Inner {
         let mut polled_since = None;
         let mut seen_episode = 0;
         let mut busy_since = Instant::now();
+        let mut poller = Poller::new(Budget::of_process());
         while !self.halt.load(Ordering::Acquire) {
             if self.pollers.load(Ordering::SeqCst) > 0 {
+                poller.release();
                 // Each operation that polls gets the driver's yielding window anew: a driver
                 // that only ever ran while callers polled would otherwise nap at once, and
                 // the next operation would wait for its wake-up.
@@ -427,6 +437,7 @@ impl Inner {
             let wait = if busy_since.elapsed() < self.config.spin {
                 Duration::ZERO
             } else {
+                poller.release();
                 self.config.poll_interval
             };
             match self.transport.recv(wait) {
@@ -438,7 +449,7 @@ impl Inner {
                     drop(turn);
                     // Cooperative: on a machine with few cores, another thread (a caller, the
                     // peer process's driver) may need this core to produce what we wait for.
-                    std::thread::yield_now();
+                    poller.yield_now();
                 }
                 Ok(None) => {}
                 Err(TransportError::Closed) => break,
