@@ -546,12 +546,7 @@ impl ZmqTransport {
         }
         let _ = self.commands.send(command);
         self.shared.wake.notify_one();
-        let engine = self
-            .engine
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(engine) = engine {
+        if let Some(engine) = take(&self.engine) {
             // close waits at most lost_after for acknowledgements; never wait forever on top.
             let limit = self.lost_after + GRACE;
             // The timer must be made inside the runtime.
@@ -569,18 +564,18 @@ impl ZmqTransport {
         }
         self.driver.stopping.store(true, Ordering::Release);
         self.driver.handover.notify_one();
-        let keeper = self
-            .keeper
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(keeper) = keeper {
+        if let Some(keeper) = take(&self.keeper) {
             keeper.thread().unpark();
             if keeper.join().is_err() {
                 tracing::error!(id = self.id, "the ZeroMQ keeper thread panicked");
             }
         }
     }
+}
+
+/// Takes what `slot` holds; a panic elsewhere while it was locked does not matter to a take.
+fn take<T>(slot: &Mutex<Option<T>>) -> Option<T> {
+    slot.lock().unwrap_or_else(PoisonError::into_inner).take()
 }
 
 impl Transport for ZmqTransport {
