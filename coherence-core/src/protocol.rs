@@ -145,6 +145,15 @@ impl Requests {
     }
 }
 
+/// Tokens that came for a request this node no longer has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Stray {
+    sender: NodeId,
+    count: u32,
+    /// The version the tokens came with.
+    version: Option<u64>,
+}
+
 /// A local write waiting for all tokens: with bytes it is applied at once, without it locks.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct PendingWrite {
@@ -224,6 +233,9 @@ pub struct Protocol {
     readability: Vec<Event>,
     completions: Vec<Event>,
     sends: Vec<(NodeId, Message)>,
+    /// Tokens of the grant being handled, if they came for a request this node no longer has:
+    /// the step sends them back (see [`Grant::for_request`]).
+    stray: Option<Stray>,
 }
 
 impl Protocol {
@@ -245,6 +257,7 @@ impl Protocol {
             readability: Vec::new(),
             completions: Vec::new(),
             sends: Vec::new(),
+            stray: None,
         }
     }
 
@@ -508,7 +521,15 @@ impl Protocol {
             }
             Message::Grant(grant) => {
                 let name = self.intern(&grant.object);
-                receive_grant(self.object(&name), grant);
+                let o = self.objects.get_mut(&name).expect("interned");
+                if grant.for_request && o.mine.is_none() {
+                    self.stray = Some(Stray {
+                        sender: from,
+                        count: grant.count,
+                        version: grant.version,
+                    });
+                }
+                receive_grant(o, grant);
                 self.step(&name);
             }
             Message::Done { object, id } => {
@@ -740,6 +761,7 @@ impl Protocol {
     /// at its own request (it is next), and never gives tokens away while locked.
     fn pass_tokens_on(&mut self, name: &Arc<str>) {
         let me = self.id;
+        let stray = self.stray.take();
         let Protocol {
             objects,
             sends,
@@ -750,6 +772,21 @@ impl Protocol {
         let o = objects.get_mut(name).expect("stepped objects exist");
         if o.locked.is_some() || o.tokens == 0 {
             return;
+        }
+        // Tokens passed to a request of ours that already finished (its `Done` was still on
+        // the way, or a read was served twice) go straight back: kept, they would pile up here
+        // while their sender lacks them, and readers would then pass one token back and forth;
+        // passed on, they could meet another finished request. Our `Done` left before this
+        // grant on the same link, so the sender will not pass them here again.
+        if let Some(stray) = stray {
+            let count = stray.count.min(o.tokens);
+            if !*leaving && o.mine.is_none() && count > 0 && members.contains(&stray.sender) {
+                let mut grant = take_tokens(name, o, count, None, false);
+                // No write can happen while the tokens are here, so the version they came
+                // with still holds, even if this node's own copy is older.
+                grant.version = grant.version.or(stray.version);
+                sends.push((stray.sender, Message::Grant(grant)));
+            }
         }
         for at in 0..o.requests.len() {
             let (id, ref mut entry) = o.requests.0[at];
@@ -768,13 +805,13 @@ impl Protocol {
                             o.tokens = want;
                         }
                         let count = if o.tokens > 1 { 1 } else { o.tokens };
-                        let grant = take_tokens(name, o, count, have);
+                        let grant = take_tokens(name, o, count, have, true);
                         sends.push((id.node, Message::Grant(grant)));
                     }
                 }
                 Access::Write => {
                     let all = o.tokens;
-                    let grant = take_tokens(name, o, all, have);
+                    let grant = take_tokens(name, o, all, have, true);
                     sends.push((id.node, Message::Grant(grant)));
                     break;
                 }
@@ -791,7 +828,7 @@ impl Protocol {
                 .or_else(|| members.iter().next().copied());
             if let Some(heir) = heir {
                 let all = o.tokens;
-                let grant = take_tokens(name, o, all, None);
+                let grant = take_tokens(name, o, all, None, false);
                 sends.push((heir, Message::Grant(grant)));
             }
         }
@@ -837,7 +874,7 @@ impl Protocol {
                     entry.served = true;
                 }
             }
-            let grant = take_tokens(name, o, 1, None);
+            let grant = take_tokens(name, o, 1, None, false);
             sends.push((target, Message::Grant(grant)));
             next = o
                 .interested
@@ -902,7 +939,13 @@ fn apply_write(o: &mut Object, bytes: Bytes) -> u64 {
 
 /// Takes `count` tokens out of `o` (the owner token last), with the value if the receiver, who
 /// has `have`, may lack it. Giving the last token away makes the local copy unreadable.
-fn take_tokens(name: &Arc<str>, o: &mut Object, count: u32, have: Option<u64>) -> Grant {
+fn take_tokens(
+    name: &Arc<str>,
+    o: &mut Object,
+    count: u32,
+    have: Option<u64>,
+    for_request: bool,
+) -> Grant {
     debug_assert!(count >= 1 && count <= o.tokens);
     let version = o
         .valid
@@ -925,6 +968,7 @@ fn take_tokens(name: &Arc<str>, o: &mut Object, count: u32, have: Option<u64>) -
         total: o.total,
         version,
         value,
+        for_request,
     }
 }
 

@@ -20,7 +20,7 @@ use bytes::Bytes;
 use crate::transport::NodeId;
 
 /// Version of the wire format; a frame with another version is rejected.
-pub const PROTOCOL_VERSION: u8 = 2;
+pub const PROTOCOL_VERSION: u8 = 3;
 
 /// Identifies one request: its Lamport timestamp, then its node. Lower sorts first and has
 /// priority, so every node orders the same requests the same way.
@@ -93,6 +93,10 @@ pub struct Grant {
     pub version: Option<u64>,
     /// The value itself, unless the receiver is known to hold this version already.
     pub value: Option<Value>,
+    /// Sent to serve a request of the receiver. A receiver whose request is already finished
+    /// (a late `Done`, or a read served twice) sends such tokens back instead of keeping
+    /// tokens that belong to someone else; pushed tokens (after a write, on a leave) it keeps.
+    pub for_request: bool,
 }
 
 /// One protocol message.
@@ -222,7 +226,7 @@ fn encode_message(w: &mut Vec<u8>, message: &Message) {
             }
         }
         Message::Grant(g) => {
-            array_len(w, 7);
+            array_len(w, 8);
             uint(w, TAG_GRANT.into());
             text(w, &g.object);
             uint(w, g.count.into());
@@ -238,6 +242,7 @@ fn encode_message(w: &mut Vec<u8>, message: &Message) {
                 }
                 None => rmp::encode::write_nil(w).expect("writing to a Vec"),
             }
+            rmp::encode::write_bool(w, g.for_request).expect("writing to a Vec");
         }
         Message::Done { object, id } => {
             array_len(w, 4);
@@ -426,7 +431,8 @@ impl<'a> Decoder<'a> {
         let tag_at = self.rest;
         let tag: u8 = self.uint("a message tag")?;
         let expected_len = match tag {
-            TAG_REQUEST | TAG_GRANT => 7,
+            TAG_REQUEST => 7,
+            TAG_GRANT => 8,
             TAG_DONE => 4,
             TAG_LEAVING | TAG_LEAVE_ACK => 1,
             TAG_GENESIS => 2,
@@ -482,6 +488,7 @@ impl<'a> Decoder<'a> {
                         bytes: d.binary("a value's bytes")?,
                     })
                 })?,
+                for_request: self.bool("a for-request flag")?,
             }),
             TAG_DONE => Message::Done {
                 object: self.text("an object name")?,
@@ -541,6 +548,7 @@ mod tests {
                     type_name: "i64".into(),
                     bytes: Bytes::from(vec![9u8; 4096]),
                 }),
+                for_request: true,
             }),
             Message::Grant(Grant {
                 object: "y".into(),
@@ -549,6 +557,7 @@ mod tests {
                 total: 1,
                 version: None,
                 value: None,
+                for_request: false,
             }),
             Message::Done {
                 object: "x".into(),
@@ -590,6 +599,7 @@ mod tests {
                 type_name: "".into(),
                 bytes: big.clone(),
             }),
+            for_request: false,
         })]));
         // As an array, each byte >= 0x80 would take two bytes on the wire.
         assert!(frame.len() < 4096 + 64, "frame is {} bytes", frame.len());

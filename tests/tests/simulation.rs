@@ -414,3 +414,38 @@ fn regression_seed_12031() {
 fn regression_seed_21956() {
     regression(21956);
 }
+
+/// Once writes stop, a round of reads on every node leaves a token at every node: a second
+/// round completes locally, without a message. Before, a node kept tokens passed to a request
+/// of another node that had already finished (its `Done` still on the way), and readers then
+/// passed the owner's last token back and forth.
+#[test]
+fn readers_keep_a_token_once_writes_stop() {
+    each_schedule(4, 1, |sim| {
+        open_everywhere(sim, 0)?;
+        for round in 0..12u32 {
+            let node = round % 4;
+            if round % 3 == 0 {
+                sim.write(node, 0)?;
+            } else {
+                sim.read(node, 0)?;
+            }
+            deliver_some(sim, 3)?;
+        }
+        sim.settle()?;
+        for node in sim.node_ids() {
+            sim.read(node, 0)?;
+        }
+        sim.settle()?;
+        for node in sim.node_ids() {
+            let op = sim.read(node, 0)?;
+            ensure!(
+                sim.outcome(op).is_some(),
+                "node {node}'s read after the read round needed a token: {:?}",
+                sim.node(node)
+                    .and_then(|p| p.token_view(sim.object_name(0)))
+            );
+        }
+        Ok(())
+    });
+}
