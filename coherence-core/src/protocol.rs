@@ -198,6 +198,26 @@ struct Object {
     locked: Option<OpId>,
     /// A write was applied that the write policy has not acted on yet.
     unshared_write: bool,
+    /// The last update this node pushed after a write (Update policy).
+    pushed: Pushed,
+}
+
+/// An update a writer pushed: the new version, with one token, to each of `to`.
+///
+/// A read request from one of them that names an older version left its node before the push
+/// arrived there, so the push, which finds it active, answers it. Without this the owner would
+/// hand its last token to such a request that crossed the push, lose its own reads and get a
+/// stray token back: on 2 local nodes at 99 % reads that was a quarter of all writes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+struct Pushed {
+    version: u64,
+    to: Vec<NodeId>,
+}
+
+impl Pushed {
+    fn answers(&self, node: NodeId, have: Option<u64>) -> bool {
+        have.is_some_and(|have| have < self.version) && self.to.contains(&node)
+    }
 }
 
 impl Object {
@@ -798,6 +818,9 @@ impl Protocol {
                 Access::Read => {
                     if o.owner && !entry.served {
                         entry.served = true;
+                        if o.pushed.answers(id.node, have) {
+                            continue;
+                        }
                         let want = (o.interested.len() as u32 + 1).max(o.total);
                         if o.tokens == o.total && want > o.total {
                             // Minting is safe only while every token is here.
@@ -863,11 +886,14 @@ impl Protocol {
             o.total = want;
             o.tokens = want;
         }
+        o.pushed.version = o.value.as_ref().expect("a writer has a value").version;
+        o.pushed.to.clear();
         let mut next = o.interested.iter().copied().find(is_target);
         while let Some(target) = next {
             if o.tokens <= 1 {
                 break;
             }
+            o.pushed.to.push(target);
             // The grant answers the target's pending read, if any.
             for (id, entry) in o.requests.0.iter_mut() {
                 if id.node == target && entry.access == Access::Read {
