@@ -200,14 +200,18 @@ struct Object {
     unshared_write: bool,
     /// The last update this node pushed after a write (Update policy).
     pushed: Pushed,
+    /// Tokens of the grant being handled, if they came for a request this node no longer has:
+    /// the step sends as many back (see [`Grant::for_request`]).
+    stray: Option<Stray>,
 }
 
 /// An update a writer pushed: the new version, with one token, to each of `to`.
 ///
 /// A read request from one of them that names an older version left its node before the push
-/// arrived there, so the push, which finds it active, answers it. Without this the owner would
-/// hand its last token to such a request that crossed the push, lose its own reads and get a
-/// stray token back: on 2 local nodes at 99 % reads that was a quarter of all writes.
+/// arrived there (a node's version only grows), so the push, which carries the value, completes
+/// it. Without this the owner handed its last token to such a request, lost its own reads and
+/// got a stray token back. The record never needs clearing: what it says about a past push
+/// stays true.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 struct Pushed {
     version: u64,
@@ -215,6 +219,7 @@ struct Pushed {
 }
 
 impl Pushed {
+    /// Whether this push answers a read request of `node` that has version `have`.
     fn answers(&self, node: NodeId, have: Option<u64>) -> bool {
         have.is_some_and(|have| have < self.version) && self.to.contains(&node)
     }
@@ -253,9 +258,6 @@ pub struct Protocol {
     readability: Vec<Event>,
     completions: Vec<Event>,
     sends: Vec<(NodeId, Message)>,
-    /// Tokens of the grant being handled, if they came for a request this node no longer has:
-    /// the step sends them back (see [`Grant::for_request`]).
-    stray: Option<Stray>,
 }
 
 impl Protocol {
@@ -277,7 +279,6 @@ impl Protocol {
             readability: Vec::new(),
             completions: Vec::new(),
             sends: Vec::new(),
-            stray: None,
         }
     }
 
@@ -543,7 +544,7 @@ impl Protocol {
                 let name = self.intern(&grant.object);
                 let o = self.objects.get_mut(&name).expect("interned");
                 if grant.for_request && o.mine.is_none() {
-                    self.stray = Some(Stray {
+                    o.stray = Some(Stray {
                         sender: from,
                         count: grant.count,
                         version: grant.version,
@@ -781,7 +782,6 @@ impl Protocol {
     /// at its own request (it is next), and never gives tokens away while locked.
     fn pass_tokens_on(&mut self, name: &Arc<str>) {
         let me = self.id;
-        let stray = self.stray.take();
         let Protocol {
             objects,
             sends,
@@ -790,17 +790,19 @@ impl Protocol {
             ..
         } = self;
         let o = objects.get_mut(name).expect("stepped objects exist");
+        let stray = o.stray.take();
         if o.locked.is_some() || o.tokens == 0 {
             return;
         }
         // Tokens passed to a request of ours that already finished (its `Done` was still on
-        // the way, or a read was served twice) go straight back: kept, they would pile up here
-        // while their sender lacks them, and readers would then pass one token back and forth;
-        // passed on, they could meet another finished request. Our `Done` left before this
-        // grant on the same link, so the sender will not pass them here again.
+        // the way, or a read was served twice): as many go straight back. Kept, they would
+        // pile up here while their sender lacks them, and readers would then pass one token
+        // back and forth; passed on, they could meet another finished request. Our `Done` left
+        // before this grant on the same link, so the sender will not pass them here again.
         if let Some(stray) = stray {
+            // A write applied earlier may have pushed some tokens out in this very step.
             let count = stray.count.min(o.tokens);
-            if !*leaving && o.mine.is_none() && count > 0 && members.contains(&stray.sender) {
+            if !*leaving && count > 0 && members.contains(&stray.sender) {
                 let mut grant = take_tokens(name, o, count, None, false);
                 // No write can happen while the tokens are here, so the version they came
                 // with still holds, even if this node's own copy is older.

@@ -449,3 +449,43 @@ fn readers_keep_a_token_once_writes_stop() {
         Ok(())
     });
 }
+
+/// Under Update, a reader's request that crosses the writer's push is answered by that push:
+/// the owner keeps its last token, so its own reads stay local.
+#[test]
+fn a_read_request_that_crosses_the_push_leaves_the_owner_its_token() {
+    let cfg = SimConfig {
+        nodes: 2,
+        objects: 1,
+        policy: WritePolicy::Update,
+        abort_percent: 0,
+        ..SimConfig::default()
+    };
+    let mut sim = Simulation::new(0, cfg);
+    let scenario = |sim: &mut Simulation| -> Result<(), String> {
+        open_everywhere(sim, 0)?;
+        let write = sim.write(0, 0)?;
+        // Node 1 hands its token to the write, then misses a read: its request queues behind
+        // the grant, so it reaches node 0 after node 0 wrote and pushed the new value.
+        sim.deliver(0, 1)?;
+        let read = sim.read(1, 0)?;
+        sim.deliver(1, 0)?;
+        let version = written_version(sim, write)?;
+        sim.deliver(1, 0)?;
+        let owner = sim.node(0).and_then(|p| p.token_view(sim.object_name(0)));
+        ensure!(
+            owner.is_some_and(|view| view.readable),
+            "the owner gave its token to a request the push answers: {owner:?}"
+        );
+        sim.settle()?;
+        let value = read_value(sim, read)?;
+        ensure!(
+            value.version == version,
+            "the crossing read saw {value:?}, expected version {version}"
+        );
+        Ok(())
+    };
+    if let Err(error) = scenario(&mut sim) {
+        panic!("{error}");
+    }
+}
