@@ -207,9 +207,9 @@ struct Object {
 
 /// An update a writer pushed: the new version, with one token, to each of `to`.
 ///
-/// A read request from one of them that names an older version left its node before the push
-/// arrived there (a node's version only grows), so the push, which carries the value, completes
-/// it. Without this the owner handed its last token to such a request, lost its own reads and
+/// A read request from one of them that names an older version (or none) left its node before
+/// the push arrived there (a node's version only grows), so the push, which carries the value,
+/// completes it. Without this the owner handed its last token to such a request, lost its own reads and
 /// got a stray token back. The record never needs clearing: what it says about a past push
 /// stays true.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
@@ -219,9 +219,11 @@ struct Pushed {
 }
 
 impl Pushed {
-    /// Whether this push answers a read request of `node` that has version `have`.
+    /// Whether this push answers a read request of `node` that has version `have` (none: the
+    /// node had no value yet, so it asked before the push arrived too). This covers the
+    /// targets' requests already waiting when the push left as well as those that crossed it.
     fn answers(&self, node: NodeId, have: Option<u64>) -> bool {
-        have.is_some_and(|have| have < self.version) && self.to.contains(&node)
+        have.is_none_or(|have| have < self.version) && self.to.contains(&node)
     }
 }
 
@@ -896,12 +898,6 @@ impl Protocol {
                 break;
             }
             o.pushed.to.push(target);
-            // The grant answers the target's pending read, if any.
-            for (id, entry) in o.requests.0.iter_mut() {
-                if id.node == target && entry.access == Access::Read {
-                    entry.served = true;
-                }
-            }
             let grant = take_tokens(name, o, 1, None, false);
             sends.push((target, Message::Grant(grant)));
             next = o
