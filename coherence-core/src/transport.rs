@@ -3,6 +3,7 @@
 //! A transport moves opaque frames between node ids and reports membership. It knows nothing of
 //! tokens, objects or messages: the wire codec lives in [`crate::wire`].
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
@@ -70,28 +71,43 @@ pub trait Transport: Send + Sync + 'static {
     fn close(&self);
 }
 
-/// Lets code choose a transport at run time (`Box<dyn Transport>`).
-impl<T: Transport + ?Sized> Transport for Box<T> {
-    fn local_id(&self) -> NodeId {
-        (**self).local_id()
-    }
+/// Forwards every call to the transport behind a pointer.
+macro_rules! forward_transport {
+    ($(#[$doc:meta])* $pointer:ident) => {
+        $(#[$doc])*
+        impl<T: Transport + ?Sized> Transport for $pointer<T> {
+            fn local_id(&self) -> NodeId {
+                (**self).local_id()
+            }
 
-    fn peers(&self) -> Vec<NodeId> {
-        (**self).peers()
-    }
+            fn peers(&self) -> Vec<NodeId> {
+                (**self).peers()
+            }
 
-    fn send(&self, to: NodeId, frame: Vec<u8>) -> Result<(), TransportError> {
-        (**self).send(to, frame)
-    }
+            fn send(&self, to: NodeId, frame: Vec<u8>) -> Result<(), TransportError> {
+                (**self).send(to, frame)
+            }
 
-    fn recv(&self, timeout: Duration) -> Result<Option<TransportEvent>, TransportError> {
-        (**self).recv(timeout)
-    }
+            fn recv(&self, timeout: Duration) -> Result<Option<TransportEvent>, TransportError> {
+                (**self).recv(timeout)
+            }
 
-    fn close(&self) {
-        (**self).close()
-    }
+            fn close(&self) {
+                (**self).close()
+            }
+        }
+    };
 }
+
+forward_transport!(
+    /// Lets code choose a transport at run time (`Box<dyn Transport>`).
+    Box
+);
+forward_transport!(
+    /// Lets code keep a handle on the transport it gave a node (to read its own counters, say):
+    /// `Node::start(Arc::clone(&transport), config)`.
+    Arc
+);
 
 /// Waits for `rx`: polls for up to `spin` (yielding the core between polls), then blocks for
 /// the rest of `timeout`. Waking a parked thread costs tens of microseconds on a VM, often more

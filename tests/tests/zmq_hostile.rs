@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use coherence_core::{Config, DistObj, Node, NodeId, Transport, TransportError, TransportEvent};
+use coherence_core::{Config, DistObj, Node};
 use rand::{Rng, RngCore};
 use transport_zmq::{ZmqConfig, ZmqStats, ZmqTransport};
 
@@ -31,32 +31,6 @@ const SECRET: &[u8] = b"the cluster's secret";
 const ATTACK: Duration = Duration::from_secs(10);
 /// Longest a raw socket waits for the node.
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Shares a [`ZmqTransport`] between the node, which owns its transport, and the test, which
-/// reads its counters.
-struct Shared(Arc<ZmqTransport>);
-
-impl Transport for Shared {
-    fn local_id(&self) -> NodeId {
-        self.0.local_id()
-    }
-
-    fn peers(&self) -> Vec<NodeId> {
-        self.0.peers()
-    }
-
-    fn send(&self, to: NodeId, frame: Vec<u8>) -> Result<(), TransportError> {
-        self.0.send(to, frame)
-    }
-
-    fn recv(&self, timeout: Duration) -> Result<Option<TransportEvent>, TransportError> {
-        self.0.recv(timeout)
-    }
-
-    fn close(&self) {
-        self.0.close()
-    }
-}
 
 fn zmq_config(cluster: &str, secret: Option<&[u8]>, join: Option<String>) -> ZmqConfig {
     ZmqConfig {
@@ -295,8 +269,8 @@ fn coherent_under_a_hostile_network() {
     let before: Vec<ZmqStats> = transports.iter().map(|t| t.stats()).collect();
     let config = Config::default();
     let nodes = [
-        Node::start(Shared(founder), config.clone()).unwrap(),
-        Node::start(Shared(joiner), config).unwrap(),
+        Node::start(founder, config.clone()).unwrap(),
+        Node::start(joiner, config).unwrap(),
     ];
     let counters: Vec<DistObj<i64>> = nodes
         .iter()

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use coherence_core::{Config, Node, NodeId, Transport, TransportError, TransportEvent};
+use coherence_core::{Config, Node, NodeId, Transport, TransportEvent};
 use transport_local::LocalTransport;
 use transport_zmq::{ZmqConfig, ZmqTransport};
 
@@ -14,32 +14,6 @@ use crate::Budget;
 
 /// How long a raw receive may wait for a frame before the measurement gives up.
 pub const RECV_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A transport shared with the benchmark, so it can still read the transport's own counters
-/// after handing it to a node.
-pub struct Shared<T>(Arc<T>);
-
-impl<T: Transport> Transport for Shared<T> {
-    fn local_id(&self) -> NodeId {
-        self.0.local_id()
-    }
-
-    fn peers(&self) -> Vec<NodeId> {
-        self.0.peers()
-    }
-
-    fn send(&self, to: NodeId, frame: Vec<u8>) -> Result<(), TransportError> {
-        self.0.send(to, frame)
-    }
-
-    fn recv(&self, timeout: Duration) -> Result<Option<TransportEvent>, TransportError> {
-        self.0.recv(timeout)
-    }
-
-    fn close(&self) {
-        self.0.close();
-    }
-}
 
 /// Reads how many frames one endpoint's transport has sent.
 pub type FrameProbe = Box<dyn Fn() -> u64 + Send + Sync>;
@@ -162,7 +136,7 @@ fn pair<T>(transports: Vec<T>) -> Result<[T; 2], String> {
 fn local_endpoint(t: Arc<LocalTransport>) -> Endpoint {
     let probe = Arc::clone(&t);
     Endpoint {
-        transport: Box::new(Shared(t)),
+        transport: Box::new(t),
         frames_sent: Box::new(move || probe.frames_sent()),
     }
 }
@@ -171,7 +145,7 @@ fn zmq_endpoint(t: ZmqTransport) -> Endpoint {
     let t = Arc::new(t);
     let probe = Arc::clone(&t);
     Endpoint {
-        transport: Box::new(Shared(t)),
+        transport: Box::new(t),
         frames_sent: Box::new(move || probe.stats().frames_sent),
     }
 }
