@@ -12,7 +12,8 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use coherence_core::{DistObj, Error, Node, NodeId};
 use serde::de::DeserializeOwned;
@@ -114,6 +115,35 @@ pub struct Barrier {
     pub arrivals: u64,
     /// Why a node called the run off, naming the node.
     pub failed: Option<String>,
+}
+
+impl Barrier {
+    /// Waits until `target` arrivals are in, reading the barrier with `read` every 200 µs, for
+    /// at most `patience`. `who` prefixes a timeout's reason (say, "node 2: ").
+    pub fn wait_for(
+        target: u64,
+        patience: Duration,
+        who: &str,
+        mut read: impl FnMut() -> Result<Arc<Barrier>, Stop>,
+    ) -> Result<(), Stop> {
+        let deadline = Instant::now() + patience;
+        loop {
+            let b = read()?;
+            if b.failed.is_some() {
+                return Err(Stop::Aborted);
+            }
+            if b.arrivals >= target {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(Stop::Failed(format!(
+                    "{who}barrier: {} of {target} arrivals within {patience:?}",
+                    b.arrivals
+                )));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
 }
 
 /// What one process of a multi-process run reports at the end.

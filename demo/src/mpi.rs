@@ -161,26 +161,11 @@ impl Harness for RankHarness {
         self.barrier
             .update(|b| b.arrivals += 1)
             .map_err(|e| Stop::Failed(format!("barrier: {e}")))?;
-        let deadline = Instant::now() + self.patience;
-        loop {
-            let b = self
-                .barrier
+        Barrier::wait_for(target, self.patience, "", || {
+            self.barrier
                 .read()
-                .map_err(|e| Stop::Failed(format!("barrier: {e}")))?;
-            if b.failed.is_some() {
-                return Err(Stop::Aborted);
-            }
-            if b.arrivals >= target {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(Stop::Failed(format!(
-                    "barrier: {} of {target} arrivals within {:?}",
-                    b.arrivals, self.patience
-                )));
-            }
-            std::thread::sleep(Duration::from_micros(200));
-        }
+                .map_err(|e| Stop::Failed(format!("barrier: {e}")))
+        })
     }
 
     fn watch<R>(&self, _what: &str, call: impl FnOnce() -> R) -> R {

@@ -345,26 +345,16 @@ impl Harness for NodeHarness<'_> {
                 self.barrier.update(|b| b.arrivals += 1)
             })
             .map_err(failed)?;
-        let deadline = Instant::now() + self.patience;
-        loop {
-            let b = self
-                .watchdog
-                .watch("barrier read", || self.barrier.read())
-                .map_err(failed)?;
-            if b.failed.is_some() {
-                return Err(Stop::Aborted);
-            }
-            if b.arrivals >= target {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(Stop::Failed(format!(
-                    "node {}: barrier: {} of {target} arrivals within {:?}",
-                    self.id, b.arrivals, self.patience
-                )));
-            }
-            thread::sleep(Duration::from_micros(200));
-        }
+        Barrier::wait_for(
+            target,
+            self.patience,
+            &format!("node {}: ", self.id),
+            || {
+                self.watchdog
+                    .watch("barrier read", || self.barrier.read())
+                    .map_err(failed)
+            },
+        )
     }
 
     fn watch<R>(&self, what: &str, call: impl FnOnce() -> R) -> R {
