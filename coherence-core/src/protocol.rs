@@ -209,9 +209,9 @@ struct Object {
 ///
 /// A read request from one of them that names an older version (or none) left its node before
 /// the push arrived there (a node's version only grows), so the push, which carries the value,
-/// completes it. Without this the owner handed its last token to such a request, lost its own reads and
-/// got a stray token back. The record never needs clearing: what it says about a past push
-/// stays true.
+/// completes it. Without this the owner handed its last token to such a request, lost its own
+/// reads and got a stray token back. The record never needs clearing: what it says about a
+/// past push stays true.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 struct Pushed {
     version: u64,
