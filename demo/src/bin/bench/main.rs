@@ -13,6 +13,9 @@
 //! them and write latency with spread tokens, which the acceptance ratio uses. MPI (a build
 //! with `--features mpi`, under `mpiexec -n 2`) measures what 2 ranks can: the raw MPI
 //! round trip, read hits, write latency and writes holding every token.
+//! Once per run, the protocol's own CPU time per write (two state machines on one thread,
+//! no transport): with the floor, the lowest latency any write could have, printed next to
+//! the write ratios.
 //!
 //! Prints markdown tables and the acceptance ratios to stdout, writes every figure to
 //! `DIR/bench-<transport>.json` and SVG plots to `DIR`, and shows progress on stderr. Nothing
@@ -28,6 +31,7 @@ mod plot;
 mod report;
 mod suite;
 mod two_process;
+mod write_cpu;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -37,7 +41,7 @@ use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use net::Net;
-use report::{Report, TransportReport};
+use report::{Policy, Report, TransportReport};
 
 /// Measures coherence against the raw transport, an `RwLock<Arc<T>>` and a central server.
 #[derive(Debug, Parser)]
@@ -158,6 +162,8 @@ pub struct Plan {
     pub mixed: Duration,
     /// Passes of each mixed workload; the one with the highest total counts.
     pub mixed_passes: usize,
+    /// Writes per pass of the protocol's own CPU time (passes as `latency`).
+    pub write_cpu: u64,
 }
 
 impl Plan {
@@ -180,6 +186,7 @@ impl Plan {
                 },
                 mixed: Duration::from_millis(150),
                 mixed_passes: 1,
+                write_cpu: 20_000,
             }
         } else {
             Plan {
@@ -192,6 +199,7 @@ impl Plan {
                 },
                 mixed: Duration::from_millis(500),
                 mixed_passes: 3,
+                write_cpu: 300_000,
             }
         }
     }
@@ -257,13 +265,28 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let verdicts: Vec<_> = transports.iter().flat_map(|t| t.verdicts()).collect();
+    let write_cpu = match Policy::BOTH
+        .into_iter()
+        .map(|policy| write_cpu::measure(policy, plan.write_cpu, plan.latency.passes))
+        .collect::<Result<Vec<_>, _>>()
+    {
+        Ok(figures) => figures,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let verdicts: Vec<_> = transports
+        .iter()
+        .flat_map(|t| t.verdicts(&write_cpu))
+        .collect();
     let report = Report {
         command: std::env::args().collect(),
         quick: args.quick,
         cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
         started_unix_s,
         elapsed_s: started.elapsed().as_secs_f64(),
+        write_cpu,
         transports,
         verdicts,
     };
@@ -279,6 +302,7 @@ fn main() -> ExitCode {
     for t in &report.transports {
         println!("{}", t.markdown());
     }
+    println!("{}", report::write_cpu_markdown(&report.write_cpu));
     println!("{}", report::verdicts_markdown(&report.verdicts));
 
     let failed = report.transports.iter().any(|t| !t.errors.is_empty());

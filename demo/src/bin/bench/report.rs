@@ -222,6 +222,21 @@ pub struct WriteLatency {
     pub vs_floor: Option<f64>,
 }
 
+/// The protocol's own CPU time for one write with spread tokens on 2 nodes, on one thread
+/// without a transport (see `write_cpu.rs`): with the raw round trip, a lower bound of the
+/// write's latency on any transport.
+#[derive(Debug, Clone, Serialize)]
+pub struct WriteCpu {
+    /// Write policy of both nodes.
+    pub policy: Policy,
+    /// Writes timed (8 B values).
+    pub writes: u64,
+    /// Mean time per write from encoding the value to the writer's last frame encoded.
+    pub critical_path_ns: f64,
+    /// Mean time per write the peer then spends on that last frame, off the caller's path.
+    pub peer_after_ns: f64,
+}
+
 /// Writes by a node that holds every token and that no other node disturbs.
 #[derive(Debug, Clone, Serialize)]
 pub struct OwnedWrite {
@@ -406,8 +421,9 @@ impl TransportReport {
         }
     }
 
-    /// The issue's acceptance ratios, as far as this transport measured them.
-    pub fn verdicts(&self) -> Vec<Verdict> {
+    /// The issue's acceptance ratios, as far as this transport measured them; `write_cpu`
+    /// puts the write ratios next to their lower bound.
+    pub fn verdicts(&self, write_cpu: &[WriteCpu]) -> Vec<Verdict> {
         let mut out = Vec::new();
         let mut verdict = |criterion: &str, measured: String, holds: Option<bool>| {
             out.push(Verdict {
@@ -472,14 +488,26 @@ impl TransportReport {
                     policy.name()
                 )
             };
+            let cpu = write_cpu.iter().find(|c| c.policy == policy);
             verdict(
                 &criterion,
                 pair.map_or("not measured".into(), |(w, r)| {
-                    format!(
+                    let floor = w.floor_ns.unwrap_or(f64::NAN);
+                    let mut text = format!(
                         "median {} vs {}: {r:.1}x",
                         ns_label(w.latency.typical_ns()),
-                        ns_label(w.floor_ns.unwrap_or(f64::NAN))
-                    )
+                        ns_label(floor)
+                    );
+                    if let Some(c) = cpu {
+                        let _ = write!(
+                            text,
+                            "; the state machine and codec alone take {} on the path (one \
+                             thread, no transport), so a write takes at least {:.1}x",
+                            ns_label(c.critical_path_ns),
+                            (floor + c.critical_path_ns) / floor
+                        );
+                    }
+                    text
                 }),
                 pair.map(|(_, r)| r <= 2.0),
             );
@@ -707,6 +735,28 @@ fn opt_ns(ns: Option<f64>) -> String {
     ns.map_or("-".into(), ns_label)
 }
 
+/// The table of the protocol's own CPU time per write.
+pub fn write_cpu_markdown(write_cpu: &[WriteCpu]) -> String {
+    let mut s = String::from(
+        "## The protocol's own CPU time per write (2 nodes, one thread, no transport)\n\n\
+         With the raw round trip, the critical path is a lower bound of a write's latency on \
+         any transport.\n\n",
+    );
+    let _ = writeln!(s, "| policy | writes | critical path | peer, afterwards |");
+    let _ = writeln!(s, "|---|---|---|---|");
+    for c in write_cpu {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} |",
+            c.policy.name(),
+            c.writes,
+            ns_label(c.critical_path_ns),
+            ns_label(c.peer_after_ns)
+        );
+    }
+    s
+}
+
 /// The acceptance table.
 pub fn verdicts_markdown(verdicts: &[Verdict]) -> String {
     let mut s = String::from("## Acceptance ratios\n\n");
@@ -740,6 +790,9 @@ pub struct Report {
     pub started_unix_s: u64,
     /// Wall-clock seconds the run took.
     pub elapsed_s: f64,
+    /// The protocol's own CPU time per write, per policy (empty on MPI ranks that do not
+    /// report).
+    pub write_cpu: Vec<WriteCpu>,
     /// Figures per transport.
     pub transports: Vec<TransportReport>,
     /// The acceptance ratios.
