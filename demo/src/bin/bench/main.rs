@@ -14,8 +14,8 @@
 //! with `--features mpi`, under `mpiexec -n 2`) measures what 2 ranks can: the raw MPI
 //! round trip, read hits, write latency and writes holding every token.
 //! Once per run, the protocol's own CPU time per write (two state machines on one thread,
-//! no transport): with the floor, the lowest latency any write could have, printed next to
-//! the write ratios.
+//! no transport): with a floor whose receivers spin, the lowest latency a write could have,
+//! printed next to the write ratios of local and MPI.
 //!
 //! Prints markdown tables and the acceptance ratios to stdout, writes every figure to
 //! `DIR/bench-<transport>.json` and SVG plots to `DIR`, and shows progress on stderr. Nothing

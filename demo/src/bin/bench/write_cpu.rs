@@ -1,10 +1,10 @@
 //! The protocol's own CPU time on a write's critical path: two state machines on one thread,
 //! frames handed over through the wire codec, no transport, no threads, no locks.
 //!
-//! A write with spread tokens on 2 nodes cannot be faster than the raw round trip plus this:
-//! encoding the value, the writer's step and request frame, the peer's decode, step and grant
-//! frame, then the writer's decode, its completing step and the frame that hands the value on
-//! (the caller sends that before it returns). What the peer does with that last frame is
+//! A write with spread tokens on 2 nodes cannot be faster than a raw round trip whose
+//! receivers spin plus this: encoding the value, the writer's step and request frame, the
+//! peer's decode, step and grant frame, then the writer's decode, its completing step and the
+//! frame that hands the value on (the caller sends that before it returns). What the peer does with that last frame is
 //! reported apart: it is off the caller's path, but on a 2-core machine it takes a core too.
 
 use std::collections::VecDeque;
