@@ -92,6 +92,26 @@ impl Pair {
         Ok(())
     }
 
+    /// Under Invalidate the writer kept every token after its last write: the peer reads
+    /// with operation `op`, taking one back. Under Update it already holds the pushed one.
+    fn spread_tokens(&mut self, policy: Policy, op: OpId) -> Result<(), String> {
+        if policy == Policy::Invalidate {
+            self.nodes[PEER].read(op, OBJECT);
+            self.flush(PEER);
+            self.until_completed(op)?;
+            self.settle()?;
+        }
+        Ok(())
+    }
+
+    /// The writer writes `value` with operation `op`; returns once the write completed and
+    /// its last frame is on the wire, the peer's handling of it still to come.
+    fn write(&mut self, op: OpId, value: Bytes) -> Result<(), String> {
+        self.nodes[WRITER].write(op, OBJECT, value);
+        self.flush(WRITER);
+        self.until_completed(op)
+    }
+
     /// Delivers frames until `op` completes.
     fn until_completed(&mut self, op: OpId) -> Result<(), String> {
         while !self.completed.contains(&op) {
@@ -141,21 +161,11 @@ fn one_pass(policy: Policy, writes: u64) -> Result<WriteCpu, String> {
     let (mut critical, mut after) = (Duration::ZERO, Duration::ZERO);
     let mut op: OpId = 10;
     for i in 0..writes {
-        if policy == Policy::Invalidate {
-            // The writer kept every token after its last write: the peer takes one back.
-            op += 1;
-            pair.nodes[PEER].read(op, OBJECT);
-            pair.flush(PEER);
-            pair.until_completed(op)?;
-            pair.settle()?;
-        }
-        op += 1;
+        pair.spread_tokens(policy, op)?;
         let start = Instant::now();
-        let value = encode(&i)?;
-        pair.nodes[WRITER].write(op, OBJECT, value);
-        pair.flush(WRITER);
-        pair.until_completed(op)?;
+        pair.write(op + 1, encode(&i)?)?;
         let done = Instant::now();
+        op += 2;
         pair.settle()?;
         after += done.elapsed();
         critical += done - start;
@@ -168,4 +178,39 @@ fn one_pass(policy: Policy, writes: u64) -> Result<WriteCpu, String> {
         critical_path_ns: (per_write(critical) - clock_ns).max(0.0),
         peer_after_ns: (per_write(after) - clock_ns).max(0.0),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_timed_write_completes_under_both_policies() {
+        for policy in Policy::BOTH {
+            let figure = measure(policy, 100, 2).unwrap();
+            assert_eq!(figure.writes, 100);
+            assert!(figure.critical_path_ns.is_finite() && figure.peer_after_ns.is_finite());
+        }
+    }
+
+    #[test]
+    fn the_peer_holds_a_token_when_each_timed_write_starts() {
+        for policy in Policy::BOTH {
+            let mut pair = Pair::new(policy).unwrap();
+            let peer_tokens = |pair: &Pair| {
+                pair.nodes[PEER]
+                    .token_view(OBJECT)
+                    .map_or(0, |view| view.tokens)
+            };
+            for op in [100, 102, 104] {
+                pair.spread_tokens(policy, op).unwrap();
+                assert!(
+                    peer_tokens(&pair) > 0,
+                    "{policy:?}: the tokens are not spread"
+                );
+                pair.write(op + 1, encode(&7).unwrap()).unwrap();
+                pair.settle().unwrap();
+            }
+        }
+    }
 }
