@@ -265,17 +265,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let write_cpu = match Policy::BOTH
-        .into_iter()
-        .map(|policy| write_cpu::measure(policy, plan.write_cpu, plan.latency.passes))
-        .collect::<Result<Vec<_>, _>>()
-    {
-        Ok(figures) => figures,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
+    let (mut write_cpu, mut errors) = (Vec::new(), Vec::new());
+    for policy in Policy::BOTH {
+        match write_cpu::measure(policy, plan.write_cpu, plan.latency.passes) {
+            Ok(figure) => write_cpu.push(figure),
+            Err(e) => errors.push(format!("{} policy: {e}", policy.name())),
         }
-    };
+    }
     let verdicts: Vec<_> = transports
         .iter()
         .flat_map(|t| t.verdicts(&write_cpu))
@@ -289,6 +285,7 @@ fn main() -> ExitCode {
         write_cpu,
         transports,
         verdicts,
+        errors,
     };
 
     println!("# coherence benchmarks\n");
@@ -305,7 +302,11 @@ fn main() -> ExitCode {
     println!("{}", report::write_cpu_markdown(&report.write_cpu));
     println!("{}", report::verdicts_markdown(&report.verdicts));
 
-    let failed = report.transports.iter().any(|t| !t.errors.is_empty());
+    for e in &report.errors {
+        eprintln!("error: {e}");
+    }
+    let failed =
+        !report.errors.is_empty() || report.transports.iter().any(|t| !t.errors.is_empty());
     match write_outputs(&args.out, args.transport, &report) {
         Ok(()) if failed => ExitCode::FAILURE,
         Ok(()) => ExitCode::SUCCESS,

@@ -795,11 +795,12 @@ pub struct Report {
     pub started_unix_s: u64,
     /// Wall-clock seconds the run took.
     pub elapsed_s: f64,
-    /// The protocol's own CPU time per write, per policy (empty on MPI ranks that do not
-    /// report).
+    /// The protocol's own CPU time per write, per policy.
     pub write_cpu: Vec<WriteCpu>,
     /// Figures per transport.
     pub transports: Vec<TransportReport>,
     /// The acceptance ratios.
     pub verdicts: Vec<Verdict>,
+    /// What failed outside any transport (the protocol's own CPU time).
+    pub errors: Vec<String>,
 }
