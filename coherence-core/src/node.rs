@@ -231,10 +231,7 @@ impl Inner {
             }
         }
         outbox.extend(protocol.take_sends());
-        // One frame per destination; the sort is stable, so messages to one peer keep their
-        // order.
-        outbox.sort_by_key(|(to, _)| *to);
-        for batch in outbox.chunk_by(|a, b| a.0 == b.0) {
+        for batch in wire::batches_by_destination(outbox) {
             let to = batch[0].0;
             for (_, message) in batch {
                 tracing::trace!(node = self.id, to, msg = ?message, "send");

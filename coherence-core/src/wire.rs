@@ -174,6 +174,16 @@ where
     w
 }
 
+/// Sorts `outbox` by destination and yields one batch per destination, each in the order it
+/// was produced (the sort is stable): each batch is one frame, so per-pair order holds.
+pub fn batches_by_destination(
+    outbox: &mut [(NodeId, Message)],
+) -> impl Iterator<Item = &[(NodeId, Message)]> {
+    outbox.sort_by_key(|(to, _)| *to);
+    let outbox: &[(NodeId, Message)] = outbox;
+    outbox.chunk_by(|a, b| a.0 == b.0)
+}
+
 // Writing to a `Vec` cannot fail: rmp's errors there are the `Vec`'s, which has none.
 fn array_len(w: &mut Vec<u8>, len: usize) {
     let len = u32::try_from(len).expect("fewer than 2^32 elements");

@@ -62,8 +62,7 @@ impl Pair {
             }
         }
         self.outbox.extend(self.nodes[node].take_sends());
-        self.outbox.sort_by_key(|(to, _)| *to);
-        for batch in self.outbox.chunk_by(|a, b| a.0 == b.0) {
+        for batch in wire::batches_by_destination(&mut self.outbox) {
             let frame = wire::encode(batch.iter().map(|(_, message)| message));
             self.in_flight
                 .push_back((node, batch[0].0 as usize, Bytes::from(frame)));
