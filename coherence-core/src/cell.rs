@@ -97,14 +97,19 @@ impl Cell {
     where
         T: DeserializeOwned + Send + Sync + 'static,
     {
-        let current = self.lock();
-        // Under the lock the state word matches `current`.
-        let state = self.state.load(Ordering::Acquire);
-        let Some((_, bytes)) = current.as_ref() else {
-            return Ok(None);
+        let (state, bytes) = {
+            let current = self.lock();
+            // Under the lock the state word matches `current`.
+            let state = self.state.load(Ordering::Acquire);
+            let Some((_, bytes)) = current.as_ref() else {
+                return Ok(None);
+            };
+            (state, bytes.clone())
         };
-        let value: Arc<T> = Arc::new(decode(object, bytes)?);
-        drop(current);
+        // Decoded outside the lock: the driver publishes under it, and a large value's decode
+        // would stall every protocol step of the node. The read takes effect when the lock was
+        // held, where this value was the readable one.
+        let value: Arc<T> = Arc::new(decode(object, &bytes)?);
         remember(self.id, state, Arc::clone(&value));
         Ok(Some(value))
     }

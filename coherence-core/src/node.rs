@@ -47,6 +47,9 @@ pub struct NodeStats {
     pub frames_received: u64,
     /// Frames dropped because they could not be decoded.
     pub frames_rejected: u64,
+    /// Decoded messages dropped because no correct peer sends them (see
+    /// [`crate::protocol::Rejected`]).
+    pub messages_rejected: u64,
 }
 
 #[derive(Default)]
@@ -55,6 +58,7 @@ struct Counters {
     messages_sent: AtomicU64,
     frames_received: AtomicU64,
     frames_rejected: AtomicU64,
+    messages_rejected: AtomicU64,
 }
 
 fn encode_value<T: Serialize>(object: &str, value: &T) -> Result<Bytes, Error> {
@@ -176,8 +180,9 @@ const DRIVER_NAP: Duration = Duration::from_millis(1);
 
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, Core> {
-        // A panic while holding the lock leaves the protocol state as it was after the last
-        // completed step, so it is safe to go on.
+        // Only a bug panics under this lock (input no correct peer sends is refused before it
+        // changes anything), and it may leave that step half done. Going on still beats
+        // poisoning every later call: callers get their errors and timeouts.
         self.core
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -231,6 +236,7 @@ impl Inner {
             }
         }
         outbox.extend(protocol.take_sends());
+        let mut refused = Vec::new();
         for batch in wire::batches_by_destination(outbox) {
             let to = batch[0].0;
             for (_, message) in batch {
@@ -251,10 +257,24 @@ impl Inner {
                 Err(TransportError::Closed) if self.stopped.load(Ordering::Acquire) => {
                     tracing::debug!(node = self.id, to, "frame not sent: this node has left")
                 }
+                // The transport dropped `to` before its `Left` reached us: what the frame
+                // carried stays here.
+                Err(TransportError::UnknownPeer(_)) => {
+                    tracing::debug!(node = self.id, to, "frame not sent: the peer is gone");
+                    refused.push((to, batch.iter().map(|(_, m)| m.clone()).collect::<Vec<_>>()));
+                }
                 Err(e) => tracing::warn!(node = self.id, to, error = %e, "frame not sent"),
             }
         }
         outbox.clear();
+        if refused.is_empty() {
+            return;
+        }
+        for (to, messages) in refused {
+            core.protocol.send_failed(to, messages);
+        }
+        // What the returned tokens now allow (each refusal forgets a peer, so this ends).
+        self.flush(core);
     }
 
     /// Starts operation `start` and waits for its outcome, cancelling it on timeout.
@@ -488,7 +508,14 @@ impl Inner {
                             .fetch_add(1, Ordering::Relaxed);
                         for message in inbox.drain(..) {
                             tracing::trace!(node = self.id, from, msg = ?message, "receive");
-                            self.step(&mut core, |p| p.handle(from, message));
+                            let mut handled = Ok(());
+                            self.step(&mut core, |p| handled = p.handle(from, message));
+                            if let Err(e) = handled {
+                                self.counters
+                                    .messages_rejected
+                                    .fetch_add(1, Ordering::Relaxed);
+                                tracing::warn!(node = self.id, from, error = %e, "message rejected");
+                            }
                         }
                     }
                     Err(e) => {
@@ -582,6 +609,7 @@ impl Node {
             messages_sent: c.messages_sent.load(Ordering::Relaxed),
             frames_received: c.frames_received.load(Ordering::Relaxed),
             frames_rejected: c.frames_rejected.load(Ordering::Relaxed),
+            messages_rejected: c.messages_rejected.load(Ordering::Relaxed),
         }
     }
 

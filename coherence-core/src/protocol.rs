@@ -50,6 +50,57 @@ pub enum Outcome {
     Aborted,
 }
 
+/// Why [`Protocol::handle`] refused a message. No correct peer sends one of these, so acting on
+/// it could only break the invariants (a bug, or another program speaking our wire format); the
+/// message is dropped whole and the state is left as it was.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejected {
+    /// The transport says the message came from this node itself.
+    #[error("a message claims to come from this node itself")]
+    FromSelf,
+    /// A request or its `Done` names a request of another node: only a request's owner sends
+    /// those.
+    #[error("node {from} sent a message about a request of node {owner}")]
+    NotTheOwner {
+        /// The sender.
+        from: NodeId,
+        /// The node the request belongs to.
+        owner: NodeId,
+    },
+    /// A Lamport time past [`MAX_TIMESTAMP`]: taking it would let the clock run out, after
+    /// which requests could no longer be ordered fairly.
+    #[error("Lamport time {0} is beyond any clock a node reaches")]
+    TimestampTooLate(u64),
+    /// A grant that does not fit the tokens held here: no tokens, more than the total, a total
+    /// other than the one held, or a second owner token.
+    #[error("a grant of {count} token(s) of {object:?} (total {total}, owner {owner}) does not fit the {held} held here (total {held_total}, owner {held_owner})")]
+    TokensDoNotAddUp {
+        /// The object.
+        object: Arc<str>,
+        /// Tokens granted.
+        count: u32,
+        /// The grant's total.
+        total: u32,
+        /// Whether the grant carries the owner token.
+        owner: bool,
+        /// Tokens held here.
+        held: u32,
+        /// The total held here.
+        held_total: u32,
+        /// Whether the owner token is held here.
+        held_owner: bool,
+    },
+    /// The owner token came without the value, and the value held here is not the version it
+    /// names: the owner answers for the data.
+    #[error("the owner token of {0:?} came without a value this node holds")]
+    OwnerWithoutValue(Arc<str>),
+}
+
+/// The latest Lamport time a node accepts. Clocks advance by one per request, so honest nodes
+/// stay far below it (2^63 requests); a larger time can only be a fault, and taking it would
+/// leave the clock no room to grow.
+pub const MAX_TIMESTAMP: u64 = u64::MAX / 2;
+
 /// Something the driver must act on, in order, before sending this step's messages.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Event {
@@ -378,6 +429,9 @@ impl Protocol {
 
     /// Opens `object`, creating it with `init` if it exists nowhere yet.
     pub fn open(&mut self, op: OpId, object: &str, init: Init) {
+        if self.aborted_while_leaving(op) {
+            return;
+        }
         let name = self.intern(object);
         self.object(&name).openers.push((op, init));
         self.step(&name);
@@ -385,6 +439,9 @@ impl Protocol {
 
     /// Reads `object` (completes at once if a token is here).
     pub fn read(&mut self, op: OpId, object: &str) {
+        if self.aborted_while_leaving(op) {
+            return;
+        }
         let name = self.intern(object);
         self.object(&name).readers.push(op);
         self.step(&name);
@@ -402,11 +459,27 @@ impl Protocol {
     }
 
     fn queue_write(&mut self, op: OpId, object: &str, bytes: Option<Bytes>) {
+        if self.aborted_while_leaving(op) {
+            return;
+        }
         let name = self.intern(object);
         self.object(&name)
             .writers
             .push_back(PendingWrite { op, bytes });
         self.step(&name);
+    }
+
+    /// A leaving node starts nothing: its `Leaving` is out, so peers forget any request it
+    /// issued now, and tokens they sent for it could arrive after it closed. (A caller on
+    /// another thread can start an operation while `shutdown` runs.)
+    fn aborted_while_leaving(&mut self, op: OpId) -> bool {
+        if self.leaving {
+            self.completions.push(Event::Completed {
+                op,
+                outcome: Outcome::Aborted,
+            });
+        }
+        self.leaving
     }
 
     /// An object known to exist (interned, stepped, or listed).
@@ -523,8 +596,10 @@ impl Protocol {
         self.check_left();
     }
 
-    /// One message from `from`.
-    pub fn handle(&mut self, from: NodeId, message: Message) {
+    /// One message from `from`. A message no correct peer sends is refused whole (see
+    /// [`Rejected`]).
+    pub fn handle(&mut self, from: NodeId, message: Message) -> Result<(), Rejected> {
+        self.check(from, &message)?;
         match message {
             Message::Request(request) => {
                 self.clock = self.clock.max(request.id.ts);
@@ -544,7 +619,7 @@ impl Protocol {
             }
             Message::Grant(grant) => {
                 let name = self.intern(&grant.object);
-                let o = self.objects.get_mut(&name).expect("interned");
+                let o = self.object(&name);
                 if grant.for_request && o.mine.is_none() {
                     o.stray = Some(Stray {
                         sender: from,
@@ -570,20 +645,65 @@ impl Protocol {
                 self.awaiting_acks.remove(&from);
                 self.check_left();
             }
-            Message::Genesis { created } => {
-                if self.leaving {
-                    if let Some(&heir) = self.members.iter().next() {
-                        self.sends.push((heir, Message::Genesis { created }));
-                    }
-                } else {
-                    self.genesis = true;
-                    self.created.extend(created);
-                    let names: Vec<Arc<str>> = self.objects.keys().cloned().collect();
-                    for name in names {
-                        self.step(&name);
-                    }
+            Message::Genesis { created } => self.take_genesis(created),
+        }
+        Ok(())
+    }
+
+    /// Frames to `to` could not be sent: the transport no longer counts it a member (its `Left`
+    /// is on the way). The messages never left, so the tokens and the genesis role they carried
+    /// are still this node's. `to` is forgotten first, so they do not go there again.
+    pub fn send_failed(&mut self, to: NodeId, messages: impl IntoIterator<Item = Message>) {
+        self.peer_left(to);
+        for message in messages {
+            match message {
+                Message::Grant(grant) => {
+                    let name = self.intern(&grant.object);
+                    receive_grant(self.object(&name), grant);
+                    self.step(&name);
                 }
+                Message::Genesis { created } => self.take_genesis(created),
+                Message::Request(_)
+                | Message::Done { .. }
+                | Message::Leaving
+                | Message::LeaveAck => {}
             }
+        }
+    }
+
+    /// The genesis role arrived: keep it, or pass it straight on while leaving.
+    fn take_genesis(&mut self, created: BTreeSet<Arc<str>>) {
+        if self.leaving {
+            if let Some(&heir) = self.members.iter().next() {
+                self.sends.push((heir, Message::Genesis { created }));
+            }
+        } else {
+            self.genesis = true;
+            self.created.extend(created);
+            let names: Vec<Arc<str>> = self.objects.keys().cloned().collect();
+            for name in names {
+                self.step(&name);
+            }
+        }
+    }
+
+    /// Refuses what no correct peer sends; see [`Rejected`].
+    fn check(&self, from: NodeId, message: &Message) -> Result<(), Rejected> {
+        if from == self.id {
+            return Err(Rejected::FromSelf);
+        }
+        match message {
+            Message::Request(Request { id, .. }) | Message::Done { id, .. } if id.node != from => {
+                Err(Rejected::NotTheOwner {
+                    from,
+                    owner: id.node,
+                })
+            }
+            Message::Request(request) if request.id.ts > MAX_TIMESTAMP => {
+                Err(Rejected::TimestampTooLate(request.id.ts))
+            }
+            Message::Grant(grant) => check_grant(self.objects.get(&grant.object), grant),
+            _ => Ok(()),
         }
     }
 
@@ -996,9 +1116,46 @@ fn take_tokens(
     }
 }
 
+/// Whether `grant` fits the tokens held of its object (`o`; none if never heard of). Every
+/// token message carries the current total, and a node holding tokens knows it, so the counts
+/// must add up within it; there is one owner token, and it comes with the value unless the
+/// receiver has that version.
+fn check_grant(o: Option<&Object>, grant: &Grant) -> Result<(), Rejected> {
+    let (held, held_total, held_owner, held_version) = o.map_or((0, 0, false, None), |o| {
+        (
+            o.tokens,
+            o.total,
+            o.owner,
+            o.value.as_ref().map(|v| v.version),
+        )
+    });
+    let fits = grant.count > 0
+        && held
+            .checked_add(grant.count)
+            .is_some_and(|sum| sum <= grant.total)
+        && (held == 0 || held_total == grant.total)
+        && !(held_owner && grant.owner);
+    if !fits {
+        return Err(Rejected::TokensDoNotAddUp {
+            object: Arc::clone(&grant.object),
+            count: grant.count,
+            total: grant.total,
+            owner: grant.owner,
+            held,
+            held_total,
+            held_owner,
+        });
+    }
+    if grant.owner
+        && grant.value.is_none()
+        && (grant.version.is_none() || grant.version != held_version)
+    {
+        return Err(Rejected::OwnerWithoutValue(Arc::clone(&grant.object)));
+    }
+    Ok(())
+}
+
 fn receive_grant(o: &mut Object, grant: Grant) {
-    debug_assert!(!(o.owner && grant.owner), "two owner tokens");
-    debug_assert!(o.tokens == 0 || o.total == grant.total, "stale token total");
     o.tokens += grant.count;
     o.owner |= grant.owner;
     o.total = grant.total;
@@ -1007,5 +1164,154 @@ fn receive_grant(o: &mut Object, grant: Grant) {
         o.valid = true;
     } else if grant.version.is_some() && grant.version == o.value.as_ref().map(|v| v.version) {
         o.valid = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn init() -> Init {
+        Init {
+            type_name: "i64".into(),
+            bytes: Bytes::from_static(b"\x00"),
+        }
+    }
+
+    /// Node 0 (genesis) and node 1; node 0 has created "x" and holds its only token.
+    fn pair_with_object_at_0() -> (Protocol, Protocol) {
+        let mut p0 = Protocol::new(0, [1], WritePolicy::Update);
+        let p1 = Protocol::new(1, [0], WritePolicy::Update);
+        p0.open(1, "x", init());
+        let _ = p0.take_events().count();
+        assert_eq!(p0.take_sends().count(), 0, "genesis opens locally");
+        (p0, p1)
+    }
+
+    fn sends(p: &mut Protocol) -> Vec<(NodeId, Message)> {
+        p.take_sends().collect()
+    }
+
+    fn completions(p: &mut Protocol) -> Vec<(OpId, Outcome)> {
+        p.take_events()
+            .filter_map(|e| match e {
+                Event::Completed { op, outcome } => Some((op, outcome)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_leaving_node_aborts_new_operations_without_asking_anyone() {
+        let (mut p0, mut p1) = pair_with_object_at_0();
+        p1.leave();
+        let _ = completions(&mut p1);
+        let _ = sends(&mut p1);
+        p1.open(7, "x", init());
+        p1.read(8, "x");
+        p1.write(9, "x", Bytes::from_static(b"\x01"));
+        p1.lock(10, "x");
+        assert_eq!(
+            completions(&mut p1),
+            [7, 8, 9, 10].map(|op| (op, Outcome::Aborted))
+        );
+        assert!(
+            sends(&mut p1).is_empty(),
+            "no request leaves a leaving node"
+        );
+        assert!(!p1.is_busy());
+        // Node 0 is untouched.
+        assert_eq!(p0.token_view("x").map(|v| v.tokens), Some(1));
+        assert!(sends(&mut p0).is_empty());
+    }
+
+    #[test]
+    fn messages_no_correct_peer_sends_are_rejected_without_effect() {
+        let (mut p0, _) = pair_with_object_at_0();
+        let x: Arc<str> = "x".into();
+        let grant = |count, owner, total, value: Option<Value>| {
+            Message::Grant(Grant {
+                object: Arc::clone(&x),
+                count,
+                owner,
+                total,
+                version: Some(0),
+                value,
+                for_request: false,
+            })
+        };
+        let request = |ts, node| {
+            Message::Request(Request {
+                id: RequestId { ts, node },
+                object: Arc::clone(&x),
+                access: Access::Write,
+                have_version: None,
+                init: None,
+            })
+        };
+        let value = Value {
+            version: 0,
+            type_name: "i64".into(),
+            bytes: Bytes::from_static(b"\x00"),
+        };
+        let cases = [
+            (0, request(1, 0), "this node itself"),
+            (1, request(1, 2), "a request of node"),
+            (
+                1,
+                Message::Done {
+                    object: Arc::clone(&x),
+                    id: RequestId { ts: 1, node: 0 },
+                },
+                "a request of node",
+            ),
+            (1, request(MAX_TIMESTAMP + 1, 1), "Lamport time"),
+            (1, grant(0, false, 1, None), "does not fit"),
+            (1, grant(1, false, 1, None), "does not fit"),
+            (1, grant(u32::MAX, false, u32::MAX, None), "does not fit"),
+            (1, grant(1, true, 2, Some(value.clone())), "does not fit"),
+            (1, grant(1, false, 3, None), "does not fit"),
+        ];
+        for (from, message, reason) in cases {
+            let before = p0.clone();
+            let error = p0.handle(from, message.clone()).unwrap_err();
+            assert!(error.to_string().contains(reason), "{message:?}: {error}");
+            assert_eq!(p0, before, "{message:?} changed the state");
+        }
+        // The owner token without a value, at a node that never had one.
+        let mut fresh = Protocol::new(2, [0, 1], WritePolicy::Update);
+        let error = fresh.handle(0, grant(1, true, 1, None)).unwrap_err();
+        assert_eq!(error, Rejected::OwnerWithoutValue(Arc::clone(&x)));
+        assert_eq!(fresh.token_view("x"), None);
+        // A correct grant still goes through.
+        fresh.handle(0, grant(1, true, 1, Some(value))).unwrap();
+        assert_eq!(fresh.token_view("x").map(|v| v.readable), Some(true));
+    }
+
+    #[test]
+    fn tokens_of_a_refused_send_stay_with_the_sender() {
+        let (mut p0, mut p1) = pair_with_object_at_0();
+        p1.write(2, "x", Bytes::from_static(b"\x01"));
+        for (to, message) in sends(&mut p1) {
+            assert_eq!(to, 0);
+            p0.handle(1, message).unwrap();
+        }
+        let out = sends(&mut p0);
+        assert!(
+            out.iter()
+                .any(|(to, m)| *to == 1 && matches!(m, Message::Grant(g) if g.owner)),
+            "node 0 grants node 1 every token: {out:?}"
+        );
+        assert_eq!(p0.token_view("x").map(|v| v.tokens), Some(0));
+        // The transport no longer knows node 1: nothing was sent.
+        p0.send_failed(1, out.into_iter().map(|(_, m)| m));
+        let view = p0.token_view("x").expect("known");
+        assert_eq!((view.tokens, view.total, view.owner), (1, 1, true));
+        assert!(view.readable, "the value is still the latest");
+        assert!(!p0.members().contains(&1));
+        assert!(
+            sends(&mut p0).is_empty(),
+            "nothing goes to the forgotten peer"
+        );
     }
 }

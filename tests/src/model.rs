@@ -454,7 +454,12 @@ impl CoherenceModel {
                         state.drop_frame(from, to, &messages[i..]);
                         return;
                     }
-                    self.run(state, to, |p| p.handle(from, message.clone()));
+                    // A correct peer's message is never rejected: a rejection is a breach.
+                    self.run(state, to, |p| {
+                        if let Err(e) = p.handle(from, message.clone()) {
+                            panic!("node {to} rejected a message from {from}: {e}");
+                        }
+                    });
                 }
             }
             Item::Joined(peer) => self.run(state, to, |p| p.peer_joined(peer)),

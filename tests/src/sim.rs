@@ -509,7 +509,9 @@ impl Simulation {
             .proto;
         match item {
             Item::Message(message) => {
-                proto.handle(from, message);
+                if let Err(e) = proto.handle(from, message) {
+                    return Err(self.fail(format!("node {to} rejected a message from {from}: {e}")));
+                }
                 self.report.delivered += 1;
             }
             Item::Joined(id) => {

@@ -36,7 +36,7 @@ fn sweep(seeds: impl Iterator<Item = u64>) -> (SimReport, Vec<(u64, String)>) {
                 format!(
                     "simulation failed: seed={seed} config={cfg:?} error={error}\n  rerun: \
                      SIM_SEED={seed} cargo test -p tests --test simulation single_seed -- \
-                     --nocapture"
+                     --ignored --nocapture"
                 ),
             )),
         }
@@ -49,6 +49,7 @@ fn sweep(seeds: impl Iterator<Item = u64>) -> (SimReport, Vec<(u64, String)>) {
 #[test]
 fn many_seeds() {
     let seeds = env_u64("SIM_SEEDS").unwrap_or(5000);
+    assert!(seeds > 0, "SIM_SEEDS=0 would check nothing");
     let start = Instant::now();
     let (even, odd) = std::thread::scope(|s| {
         let odd = s.spawn(|| sweep((1..seeds).step_by(2)));
@@ -69,12 +70,12 @@ fn many_seeds() {
     );
 }
 
-/// Runs only seed `SIM_SEED` (if set), printing every step.
+/// Replays seed `SIM_SEED`, printing every step (ignored unless asked for: it checks nothing
+/// the sweep does not).
 #[test]
+#[ignore = "replays one seed: SIM_SEED=N cargo test -p tests --test simulation single_seed -- --ignored --nocapture"]
 fn single_seed() {
-    let Some(seed) = env_u64("SIM_SEED") else {
-        return;
-    };
+    let seed = env_u64("SIM_SEED").expect("set SIM_SEED to the seed to replay");
     let cfg = SimConfig {
         trace: true,
         ..SimConfig::for_seed(seed)
@@ -336,7 +337,7 @@ fn regression(seed: u64) {
     if let Err(error) = run_seed(seed, &cfg) {
         panic!(
             "simulation failed: seed={seed} config={cfg:?} error={error}\n  rerun: \
-             SIM_SEED={seed} cargo test -p tests --test simulation single_seed -- --nocapture"
+             SIM_SEED={seed} cargo test -p tests --test simulation single_seed -- --ignored --nocapture"
         );
     }
 }

@@ -79,7 +79,9 @@ impl Pair {
         wire::decode_into(frame, &mut self.inbox, |name| receiver.shared_name(name))
             .map_err(|e| format!("write CPU: a frame did not decode: {e}"))?;
         for message in self.inbox.drain(..) {
-            self.nodes[to].handle(from as NodeId, message);
+            self.nodes[to]
+                .handle(from as NodeId, message)
+                .map_err(|e| format!("write CPU: a message was rejected: {e}"))?;
         }
         self.flush(to);
         Ok(true)
