@@ -36,6 +36,14 @@ pub enum TransportError {
     /// The transport was closed; nothing can be sent or received any more.
     #[error("transport closed")]
     Closed,
+    /// The frame is larger than the transport can carry; nothing was sent.
+    #[error("a frame of {len} bytes exceeds this transport's limit of {max} bytes")]
+    FrameTooLarge {
+        /// The frame's size.
+        len: usize,
+        /// The largest frame the transport sends.
+        max: usize,
+    },
     /// Any other failure of the underlying network library.
     #[error("transport failure: {0}")]
     Io(String),

@@ -200,6 +200,10 @@ impl Transport for LocalTransport {
         if !members.inboxes.contains_key(&self.id) {
             return Err(TransportError::Closed);
         }
+        // Like the other transports: a node is not its own peer.
+        if to == self.id {
+            return Err(TransportError::UnknownPeer(to));
+        }
         let inbox = members
             .inboxes
             .get(&to)

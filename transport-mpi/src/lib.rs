@@ -2,8 +2,10 @@
 //!
 //! [`MpiTransport::init`] starts a progress thread that initializes MPI (asking for
 //! `Threading::Funneled`: only that thread, MPI's "main" thread, ever calls MPI), duplicates
-//! the world communicator so the protocol's traffic cannot mix with the application's, and then
-//! loops:
+//! the world communicator for the protocol's traffic, and then loops. The transport owns MPI:
+//! the application makes no MPI calls of its own, and `init` fails with
+//! [`MpiError::AlreadyInitialized`] if MPI was initialized before (also by an earlier transport
+//! of this process: MPI cannot be initialized twice). The loop:
 //! - frames queued by [`Transport::send`] go out as immediate sends (`MPI_Isend`), completed
 //!   later by `MPI_Test`, so large frames never rendezvous-deadlock;
 //! - incoming frames of any size are received by matched probe (`MPI_Improbe` + `MPI_Mrecv`);
@@ -26,7 +28,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -94,8 +96,17 @@ pub struct MpiTransport {
     inbox: Receiver<TransportEvent>,
     progress: Mutex<Option<JoinHandle<()>>>,
     closed: AtomicBool,
+    /// Per rank: it said goodbye, so frames to it would never be received.
+    departed: Arc<[AtomicBool]>,
     frames_sent: AtomicU64,
 }
+
+/// What the progress thread reports once MPI runs: this rank, the world's size, and the
+/// departed flags it keeps.
+type Started = Result<(NodeId, u32, Arc<[AtomicBool]>), MpiError>;
+
+/// MPI counts a message's bytes in a C `int`.
+const MAX_FRAME: usize = i32::MAX as usize;
 
 impl std::fmt::Debug for MpiTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -116,7 +127,7 @@ impl MpiTransport {
             .name("coherence-mpi-progress".into())
             .spawn(move || progress_thread(commands_rx, inbox_tx, started_tx))
             .map_err(|e| MpiError::Spawn(e.to_string()))?;
-        let (rank, size) = match started_rx.recv() {
+        let (rank, size, departed) = match started_rx.recv() {
             Ok(Ok(started)) => started,
             Ok(Err(e)) => {
                 let _ = progress.join();
@@ -132,6 +143,7 @@ impl MpiTransport {
             inbox: inbox_rx,
             progress: Mutex::new(Some(progress)),
             closed: AtomicBool::new(false),
+            departed,
             frames_sent: AtomicU64::new(0),
         })
     }
@@ -177,8 +189,15 @@ impl Transport for MpiTransport {
         if self.closed.load(Ordering::Acquire) {
             return Err(TransportError::Closed);
         }
-        if to >= self.size || to == self.rank {
+        if to >= self.size || to == self.rank || self.departed[to as usize].load(Ordering::Acquire)
+        {
             return Err(TransportError::UnknownPeer(to));
+        }
+        if frame.len() > MAX_FRAME {
+            return Err(TransportError::FrameTooLarge {
+                len: frame.len(),
+                max: MAX_FRAME,
+            });
         }
         self.commands
             .send(Command::Send { to, frame })
@@ -261,7 +280,7 @@ impl InFlight {
 fn progress_thread(
     commands: Receiver<Command>,
     inbox: Sender<TransportEvent>,
-    started: Sender<Result<(NodeId, u32), MpiError>>,
+    started: Sender<Started>,
 ) {
     let Some((universe, granted)) = mpi::initialize_with_threading(Threading::Funneled) else {
         let _ = started.send(Err(MpiError::AlreadyInitialized));
@@ -277,7 +296,8 @@ fn progress_thread(
     let ping_comm = universe.world().duplicate();
     let rank = comm.rank() as NodeId;
     let size = comm.size() as u32;
-    let _ = started.send(Ok((rank, size)));
+    let departed: Arc<[AtomicBool]> = (0..size).map(|_| AtomicBool::new(false)).collect();
+    let _ = started.send(Ok((rank, size, Arc::clone(&departed))));
 
     let mut in_flight: Vec<InFlight> = Vec::new();
     let mut goodbyes: BTreeSet<NodeId> = BTreeSet::new();
@@ -321,6 +341,8 @@ fn progress_thread(
             let (bytes, _) = probed.matched_receive_vec::<u8>();
             let event = if tag == GOODBYE_TAG {
                 goodbyes.insert(from);
+                // Before `Left` is queued: a send racing it fails instead of being lost.
+                departed[from as usize].store(true, Ordering::Release);
                 TransportEvent::Left(from)
             } else {
                 TransportEvent::Frame { from, bytes }
@@ -396,6 +418,10 @@ fn run_command(
     in_flight: &mut Vec<InFlight>,
 ) {
     match command {
+        // A frame after our goodbyes would arrive after the `Left` the peer reports for us.
+        Command::Send { to, .. } if *closing => {
+            tracing::debug!(to, "frame dropped: this rank already said goodbye");
+        }
         Command::Send { to, frame } => in_flight.push(InFlight::start(comm, to, frame, FRAME_TAG)),
         Command::PingPong {
             peer,

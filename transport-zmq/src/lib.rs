@@ -592,11 +592,10 @@ impl Transport for ZmqTransport {
             return Err(TransportError::Closed);
         }
         if frame.len() > self.max_frame {
-            return Err(TransportError::Io(format!(
-                "frame of {} bytes exceeds max_frame ({} bytes)",
-                frame.len(),
-                self.max_frame
-            )));
+            return Err(TransportError::FrameTooLarge {
+                len: frame.len(),
+                max: self.max_frame,
+            });
         }
         let known = self
             .shared
