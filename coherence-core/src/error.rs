@@ -34,6 +34,17 @@ pub enum Error {
         /// The codec's message.
         reason: String,
     },
+    /// The encoded value would not fit in one frame of the node's transport
+    /// ([`crate::Transport::max_frame`]); nothing was written.
+    #[error("the value of {object:?} encodes to {len} bytes, over the {max} bytes a frame of this transport leaves for it")]
+    ValueTooLarge {
+        /// The object's name.
+        object: String,
+        /// The encoded value's size.
+        len: usize,
+        /// The largest value the transport's frames carry for this object.
+        max: usize,
+    },
     /// A value received could not be decoded as the object's type.
     #[error("cannot decode the value of {object:?}: {reason}")]
     Decode {

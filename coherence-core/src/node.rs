@@ -61,15 +61,6 @@ struct Counters {
     messages_rejected: AtomicU64,
 }
 
-fn encode_value<T: Serialize>(object: &str, value: &T) -> Result<Bytes, Error> {
-    rmp_serde::to_vec(value)
-        .map(Bytes::from)
-        .map_err(|e| Error::Encode {
-            object: object.to_string(),
-            reason: e.to_string(),
-        })
-}
-
 /// Everything behind the mutex.
 struct Core {
     protocol: Protocol,
@@ -151,6 +142,8 @@ struct Inner {
     id: NodeId,
     config: Config,
     transport: Arc<dyn Transport>,
+    /// The transport's [`Transport::max_frame`].
+    max_frame: usize,
     core: Mutex<Core>,
     stopped: AtomicBool,
     /// Tells the driver thread to exit (after the leave completed or timed out).
@@ -179,6 +172,24 @@ const DRIVER_YIELDS_FOR: Duration = Duration::from_micros(50);
 const DRIVER_NAP: Duration = Duration::from_millis(1);
 
 impl Inner {
+    /// Encodes a value of `object`, refusing one that no frame of the transport could carry:
+    /// found out at send time, its tokens would already be on the way.
+    fn encode_value<T: Serialize>(&self, object: &str, value: &T) -> Result<Bytes, Error> {
+        let bytes = rmp_serde::to_vec(value).map_err(|e| Error::Encode {
+            object: object.to_string(),
+            reason: e.to_string(),
+        })?;
+        let max = wire::max_value_len(self.max_frame, object, std::any::type_name::<T>());
+        if bytes.len() > max {
+            return Err(Error::ValueTooLarge {
+                object: object.to_string(),
+                len: bytes.len(),
+                max,
+            });
+        }
+        Ok(Bytes::from(bytes))
+    }
+
     fn lock(&self) -> MutexGuard<'_, Core> {
         // Only a bug panics under this lock (input no correct peer sends is refused before it
         // changes anything), and it may leave that step half done. Going on still beats
@@ -237,7 +248,9 @@ impl Inner {
         }
         outbox.extend(protocol.take_sends());
         let mut refused = Vec::new();
-        for batch in wire::batches_by_destination(outbox) {
+        let runs = wire::batches_by_destination(outbox)
+            .flat_map(|batch| wire::frame_runs(batch, self.max_frame));
+        for batch in runs {
             let to = batch[0].0;
             for (_, message) in batch {
                 tracing::trace!(node = self.id, to, msg = ?message, "send");
@@ -562,10 +575,12 @@ impl Node {
         let id = transport.local_id();
         let protocol = Protocol::new(id, transport.peers(), config.write_policy);
         tracing::debug!(node = id, peers = ?protocol.members(), "node starting");
+        let max_frame = transport.max_frame();
         let inner = Arc::new(Inner {
             id,
             config,
             transport: Arc::new(transport),
+            max_frame,
             core: Mutex::new(Core {
                 protocol,
                 waiters: Vec::new(),
@@ -623,7 +638,7 @@ impl Node {
         let type_name = std::any::type_name::<T>();
         let init = Init {
             type_name: type_name.into(),
-            bytes: encode_value(name, &init)?,
+            bytes: self.inner.encode_value(name, &init)?,
         };
         let outcome = self
             .inner
@@ -754,7 +769,7 @@ where
 
     /// Replaces the value once this node holds every token.
     pub fn write(&self, value: T) -> Result<(), Error> {
-        let bytes = encode_value(&self.name, &value)?;
+        let bytes = self.node.encode_value(&self.name, &value)?;
         let outcome = self
             .node
             .run_op("write", &self.name, |p, op| p.write(op, &self.name, bytes))?;
@@ -781,7 +796,7 @@ where
         };
         let mut current: T = cell::decode(&self.name, &value.bytes)?;
         let result = f(&mut current);
-        let bytes = encode_value(&self.name, &current)?;
+        let bytes = self.node.encode_value(&self.name, &current)?;
         self.cell.saw_version(lock.commit(bytes)?);
         Ok(result)
     }

@@ -72,6 +72,12 @@ pub trait Transport: Send + Sync + 'static {
     /// Queues `frame` for `to`. Must not block on the receiver.
     fn send(&self, to: NodeId, frame: Vec<u8>) -> Result<(), TransportError>;
 
+    /// The largest frame [`Transport::send`] accepts. The node refuses a value that could not
+    /// travel in one frame before any token moves, and splits what it sends to fit.
+    fn max_frame(&self) -> usize {
+        usize::MAX
+    }
+
     /// Waits up to `timeout` for the next event; `Ok(None)` when none came in time.
     fn recv(&self, timeout: Duration) -> Result<Option<TransportEvent>, TransportError>;
 
@@ -94,6 +100,10 @@ macro_rules! forward_transport {
 
             fn send(&self, to: NodeId, frame: Vec<u8>) -> Result<(), TransportError> {
                 (**self).send(to, frame)
+            }
+
+            fn max_frame(&self) -> usize {
+                (**self).max_frame()
             }
 
             fn recv(&self, timeout: Duration) -> Result<Option<TransportEvent>, TransportError> {

@@ -184,6 +184,71 @@ pub fn batches_by_destination(
     outbox.chunk_by(|a, b| a.0 == b.0)
 }
 
+/// Bytes a frame spends besides its messages (version byte, array header), at most.
+const FRAME_HEADER_BOUND: usize = 8;
+
+/// Bytes a message spends besides its names and value or init bytes, at most: every integer,
+/// flag and header of the largest message (a `Grant` with a value) at full width, with room.
+const MESSAGE_FIXED_BOUND: usize = 96;
+
+/// The largest value `object` of type `type_name` may have, so that the message carrying it
+/// still fits in a frame of `max_frame` bytes on its own.
+pub fn max_value_len(max_frame: usize, object: &str, type_name: &str) -> usize {
+    max_frame.saturating_sub(
+        FRAME_HEADER_BOUND + MESSAGE_FIXED_BOUND + 2 * (object.len() + type_name.len()),
+    )
+}
+
+/// An upper bound on `message`'s encoded size.
+fn size_bound(message: &Message) -> usize {
+    let payload = match message {
+        Message::Request(r) => {
+            r.object.len()
+                + r.init
+                    .as_ref()
+                    .map_or(0, |i| i.type_name.len() + i.bytes.len())
+        }
+        Message::Grant(g) => {
+            g.object.len()
+                + g.value
+                    .as_ref()
+                    .map_or(0, |v| v.type_name.len() + v.bytes.len())
+        }
+        Message::Done { object, .. } => object.len(),
+        Message::Leaving | Message::LeaveAck => 0,
+        Message::Genesis { created } => created.iter().map(|name| name.len() + 8).sum(),
+    };
+    MESSAGE_FIXED_BOUND + payload
+}
+
+/// Splits one destination's messages, in order, into runs that each encode to at most
+/// `max_frame` bytes: the whole batch unless large values are on the way (a leave hands every
+/// object to one heir in one step). A message too large on its own gets a run of its own.
+pub fn frame_runs(
+    batch: &[(NodeId, Message)],
+    max_frame: usize,
+) -> impl Iterator<Item = &[(NodeId, Message)]> {
+    let mut rest = batch;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut size = FRAME_HEADER_BOUND;
+        let mut end = 0;
+        while let Some((_, message)) = rest.get(end) {
+            let next = size_bound(message);
+            if end > 0 && size.saturating_add(next) > max_frame {
+                break;
+            }
+            size = size.saturating_add(next);
+            end += 1;
+        }
+        let (run, tail) = rest.split_at(end);
+        rest = tail;
+        Some(run)
+    })
+}
+
 // Writing to a `Vec` cannot fail: rmp's errors there are the `Vec`'s, which has none.
 fn array_len(w: &mut Vec<u8>, len: usize) {
     let len = u32::try_from(len).expect("fewer than 2^32 elements");
@@ -586,6 +651,38 @@ mod tests {
 
     fn decode_vec(frame: Vec<u8>) -> Result<Vec<Message>, DecodeError> {
         decode(Bytes::from(frame))
+    }
+
+    #[test]
+    fn size_bounds_hold_and_runs_fit_the_frame_limit() {
+        let batch: Vec<(NodeId, Message)> = every_message().into_iter().map(|m| (1, m)).collect();
+        for (_, message) in &batch {
+            let encoded = encode([message]).len();
+            assert!(
+                encoded <= FRAME_HEADER_BOUND + size_bound(message),
+                "{message:?}"
+            );
+        }
+        for max_frame in [0, 100, 300, 4300, usize::MAX] {
+            let runs: Vec<&[(NodeId, Message)]> = frame_runs(&batch, max_frame).collect();
+            let rejoined: Vec<(NodeId, Message)> = runs.concat();
+            assert_eq!(rejoined, batch, "order and content kept at {max_frame}");
+            for run in &runs {
+                let encoded = encode(run.iter().map(|(_, m)| m)).len();
+                assert!(
+                    encoded <= max_frame || run.len() == 1,
+                    "a run of {} messages encodes to {encoded} > {max_frame}",
+                    run.len()
+                );
+            }
+            let expected_runs = match max_frame {
+                usize::MAX => 1,
+                0 => batch.len(),
+                _ => runs.len(),
+            };
+            assert_eq!(runs.len(), expected_runs);
+        }
+        assert!(frame_runs(&[], 10).next().is_none());
     }
 
     #[test]

@@ -185,6 +185,10 @@ impl Transport for MpiTransport {
         (0..self.size).filter(|&r| r != self.rank).collect()
     }
 
+    fn max_frame(&self) -> usize {
+        MAX_FRAME
+    }
+
     fn send(&self, to: NodeId, frame: Vec<u8>) -> Result<(), TransportError> {
         if self.closed.load(Ordering::Acquire) {
             return Err(TransportError::Closed);

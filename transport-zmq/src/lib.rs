@@ -587,6 +587,10 @@ impl Transport for ZmqTransport {
         self.peers.clone()
     }
 
+    fn max_frame(&self) -> usize {
+        self.max_frame
+    }
+
     fn send(&self, to: NodeId, frame: Vec<u8>) -> Result<(), TransportError> {
         if self.closed.load(Ordering::Acquire) {
             return Err(TransportError::Closed);
