@@ -310,6 +310,9 @@ impl Inner {
     ) -> Result<(OpId, Outcome), Error> {
         self.check_running()?;
         let op = self.next_op.fetch_add(1, Ordering::Relaxed);
+        // One span per operation, so a trace shows each one as a slice on its node's track.
+        let _span = tracing::debug_span!("operation", node = self.id, operation, object, op)
+            .entered();
         let waiter = Waiter::of_this_thread();
         waiter.reset();
         {
