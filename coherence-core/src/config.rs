@@ -14,12 +14,11 @@ pub struct Config {
     /// What a writer does with its tokens after a write.
     pub write_policy: WritePolicy,
     /// How long the driver waits for network input before checking whether it should leave or
-    /// stop; bounds the extra time `shutdown` takes.
+    /// stop; bounds the extra time `shutdown` takes. Default [`crate::wait::DRIVER_BLOCK`].
     pub poll_interval: Duration,
     /// How long a caller polls for its operation's outcome before it sleeps, and how long the
-    /// driver keeps polling after traffic: waking a sleeping thread costs tens of microseconds
-    /// on a VM. With 50 us, writes alternating between two nodes fell into the wake-up path
-    /// in about half the runs (25 us instead of 6.5 us); 200 us never did. Zero never polls.
+    /// driver keeps polling after traffic: waking a sleeping thread costs more than a reply
+    /// takes to come. Zero never polls. Default [`crate::wait::CALLER_POLL`].
     pub spin: Duration,
 }
 
@@ -28,8 +27,8 @@ impl Default for Config {
         Config {
             timeout: Duration::from_secs(10),
             write_policy: WritePolicy::Update,
-            poll_interval: Duration::from_millis(10),
-            spin: Duration::from_micros(200),
+            poll_interval: crate::wait::DRIVER_BLOCK,
+            spin: crate::wait::CALLER_POLL,
         }
     }
 }

@@ -23,8 +23,8 @@ pub mod config;
 pub mod error;
 pub mod node;
 pub mod protocol;
-mod spin;
 pub mod transport;
+pub mod wait;
 pub mod wire;
 
 pub use config::{Config, WritePolicy};

@@ -14,7 +14,7 @@
 //! one), and two threads polling on one node leave no core for the peer on a 2-core machine.
 //! After [`Config::spin`] the caller hands the turn back to the driver and sleeps. A polling
 //! caller spins only while the process's polling threads fit its cores, else it yields between
-//! polls (see the `spin` module).
+//! polls (see the `wait` module, which holds every such number).
 
 use std::collections::BTreeMap;
 use std::marker::PhantomData;
@@ -32,8 +32,8 @@ use crate::cell::{self, Cell};
 use crate::config::Config;
 use crate::error::Error;
 use crate::protocol::{Event, OpId, Outcome, Protocol};
-use crate::spin::{Budget, Poller};
 use crate::transport::{NodeId, Transport, TransportError, TransportEvent};
+use crate::wait::{Budget, Poller, DRIVER_NAP, DRIVER_YIELDS_FOR};
 use crate::wire::{self, Init, Message};
 
 /// Counters of one node's traffic.
@@ -162,14 +162,6 @@ struct Inner {
     /// The driver thread, to wake it from a nap when the last poller gives up early.
     driver: std::sync::OnceLock<Thread>,
 }
-
-/// How long the driver stays runnable (yielding the core) while callers poll: a quick
-/// operation ends before this, and the driver takes over at once without being woken, which
-/// would cost the caller a futex wake (~4 us measured here).
-const DRIVER_YIELDS_FOR: Duration = Duration::from_micros(50);
-
-/// How long the driver then sleeps at a time while callers still poll; the last poller wakes it.
-const DRIVER_NAP: Duration = Duration::from_millis(1);
 
 impl Inner {
     /// Encodes a value of `object`, refusing one that no frame of the transport could carry:
@@ -311,8 +303,8 @@ impl Inner {
         self.check_running()?;
         let op = self.next_op.fetch_add(1, Ordering::Relaxed);
         // One span per operation, so a trace shows each one as a slice on its node's track.
-        let _span = tracing::debug_span!("operation", node = self.id, operation, object, op)
-            .entered();
+        let _span =
+            tracing::debug_span!("operation", node = self.id, operation, object, op).entered();
         let waiter = Waiter::of_this_thread();
         waiter.reset();
         {

@@ -4,9 +4,7 @@
 //! tokens, objects or messages: the wire codec lives in [`crate::wire`].
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use std::time::Duration;
 
 /// Identifies one node (a process, a rank, a thread) of the cluster.
 pub type NodeId = u32;
@@ -126,21 +124,3 @@ forward_transport!(
     /// `Node::start(Arc::clone(&transport), config)`.
     Arc
 );
-
-/// Waits for `rx`: polls for up to `spin` (yielding the core between polls), then blocks for
-/// the rest of `timeout`. Waking a parked thread costs tens of microseconds on a VM, often more
-/// than the message takes to come; the driver and the transports' `recv` share this.
-pub fn receive_polling<T>(
-    rx: &Receiver<T>,
-    spin: Duration,
-    timeout: Duration,
-) -> Result<T, RecvTimeoutError> {
-    let start = Instant::now();
-    while start.elapsed() < spin.min(timeout) {
-        match rx.try_recv() {
-            Ok(value) => return Ok(value),
-            Err(_) => std::thread::yield_now(),
-        }
-    }
-    rx.recv_timeout(timeout.saturating_sub(start.elapsed()))
-}

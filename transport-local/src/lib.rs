@@ -14,7 +14,6 @@
 //! nodes[0].send(1, b"hello".to_vec()).unwrap();
 //! let event = nodes[1].recv(Duration::from_secs(1)).unwrap();
 //! assert_eq!(event, Some(TransportEvent::Frame { from: 0, bytes: b"hello".to_vec() }));
-//! assert_eq!(nodes[0].frames_sent(), 1);
 //! ```
 //!
 //! Nodes can also join one by one through a [`LocalNetwork`]:
@@ -34,20 +33,12 @@
 #![deny(missing_docs)]
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use coherence_core::{NodeId, Transport, TransportError, TransportEvent};
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
-
-/// How long [`LocalTransport::recv`] busy-polls before parking by default: a parked wake-up
-/// costs tens of microseconds, spinning a fraction of one, yet an idle node must not hold a core.
-pub const DEFAULT_SPIN: Duration = Duration::from_micros(20);
-
-/// `yield_now` rounds between spinning and parking: cheap when other threads want the core,
-/// and they give a sender on the same core a chance to run before we block.
-const YIELD_ROUNDS: usize = 4;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 /// Builds `n` endpoints with ids `0..n`, each listing all the others in [`Transport::peers`].
 ///
@@ -139,9 +130,6 @@ pub struct LocalTransport {
     inbox: Receiver<TransportEvent>,
     network: LocalNetwork,
     closed: AtomicBool,
-    /// Busy-poll budget of [`Transport::recv`] before it parks.
-    spin: Duration,
-    frames_sent: AtomicU64,
 }
 
 impl LocalTransport {
@@ -157,29 +145,6 @@ impl LocalTransport {
             inbox,
             network,
             closed: AtomicBool::new(false),
-            spin: DEFAULT_SPIN,
-            frames_sent: AtomicU64::new(0),
-        }
-    }
-
-    /// Sets how long `recv` busy-polls before parking ([`DEFAULT_SPIN`] by default), so
-    /// benchmarks can trade CPU for latency; zero parks at once.
-    pub fn with_spin(mut self, spin: Duration) -> Self {
-        self.spin = spin;
-        self
-    }
-
-    /// Frames this endpoint has sent successfully, so benchmarks can count messages.
-    pub fn frames_sent(&self) -> u64 {
-        self.frames_sent.load(Ordering::Relaxed)
-    }
-
-    /// Polls without blocking; `Err` only once the inbox is disconnected (we left).
-    fn poll(&self) -> Result<Option<TransportEvent>, TransportError> {
-        match self.inbox.try_recv() {
-            Ok(event) => Ok(Some(event)),
-            Err(TryRecvError::Empty) => Ok(None),
-            Err(TryRecvError::Disconnected) => Err(TransportError::Closed),
         }
     }
 }
@@ -214,8 +179,6 @@ impl Transport for LocalTransport {
                 bytes: frame,
             })
             .map_err(|_| TransportError::UnknownPeer(to))?;
-        drop(members);
-        self.frames_sent.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
@@ -223,33 +186,9 @@ impl Transport for LocalTransport {
         if self.closed.load(Ordering::Acquire) {
             return Err(TransportError::Closed);
         }
-        if timeout.is_zero() {
-            return self.poll();
-        }
-        let start = Instant::now();
-        // Spin first: the reply to a frame we just sent usually comes within microseconds.
-        let spin = self.spin.min(timeout);
-        loop {
-            if let Some(event) = self.poll()? {
-                return Ok(Some(event));
-            }
-            if start.elapsed() >= spin {
-                break;
-            }
-            std::hint::spin_loop();
-        }
-        if !spin.is_zero() {
-            for _ in 0..YIELD_ROUNDS {
-                std::thread::yield_now();
-                if let Some(event) = self.poll()? {
-                    return Ok(Some(event));
-                }
-            }
-        }
-        match self
-            .inbox
-            .recv_timeout(timeout.saturating_sub(start.elapsed()))
-        {
+        // The reply to a frame we just sent usually comes within microseconds: the core's
+        // wait policy spins, yields, then blocks.
+        match coherence_core::wait::receive(&self.inbox, timeout) {
             Ok(event) => Ok(Some(event)),
             Err(RecvTimeoutError::Timeout) => Ok(None),
             Err(RecvTimeoutError::Disconnected) => Err(TransportError::Closed),
@@ -278,6 +217,7 @@ impl Drop for LocalTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
 
     const SECOND: Duration = Duration::from_secs(1);
 
@@ -323,7 +263,6 @@ mod tests {
             }
         }
         assert_eq!(next, [1000, 1000]);
-        assert_eq!(nodes[0].frames_sent(), 1000);
         expect_empty(&nodes[2]);
     }
 
@@ -417,7 +356,6 @@ mod tests {
         );
         assert_eq!(nodes[1].send(0, vec![]), Err(TransportError::Closed));
         assert_eq!(nodes[1].recv(SECOND), Err(TransportError::Closed));
-        assert_eq!(nodes[1].frames_sent(), 3);
     }
 
     #[test]
@@ -436,10 +374,8 @@ mod tests {
 
     #[test]
     fn recv_times_out_with_none() {
-        let spinning = cluster(1).pop().unwrap();
-        let parking = cluster(1).pop().unwrap().with_spin(Duration::ZERO);
-        for node in [spinning, parking] {
-            let timeout = Duration::from_millis(50);
+        let node = cluster(1).pop().unwrap();
+        for timeout in [Duration::from_micros(5), Duration::from_millis(50)] {
             let start = Instant::now();
             assert_eq!(node.recv(timeout).unwrap(), None);
             let elapsed = start.elapsed();
@@ -495,8 +431,5 @@ mod tests {
             }
         });
         expect_empty(receiver);
-        for node in senders {
-            assert_eq!(node.frames_sent(), u64::from(THREADS_PER_NODE * FRAMES));
-        }
     }
 }

@@ -1,14 +1,17 @@
 //! Write latency with spread tokens on 2 ranks against the raw MPI round trip, in one run:
 //! `mpiexec -n 2 target/release/examples/write_latency`.
 //!
-//! Measures, in this order: blocking `MPI_Send`/`MPI_Recv` round trips (the physical floor),
-//! round trips of frames through the transport's own send/recv (progress-thread hops included),
+//! The program initializes MPI itself and attaches the transport to it
+//! ([`MpiTransport::attach`]). Measures, in this order: blocking `MPI_Send`/`MPI_Recv` round
+//! trips on the program's own communicator (the physical floor), round trips of frames through
+//! the transport's own send/recv,
 //! then `DistObj::write` on rank 0 while rank 1 holds a token of the object (the Update policy
 //! gives it one after every write), so each write gathers a token over the network.
 
 use std::time::{Duration, Instant};
 
 use coherence_core::{Config, Node, Transport, TransportEvent, WritePolicy};
+use mpi::traits::*;
 use transport_mpi::MpiTransport;
 
 const ROUNDS: u32 = 2000;
@@ -33,13 +36,36 @@ fn transport_round_trip(t: &MpiTransport, rounds: u32) -> Duration {
     start.elapsed() / rounds
 }
 
+/// Blocking round trips of 8 bytes with the other rank; rank 0 sends first.
+fn raw_round_trip(comm: &mpi::topology::SimpleCommunicator, rounds: u32) -> Duration {
+    let other = comm.process_at_rank(1 - comm.rank());
+    let mut buffer = [0u8; 8];
+    let start = Instant::now();
+    for _ in 0..rounds {
+        if comm.rank() == 0 {
+            other.send(&buffer[..]);
+            other.receive_into(&mut buffer[..]);
+        } else {
+            other.receive_into(&mut buffer[..]);
+            other.send(&buffer[..]);
+        }
+    }
+    start.elapsed() / rounds
+}
+
 fn main() {
-    let transport = MpiTransport::init().expect("MPI starts");
-    assert_eq!(transport.size(), 2, "run with mpiexec -n 2");
+    let (universe, threading) =
+        mpi::initialize_with_threading(mpi::Threading::Multiple).expect("MPI starts");
+    assert_eq!(
+        threading,
+        mpi::Threading::Multiple,
+        "MPI without THREAD_MULTIPLE"
+    );
+    let world = universe.world();
+    assert_eq!(world.size(), 2, "run with mpiexec -n 2");
+    let raw = raw_round_trip(&world.duplicate(), ROUNDS);
+    let transport = MpiTransport::attach().expect("attaches");
     let rank = transport.local_id();
-    let raw = transport
-        .raw_ping_pong(1 - rank, ROUNDS, 8)
-        .expect("ping-pong");
     let framed = transport_round_trip(&transport, ROUNDS);
 
     let config = Config::default().write_policy(WritePolicy::Update);
@@ -79,4 +105,6 @@ fn main() {
         }
     }
     node.shutdown().expect("shutdown");
+    // MPI_Finalize, by the program that initialized MPI.
+    drop(universe);
 }

@@ -1,20 +1,32 @@
-//! MPI transport for coherence: ranks are node ids, one progress thread makes every MPI call.
+//! MPI transport for coherence: ranks are node ids, and the thread that waits makes the MPI
+//! calls.
 //!
-//! [`MpiTransport::init`] starts a progress thread that initializes MPI (asking for
-//! `Threading::Funneled`: only that thread, MPI's "main" thread, ever calls MPI), duplicates
-//! the world communicator for the protocol's traffic, and then loops. The transport owns MPI:
-//! the application makes no MPI calls of its own, and `init` fails with
-//! [`MpiError::AlreadyInitialized`] if MPI was initialized before (also by an earlier transport
-//! of this process: MPI cannot be initialized twice). The loop:
-//! - frames queued by [`Transport::send`] go out as immediate sends (`MPI_Isend`), completed
-//!   later by `MPI_Test`, so large frames never rendezvous-deadlock;
-//! - incoming frames of any size are received by matched probe (`MPI_Improbe` + `MPI_Mrecv`);
-//! - when idle it backs off: spins, then yields, then sleeps in growing steps (up to 1 ms)
-//!   while still waking at once for outgoing frames, so 4 ranks on 2 cores do not starve.
+//! What this crate is for: moving the protocol's frames between the ranks of an MPI job and
+//! reporting when a rank leaves. What it must not do: know anything of tokens or objects, or
+//! decide anything for the protocol.
 //!
-//! [`Transport::close`] sends a goodbye to every rank and keeps the loop running until every
-//! send completed and every rank said goodbye; then `MPI_Finalize` runs once, on the progress
-//! thread. Like `MPI_Finalize`, `close` therefore returns when every rank has closed.
+//! Every MPI call is made under the transport's own lock, by the thread that needs it: a
+//! [`Transport::send`] starts an immediate send (`MPI_Isend`) itself, and a thread waiting in
+//! [`Transport::recv`] probes (`MPI_Improbe` + `MPI_Mrecv`, frames of any size) itself, so the
+//! round trip of a write crosses no thread hand-off (a futex wake-up costs tens of
+//! microseconds, a shared-memory MPI round trip about one). A background keeper thread drives
+//! MPI only when nobody has for a while (so sends still complete and goodbyes are answered on
+//! a node that nobody receives from).
+//!
+//! Two ways to start:
+//! - [`MpiTransport::init`]: the transport owns MPI. Its keeper thread initializes MPI, asking
+//!   for `MPI_THREAD_MULTIPLE`; `MULTIPLE` or `SERIALIZED` gives the direct calls above. If the
+//!   library grants only `FUNNELED`, the keeper makes every MPI call and the other threads
+//!   exchange frames with it through queues (slower by a thread hand-off per frame, but
+//!   correct). `close` finalizes MPI on the keeper, the thread that initialized it. The program
+//!   makes no MPI calls of its own.
+//! - [`MpiTransport::attach`]: the program (its own rsmpi `Universe`, or mpi4py) initialized MPI
+//!   with `MPI_THREAD_MULTIPLE` and keeps making its own MPI calls. The transport works on a
+//!   duplicate of the world communicator, so its traffic never mixes with the program's, and
+//!   never initializes or finalizes MPI.
+//!
+//! [`Transport::close`] sends a goodbye to every rank and returns once every send completed and
+//! every rank said goodbye: like `MPI_Finalize`, it returns when every rank has closed.
 //!
 //! ```no_run
 //! use coherence_core::{Config, Node};
@@ -24,18 +36,31 @@
 //! counter.update(|c| *c += 1).expect("updates");
 //! node.shutdown().expect("leaves");
 //! ```
+//!
+//! With MPI initialized by the program:
+//!
+//! ```no_run
+//! use coherence_core::{Config, Node};
+//! let (universe, threading) =
+//!     mpi::initialize_with_threading(mpi::Threading::Multiple).expect("MPI starts");
+//! assert_eq!(threading, mpi::Threading::Multiple);
+//! let node = Node::start(transport_mpi::MpiTransport::attach().expect("attaches"), Config::default())
+//!     .expect("node starts");
+//! // ... the program's own MPI calls on `universe.world()` go on meanwhile ...
+//! node.shutdown().expect("leaves");
+//! drop(universe); // MPI_Finalize, by the program
+//! ```
 #![deny(missing_docs)]
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
-use coherence_core::transport::receive_polling;
+use coherence_core::wait::{self, Backoff};
 use coherence_core::{NodeId, Transport, TransportError, TransportEvent};
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
-use mpi::environment::Threading;
+pub use mpi::environment::Threading;
 use mpi::point_to_point::MatchedReceiveVec;
 use mpi::request::{Request, StaticScope};
 use mpi::topology::SimpleCommunicator;
@@ -45,205 +70,141 @@ use mpi::traits::*;
 const FRAME_TAG: i32 = 1;
 /// Tag of the goodbye a rank sends when it closes.
 const GOODBYE_TAG: i32 = 2;
-/// Tag of [`MpiTransport::raw_ping_pong`]'s messages (on a communicator of their own).
-const PING_TAG: i32 = 3;
-
-/// How long the progress loop keeps spinning after its last activity before it yields.
-const SPIN: Duration = Duration::from_micros(50);
-/// How long it yields before it starts sleeping.
-const YIELD: Duration = Duration::from_micros(500);
-/// How long `recv` polls the inbox before it sleeps.
-const RECV_SPIN: Duration = Duration::from_micros(20);
-/// The longest idle sleep; bounds the latency of an incoming frame on an idle rank.
-const MAX_SLEEP: Duration = Duration::from_millis(1);
-
-/// Why the MPI transport could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum MpiError {
-    /// MPI was already initialized in this process (only one transport per process).
-    #[error("MPI is already initialized in this process")]
-    AlreadyInitialized,
-    /// The MPI library cannot give one thread the right to make MPI calls while others run.
-    #[error("the MPI library grants only {0:?} threading, Funneled or better is needed")]
-    Threading(Threading),
-    /// The progress thread could not be started.
-    #[error("cannot start the MPI progress thread: {0}")]
-    Spawn(String),
-    /// The progress thread ended before reporting the rank.
-    #[error("the MPI progress thread died during start-up")]
-    StartUp,
-}
-
-enum Command {
-    Send {
-        to: NodeId,
-        frame: Vec<u8>,
-    },
-    PingPong {
-        peer: NodeId,
-        rounds: u32,
-        bytes: usize,
-        done: Sender<Duration>,
-    },
-    Close,
-}
-
-/// One rank's endpoint. Node ids are MPI ranks of `MPI_COMM_WORLD`; rank 0 founds the cluster.
-pub struct MpiTransport {
-    rank: NodeId,
-    size: u32,
-    commands: Sender<Command>,
-    inbox: Receiver<TransportEvent>,
-    progress: Mutex<Option<JoinHandle<()>>>,
-    closed: AtomicBool,
-    /// Per rank: it said goodbye, so frames to it would never be received.
-    departed: Arc<[AtomicBool]>,
-    frames_sent: AtomicU64,
-}
-
-/// What the progress thread reports once MPI runs: this rank, the world's size, and the
-/// departed flags it keeps.
-type Started = Result<(NodeId, u32, Arc<[AtomicBool]>), MpiError>;
 
 /// MPI counts a message's bytes in a C `int`.
 const MAX_FRAME: usize = i32::MAX as usize;
 
-impl std::fmt::Debug for MpiTransport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MpiTransport")
-            .field("rank", &self.rank)
-            .field("size", &self.size)
-            .finish()
-    }
+/// The environment variable [`MpiTransport::init`] reads for the threading level to ask for:
+/// `multiple` (the default), `serialized` or `funneled`. `funneled` makes one thread do every
+/// MPI call, for MPI libraries whose multi-threaded mode is unreliable.
+pub const THREADING_ENV: &str = "COHERENCE_MPI_THREADING";
+
+/// Why the MPI transport could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum MpiError {
+    /// [`MpiTransport::init`] found MPI already initialized (by the program, or by an earlier
+    /// transport of this process); use [`MpiTransport::attach`] then.
+    #[error("MPI is already initialized in this process (use MpiTransport::attach)")]
+    AlreadyInitialized,
+    /// [`MpiTransport::attach`] found MPI not initialized, or already finalized.
+    #[error("MPI is not initialized (or already finalized): nothing to attach to")]
+    NotInitialized,
+    /// The MPI library grants too little thread support: `init` needs `FUNNELED` or better,
+    /// `attach` needs `MULTIPLE` (the program makes MPI calls of its own meanwhile).
+    #[error("the MPI library grants {granted:?} threading, {needed} is needed")]
+    Threading {
+        /// What MPI granted.
+        granted: Threading,
+        /// What this way of starting needs.
+        needed: &'static str,
+    },
+    /// [`THREADING_ENV`] holds something other than `multiple`, `serialized` or `funneled`.
+    #[error("{THREADING_ENV}={0:?}: expected multiple, serialized or funneled")]
+    ThreadingEnv(String),
+    /// The keeper thread could not be started.
+    #[error("cannot start the MPI keeper thread: {0}")]
+    Spawn(String),
+    /// The keeper thread ended before reporting the rank.
+    #[error("the MPI keeper thread died during start-up")]
+    StartUp,
 }
 
-impl MpiTransport {
-    /// Initializes MPI on a new progress thread and returns this rank's endpoint.
-    pub fn init() -> Result<MpiTransport, MpiError> {
-        let (commands_tx, commands_rx) = crossbeam_channel::unbounded();
-        let (inbox_tx, inbox_rx) = crossbeam_channel::unbounded();
-        let (started_tx, started_rx) = crossbeam_channel::bounded(1);
-        let progress = std::thread::Builder::new()
-            .name("coherence-mpi-progress".into())
-            .spawn(move || progress_thread(commands_rx, inbox_tx, started_tx))
-            .map_err(|e| MpiError::Spawn(e.to_string()))?;
-        let (rank, size, departed) = match started_rx.recv() {
-            Ok(Ok(started)) => started,
-            Ok(Err(e)) => {
-                let _ = progress.join();
-                return Err(e);
-            }
-            Err(_) => return Err(MpiError::StartUp),
-        };
-        tracing::debug!(rank, size, "MPI transport started");
-        Ok(MpiTransport {
-            rank,
-            size,
-            commands: commands_tx,
-            inbox: inbox_rx,
-            progress: Mutex::new(Some(progress)),
-            closed: AtomicBool::new(false),
-            departed,
-            frames_sent: AtomicU64::new(0),
-        })
-    }
-
-    /// Number of ranks in the world.
-    pub fn size(&self) -> u32 {
-        self.size
-    }
-
-    /// Benchmark floor: `rounds` blocking `MPI_Send`/`MPI_Recv` round trips of `bytes` bytes
-    /// with `peer`, made by the progress thread (so still one thread per process calls MPI),
-    /// returning the mean round trip. Both ranks must call it at about the same time; the
-    /// progress loop pauses meanwhile.
-    pub fn raw_ping_pong(&self, peer: NodeId, rounds: u32, bytes: usize) -> Option<Duration> {
-        let (done, result) = crossbeam_channel::bounded(1);
-        self.commands
-            .send(Command::PingPong {
-                peer,
-                rounds,
-                bytes,
-                done,
-            })
-            .ok()?;
-        result.recv().ok()
-    }
-
-    /// Frames this endpoint handed to MPI.
-    pub fn frames_sent(&self) -> u64 {
-        self.frames_sent.load(Ordering::Relaxed)
-    }
+/// One rank's endpoint. Node ids are MPI ranks of the world communicator; rank 0 founds the
+/// cluster.
+pub struct MpiTransport {
+    shared: Arc<Shared>,
+    keeper: Mutex<Option<JoinHandle<()>>>,
 }
 
-impl Transport for MpiTransport {
-    fn local_id(&self) -> NodeId {
-        self.rank
+/// Who may call MPI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Calls {
+    /// Any thread, under the engine's lock (`MULTIPLE` or `SERIALIZED`).
+    Direct,
+    /// Only the keeper thread (`FUNNELED`); others go through the engine's queues.
+    Keeper,
+}
+
+/// A thread that may be asleep in a [`Backoff`], and the way to wake it.
+#[derive(Default)]
+struct Sleeper {
+    asleep: AtomicBool,
+    thread: Mutex<Option<Thread>>,
+}
+
+impl Sleeper {
+    /// Pauses the current thread once; registers it as asleep while the pause would sleep.
+    fn pause(&self, backoff: &mut Backoff, deadline: Instant) -> bool {
+        if !backoff.sleeping() {
+            return backoff.pause(deadline);
+        }
+        *lock(&self.thread) = Some(std::thread::current());
+        self.asleep.store(true, Ordering::SeqCst);
+        let more = backoff.pause(deadline);
+        self.asleep.store(false, Ordering::SeqCst);
+        more
     }
 
-    fn peers(&self) -> Vec<NodeId> {
-        (0..self.size).filter(|&r| r != self.rank).collect()
-    }
-
-    fn max_frame(&self) -> usize {
-        MAX_FRAME
-    }
-
-    fn send(&self, to: NodeId, frame: Vec<u8>) -> Result<(), TransportError> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(TransportError::Closed);
-        }
-        if to >= self.size || to == self.rank || self.departed[to as usize].load(Ordering::Acquire)
-        {
-            return Err(TransportError::UnknownPeer(to));
-        }
-        if frame.len() > MAX_FRAME {
-            return Err(TransportError::FrameTooLarge {
-                len: frame.len(),
-                max: MAX_FRAME,
-            });
-        }
-        self.commands
-            .send(Command::Send { to, frame })
-            .map_err(|_| TransportError::Closed)?;
-        self.frames_sent.fetch_add(1, Ordering::Relaxed);
-        Ok(())
-    }
-
-    fn recv(&self, timeout: Duration) -> Result<Option<TransportEvent>, TransportError> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(TransportError::Closed);
-        }
-        match receive_polling(&self.inbox, RECV_SPIN, timeout) {
-            Ok(event) => Ok(Some(event)),
-            Err(RecvTimeoutError::Timeout) => Ok(None),
-            Err(RecvTimeoutError::Disconnected) => Err(TransportError::Closed),
-        }
-    }
-
-    /// Says goodbye and waits until every rank did the same and MPI is finalized.
-    fn close(&self) {
-        if self.closed.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let _ = self.commands.send(Command::Close);
-        let progress = self
-            .progress
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(progress) = progress {
-            if progress.join().is_err() {
-                tracing::error!(rank = self.rank, "MPI progress thread panicked");
+    /// Wakes the thread if it sleeps; costs one load otherwise.
+    fn wake(&self) {
+        if self.asleep.load(Ordering::SeqCst) {
+            if let Some(thread) = lock(&self.thread).as_ref() {
+                thread.unpark();
             }
         }
     }
 }
 
-impl Drop for MpiTransport {
-    fn drop(&mut self) {
-        self.close();
-    }
+struct Shared {
+    rank: NodeId,
+    size: u32,
+    calls: Calls,
+    engine: Mutex<Engine>,
+    /// `close` was called: sends and receives fail from now on.
+    closed: AtomicBool,
+    /// Per rank: it said goodbye, so frames to it would never be received.
+    departed: Box<[AtomicBool]>,
+    /// Counts entries into `recv`; the keeper drives MPI only when it did not move.
+    entries: AtomicU64,
+    /// A thread waiting in `recv`: woken by a send (direct calls: it should probe for the
+    /// answer) or by the keeper's arrivals (keeper calls).
+    receiver: Sleeper,
+    /// The keeper: woken by a send (keeper calls) and to stop.
+    keeper: Sleeper,
+    /// Tells the keeper to finish: finalize (if it initialized MPI) and end.
+    stop: AtomicBool,
+}
+
+/// MPI state; every MPI call happens with this locked.
+struct Engine {
+    /// The transport's own communicator; `None` once freed at close.
+    comm: Option<SimpleCommunicator>,
+    in_flight: Vec<InFlight>,
+    /// Received, not yet handed out.
+    arrived: VecDeque<TransportEvent>,
+    /// Keeper calls only: frames the keeper has to send.
+    outbox: VecDeque<(NodeId, Vec<u8>)>,
+    goodbyes: BTreeSet<NodeId>,
+    /// `close` asked for the goodbyes: frames after them would arrive after the `Left` peers
+    /// report for us, so they are dropped.
+    closing: bool,
+    /// The goodbyes are on their way (sent by whichever thread may call MPI).
+    goodbyes_sent: bool,
+    rank: NodeId,
+    size: u32,
+}
+
+// SAFETY: the engine holds MPI handles (a communicator, requests) that are plain handles in
+// MPICH and pointers in Open MPI. MPI lets any thread use them under `MULTIPLE`, and under
+// `SERIALIZED` as long as no two threads call MPI at once: every MPI call on them is made with
+// the engine's mutex held. Under `FUNNELED` only the keeper thread makes those calls (other
+// threads lock the engine only for its queues).
+unsafe impl Send for Engine {}
+
+/// Locks a mutex, ignoring poisoning: the state under these locks stays consistent between
+/// statements (a panic under them would be a bug, and going on beats poisoning every caller).
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// An immediate send in flight, with the frame it reads from.
@@ -281,62 +242,62 @@ impl InFlight {
     }
 }
 
-fn progress_thread(
-    commands: Receiver<Command>,
-    inbox: Sender<TransportEvent>,
-    started: Sender<Started>,
-) {
-    let Some((universe, granted)) = mpi::initialize_with_threading(Threading::Funneled) else {
-        let _ = started.send(Err(MpiError::AlreadyInitialized));
-        return;
-    };
-    if matches!(granted, Threading::Single) {
-        let _ = started.send(Err(MpiError::Threading(granted)));
-        return;
-    }
-    let comm = universe.world().duplicate();
-    // The benchmark's raw round trips get their own communicator, so the progress loop's
-    // any-tag probe can never take one of them for a frame.
-    let ping_comm = universe.world().duplicate();
-    let rank = comm.rank() as NodeId;
-    let size = comm.size() as u32;
-    let departed: Arc<[AtomicBool]> = (0..size).map(|_| AtomicBool::new(false)).collect();
-    let _ = started.send(Ok((rank, size, Arc::clone(&departed))));
-
-    let mut in_flight: Vec<InFlight> = Vec::new();
-    let mut goodbyes: BTreeSet<NodeId> = BTreeSet::new();
-    let mut closing = false;
-    let mut last_activity = Instant::now();
-    let mut sleep = Duration::from_micros(10);
-    loop {
-        let mut active = false;
-        // Outgoing frames.
-        loop {
-            match commands.try_recv() {
-                Ok(command) => {
-                    active = true;
-                    run_command(&comm, &ping_comm, command, &mut closing, &mut in_flight);
-                }
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => {
-                    run_command(
-                        &comm,
-                        &ping_comm,
-                        Command::Close,
-                        &mut closing,
-                        &mut in_flight,
-                    );
-                    break;
-                }
-            }
+impl Engine {
+    fn new(comm: SimpleCommunicator) -> Engine {
+        Engine {
+            rank: comm.rank() as NodeId,
+            size: comm.size() as u32,
+            goodbyes_sent: false,
+            comm: Some(comm),
+            in_flight: Vec::new(),
+            arrived: VecDeque::new(),
+            outbox: VecDeque::new(),
+            goodbyes: BTreeSet::new(),
+            closing: false,
         }
-        // Sends MPI has finished with.
-        let before = in_flight.len();
-        in_flight = in_flight
+    }
+
+    /// Starts an immediate send. Only the thread allowed to call MPI gets here.
+    fn start_send(&mut self, to: NodeId, frame: Vec<u8>, tag: i32) {
+        if let Some(comm) = &self.comm {
+            self.in_flight.push(InFlight::start(comm, to, frame, tag));
+        }
+    }
+
+    /// Sends a goodbye to every other rank once `close` asked for it: the last frame this rank
+    /// sends. What was queued before still goes first.
+    fn send_goodbyes(&mut self) {
+        if !self.closing || std::mem::replace(&mut self.goodbyes_sent, true) {
+            return;
+        }
+        while let Some((to, frame)) = self.outbox.pop_front() {
+            self.start_send(to, frame, FRAME_TAG);
+        }
+        let rank = self.rank;
+        for peer in (0..self.size).filter(|&r| r != rank) {
+            self.start_send(peer, Vec::new(), GOODBYE_TAG);
+        }
+    }
+
+    /// Sends what is queued, completes finished sends and receives every frame that came.
+    /// Returns whether anything happened. Only the thread allowed to call MPI gets here.
+    fn progress(&mut self, departed: &[AtomicBool]) -> bool {
+        self.send_goodbyes();
+        let Some(comm) = &self.comm else {
+            return false;
+        };
+        let mut active = false;
+        while let Some((to, frame)) = self.outbox.pop_front() {
+            active = true;
+            self.in_flight
+                .push(InFlight::start(comm, to, frame, FRAME_TAG));
+        }
+        let before = self.in_flight.len();
+        self.in_flight = std::mem::take(&mut self.in_flight)
             .into_iter()
             .filter_map(|send| send.finish().err())
             .collect();
-        active |= in_flight.len() != before;
+        active |= self.in_flight.len() != before;
         // Incoming frames, any size, in order per sender.
         while let Some(probed) = comm.any_process().immediate_matched_probe() {
             active = true;
@@ -344,109 +305,324 @@ fn progress_thread(
             let tag = probed.1.tag();
             let (bytes, _) = probed.matched_receive_vec::<u8>();
             let event = if tag == GOODBYE_TAG {
-                goodbyes.insert(from);
-                // Before `Left` is queued: a send racing it fails instead of being lost.
+                self.goodbyes.insert(from);
+                // Before `Left` is handed out: a send racing it fails instead of being lost.
                 departed[from as usize].store(true, Ordering::Release);
                 TransportEvent::Left(from)
             } else {
                 TransportEvent::Frame { from, bytes }
             };
-            // After close nobody reads the inbox; frames that still come are dropped.
-            let _ = inbox.send(event);
+            self.arrived.push_back(event);
         }
-        if closing && in_flight.is_empty() && goodbyes.len() + 1 == size as usize {
-            break;
+        active
+    }
+
+    /// Every send completed and every other rank said goodbye.
+    fn closed(&self) -> bool {
+        self.goodbyes_sent
+            && self.in_flight.is_empty()
+            && self.goodbyes.len() + 1 == self.size as usize
+    }
+}
+
+impl std::fmt::Debug for MpiTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MpiTransport")
+            .field("rank", &self.shared.rank)
+            .field("size", &self.shared.size)
+            .field("calls", &self.shared.calls)
+            .finish()
+    }
+}
+
+/// What the keeper reports once MPI runs.
+type Started = Result<Arc<Shared>, MpiError>;
+
+/// The threading level [`MpiTransport::init`] asks for.
+fn threading_from_env() -> Result<Threading, MpiError> {
+    match std::env::var(THREADING_ENV) {
+        Err(_) => Ok(Threading::Multiple),
+        Ok(value) => match value.to_ascii_lowercase().as_str() {
+            "" | "multiple" => Ok(Threading::Multiple),
+            "serialized" => Ok(Threading::Serialized),
+            "funneled" => Ok(Threading::Funneled),
+            _ => Err(MpiError::ThreadingEnv(value)),
+        },
+    }
+}
+
+impl MpiTransport {
+    /// Initializes MPI (on the transport's keeper thread, which also finalizes it at close)
+    /// and returns this rank's endpoint. Asks for `MPI_THREAD_MULTIPLE`, or what
+    /// [`THREADING_ENV`] names. Fails with [`MpiError::AlreadyInitialized`] if MPI already runs.
+    pub fn init() -> Result<MpiTransport, MpiError> {
+        let threading = threading_from_env()?;
+        let (started_tx, started_rx) = crossbeam_channel::bounded::<Started>(1);
+        let keeper = std::thread::Builder::new()
+            .name("coherence-mpi-keeper".into())
+            .spawn(move || {
+                let Some((universe, granted)) = mpi::initialize_with_threading(threading) else {
+                    let _ = started_tx.send(Err(MpiError::AlreadyInitialized));
+                    return;
+                };
+                let calls = match granted {
+                    Threading::Multiple | Threading::Serialized => Calls::Direct,
+                    Threading::Funneled => Calls::Keeper,
+                    Threading::Single => {
+                        let _ = started_tx.send(Err(MpiError::Threading {
+                            granted,
+                            needed: "FUNNELED or better",
+                        }));
+                        return;
+                    }
+                };
+                let shared = Shared::new(universe.world().duplicate(), calls);
+                tracing::debug!(rank = shared.rank, ?granted, ?calls, "MPI initialized");
+                let _ = started_tx.send(Ok(Arc::clone(&shared)));
+                shared.keep();
+                // Every rank closed: free the communicator, then finalize, on this thread.
+                drop(lock(&shared.engine).comm.take());
+                drop(universe);
+            })
+            .map_err(|e| MpiError::Spawn(e.to_string()))?;
+        match started_rx.recv() {
+            Ok(Ok(shared)) => Ok(MpiTransport {
+                shared,
+                keeper: Mutex::new(Some(keeper)),
+            }),
+            Ok(Err(e)) => {
+                let _ = keeper.join();
+                Err(e)
+            }
+            Err(_) => Err(MpiError::StartUp),
         }
-        // Idle backoff: poll hard while there is work, then yield, then sleep in growing steps
-        // (but wake at once for an outgoing frame).
-        if active {
-            last_activity = Instant::now();
-            sleep = Duration::from_micros(10);
-            continue;
+    }
+
+    /// Uses an MPI that the program already initialized with `MPI_THREAD_MULTIPLE` (its own
+    /// rsmpi `Universe`, or mpi4py), on a duplicate of the world communicator. Every rank must
+    /// call it at about the same time (duplicating a communicator is collective). Never
+    /// finalizes MPI: the program does, after [`Transport::close`] returned.
+    pub fn attach() -> Result<MpiTransport, MpiError> {
+        if !mpi::environment::is_initialized() || mpi::environment::is_finalized() {
+            return Err(MpiError::NotInitialized);
         }
-        let idle = last_activity.elapsed();
-        if idle < SPIN {
-            std::hint::spin_loop();
-        } else if idle < SPIN + YIELD {
-            std::thread::yield_now();
-        } else {
-            match commands.recv_timeout(sleep) {
-                Ok(command) => {
-                    last_activity = Instant::now();
-                    run_command(&comm, &ping_comm, command, &mut closing, &mut in_flight);
+        let granted = mpi::environment::threading_support();
+        if granted != Threading::Multiple {
+            return Err(MpiError::Threading {
+                granted,
+                needed: "MULTIPLE",
+            });
+        }
+        let shared = Shared::new(SimpleCommunicator::world().duplicate(), Calls::Direct);
+        tracing::debug!(rank = shared.rank, "MPI transport attached");
+        let keeper_shared = Arc::clone(&shared);
+        let keeper = std::thread::Builder::new()
+            .name("coherence-mpi-keeper".into())
+            .spawn(move || keeper_shared.keep())
+            .map_err(|e| MpiError::Spawn(e.to_string()))?;
+        Ok(MpiTransport {
+            shared,
+            keeper: Mutex::new(Some(keeper)),
+        })
+    }
+
+    /// Number of ranks in the world.
+    pub fn size(&self) -> u32 {
+        self.shared.size
+    }
+
+    /// Whether threads make MPI calls themselves (`true`), or funnel them through the keeper
+    /// because MPI granted only `FUNNELED`.
+    pub fn direct_calls(&self) -> bool {
+        self.shared.calls == Calls::Direct
+    }
+}
+
+impl Shared {
+    fn new(comm: SimpleCommunicator, calls: Calls) -> Arc<Shared> {
+        let rank = comm.rank() as NodeId;
+        let size = comm.size() as u32;
+        Arc::new(Shared {
+            rank,
+            size,
+            calls,
+            engine: Mutex::new(Engine::new(comm)),
+            closed: AtomicBool::new(false),
+            departed: (0..size).map(|_| AtomicBool::new(false)).collect(),
+            entries: AtomicU64::new(0),
+            receiver: Sleeper::default(),
+            keeper: Sleeper::default(),
+            stop: AtomicBool::new(false),
+        })
+    }
+
+    /// The keeper thread's loop. With direct calls it drives MPI only when no thread entered
+    /// `recv` since its last look; with keeper calls it is the only thread that calls MPI and
+    /// polls all the time (backing off while idle). Ends once `stop` is set.
+    fn keep(&self) {
+        let mut backoff = Backoff::new();
+        let mut seen = self.entries.load(Ordering::Relaxed);
+        loop {
+            if self.stop.load(Ordering::Acquire) {
+                return;
+            }
+            match self.calls {
+                Calls::Direct => {
+                    std::thread::park_timeout(wait::KEEPER_LOOK);
+                    let entries = self.entries.load(Ordering::Relaxed);
+                    if std::mem::replace(&mut seen, entries) != entries {
+                        continue;
+                    }
+                    if let Ok(mut engine) = self.engine.try_lock() {
+                        engine.progress(&self.departed);
+                    }
                 }
-                Err(RecvTimeoutError::Timeout) => sleep = (sleep * 2).min(MAX_SLEEP),
-                Err(RecvTimeoutError::Disconnected) => {
-                    run_command(
-                        &comm,
-                        &ping_comm,
-                        Command::Close,
-                        &mut closing,
-                        &mut in_flight,
-                    );
-                    sleep = (sleep * 2).min(MAX_SLEEP);
+                Calls::Keeper => {
+                    let (active, arrived) = {
+                        let mut engine = lock(&self.engine);
+                        let active = engine.progress(&self.departed);
+                        (active, !engine.arrived.is_empty())
+                    };
+                    if arrived {
+                        self.receiver.wake();
+                    }
+                    if active {
+                        backoff.reset();
+                    } else {
+                        self.keeper
+                            .pause(&mut backoff, Instant::now() + wait::KEEPER_LOOK);
+                    }
                 }
             }
         }
     }
-    tracing::debug!(rank, "MPI transport closed, finalizing");
-    drop(ping_comm);
-    drop(comm);
-    drop(universe);
 }
 
-/// Blocking round trips with `peer`; the lower rank sends first.
-fn ping_pong(comm: &SimpleCommunicator, peer: NodeId, rounds: u32, bytes: usize) -> Duration {
-    let other = comm.process_at_rank(peer as i32);
-    let first = comm.rank() < peer as i32;
-    let mut buffer = vec![0u8; bytes];
-    let start = Instant::now();
-    for _ in 0..rounds {
-        if first {
-            other.send_with_tag(&buffer[..], PING_TAG);
-            other.receive_into_with_tag(&mut buffer[..], PING_TAG);
-        } else {
-            other.receive_into_with_tag(&mut buffer[..], PING_TAG);
-            other.send_with_tag(&buffer[..], PING_TAG);
-        }
+impl Transport for MpiTransport {
+    fn local_id(&self) -> NodeId {
+        self.shared.rank
     }
-    start.elapsed() / rounds.max(1)
-}
 
-/// Starts a send, or on the first `Close` a goodbye to every other rank.
-fn run_command(
-    comm: &SimpleCommunicator,
-    ping_comm: &SimpleCommunicator,
-    command: Command,
-    closing: &mut bool,
-    in_flight: &mut Vec<InFlight>,
-) {
-    match command {
-        // A frame after our goodbyes would arrive after the `Left` the peer reports for us.
-        Command::Send { to, .. } if *closing => {
+    fn peers(&self) -> Vec<NodeId> {
+        (0..self.shared.size)
+            .filter(|&r| r != self.shared.rank)
+            .collect()
+    }
+
+    fn max_frame(&self) -> usize {
+        MAX_FRAME
+    }
+
+    fn send(&self, to: NodeId, frame: Vec<u8>) -> Result<(), TransportError> {
+        let shared = &*self.shared;
+        if shared.closed.load(Ordering::Acquire) {
+            return Err(TransportError::Closed);
+        }
+        if to >= shared.size
+            || to == shared.rank
+            || shared.departed[to as usize].load(Ordering::Acquire)
+        {
+            return Err(TransportError::UnknownPeer(to));
+        }
+        if frame.len() > MAX_FRAME {
+            return Err(TransportError::FrameTooLarge {
+                len: frame.len(),
+                max: MAX_FRAME,
+            });
+        }
+        let mut engine = lock(&shared.engine);
+        if engine.closing {
+            // A frame after our goodbyes would arrive after the `Left` the peer reports for us.
             tracing::debug!(to, "frame dropped: this rank already said goodbye");
+            return Ok(());
         }
-        Command::Send { to, frame } => in_flight.push(InFlight::start(comm, to, frame, FRAME_TAG)),
-        Command::PingPong {
-            peer,
-            rounds,
-            bytes,
-            done,
-        } => {
-            let _ = done.send(ping_pong(ping_comm, peer, rounds, bytes));
-        }
-        Command::Close if !*closing => {
-            *closing = true;
-            let rank = comm.rank();
-            for peer in (0..comm.size()).filter(|&r| r != rank) {
-                in_flight.push(InFlight::start(
-                    comm,
-                    peer as NodeId,
-                    Vec::new(),
-                    GOODBYE_TAG,
-                ));
+        match shared.calls {
+            Calls::Direct => {
+                engine.start_send(to, frame, FRAME_TAG);
+                drop(engine);
+                // A thread asleep in `recv` should probe for the answer now.
+                shared.receiver.wake();
+            }
+            Calls::Keeper => {
+                engine.outbox.push_back((to, frame));
+                drop(engine);
+                shared.keeper.wake();
             }
         }
-        Command::Close => {}
+        Ok(())
+    }
+
+    fn recv(&self, timeout: Duration) -> Result<Option<TransportEvent>, TransportError> {
+        let shared = &*self.shared;
+        if shared.closed.load(Ordering::Acquire) {
+            return Err(TransportError::Closed);
+        }
+        shared.entries.fetch_add(1, Ordering::Relaxed);
+        let deadline = Instant::now() + timeout;
+        let mut backoff = Backoff::new();
+        loop {
+            if shared.closed.load(Ordering::Acquire) {
+                return Err(TransportError::Closed);
+            }
+            {
+                let mut engine = lock(&shared.engine);
+                if shared.calls == Calls::Direct {
+                    engine.progress(&shared.departed);
+                }
+                if let Some(event) = engine.arrived.pop_front() {
+                    return Ok(Some(event));
+                }
+            }
+            if !shared.receiver.pause(&mut backoff, deadline) {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Says goodbye and waits until every rank did the same (and, for a transport that
+    /// initialized MPI, MPI is finalized).
+    fn close(&self) {
+        let shared = &*self.shared;
+        if shared.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let mut backoff = Backoff::new();
+        loop {
+            let done = {
+                let mut engine = lock(&shared.engine);
+                engine.closing = true;
+                if shared.calls == Calls::Direct && engine.progress(&shared.departed) {
+                    backoff.reset();
+                }
+                // After close nobody reads what arrives; frames that still come are dropped.
+                engine.arrived.clear();
+                engine.closed()
+            };
+            if done {
+                break;
+            }
+            shared.keeper.wake();
+            shared
+                .receiver
+                .pause(&mut backoff, Instant::now() + wait::KEEPER_LOOK);
+        }
+        shared.stop.store(true, Ordering::Release);
+        shared.keeper.wake();
+        let keeper = lock(&self.keeper).take();
+        if let Some(keeper) = keeper {
+            keeper.thread().unpark();
+            if keeper.join().is_err() {
+                tracing::error!(rank = shared.rank, "MPI keeper thread panicked");
+            }
+        }
+        // Attached: the communicator is ours to free, MPI the program's to finalize.
+        drop(lock(&shared.engine).comm.take());
+        tracing::debug!(rank = shared.rank, "MPI transport closed");
+    }
+}
+
+impl Drop for MpiTransport {
+    fn drop(&mut self) {
+        self.close();
     }
 }

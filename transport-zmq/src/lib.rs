@@ -97,6 +97,8 @@ use tokio::runtime::Runtime;
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, Notify};
 
+use coherence_core::wait;
+
 use crate::engine::{Command, Settings, Shared};
 use crate::wire::{Codec, HEADER_LEN, MAC_LEN};
 
@@ -105,17 +107,6 @@ pub const SECRET_ENV: &str = "COHERENCE_SECRET";
 
 /// Default [`ZmqConfig::max_frame`]: large values cross in one frame.
 pub const DEFAULT_MAX_FRAME: usize = 64 << 20;
-
-/// How many times `recv(Duration::ZERO)` lets the runtime poll the sockets and run what became
-/// ready: a frame that arrived needs two rounds (one wakes the socket's reader, the next
-/// passes the frame through the engine to the inbox).
-const ZERO_WAIT_ROUNDS: usize = 2;
-
-/// How often the keeper looks whether anyone drove the runtime since its last look.
-const KEEPER_LOOK: Duration = Duration::from_millis(5);
-
-/// How long the keeper drives at a time, unless a thread that wants to drive asks it to stop.
-const KEEPER_SLICE: Duration = Duration::from_millis(50);
 
 /// Extra time `start` and `close` allow the engine beyond its own deadlines.
 const GRACE: Duration = Duration::from_secs(2);
@@ -405,7 +396,7 @@ impl Driver {
     /// The keeper thread: drives the runtime in slices while nobody else has for a look.
     fn keep(&self) {
         while !self.stopping.load(Ordering::Acquire) {
-            std::thread::park_timeout(KEEPER_LOOK);
+            std::thread::park_timeout(wait::KEEPER_LOOK);
             let entries = self.entries.load(Ordering::Relaxed);
             if self.seen.swap(entries, Ordering::Relaxed) != entries
                 || !self.idle()
@@ -419,7 +410,7 @@ impl Driver {
             if self.idle() {
                 self.runtime().block_on(async {
                     tokio::select! {
-                        () = tokio::time::sleep(KEEPER_SLICE) => {}
+                        () = tokio::time::sleep(wait::KEEPER_SLICE) => {}
                         () = self.handover.notified() => {}
                     }
                 });
@@ -635,7 +626,7 @@ impl Transport for ZmqTransport {
                 return tokio::time::timeout(timeout, inbox.recv()).await.ok();
             }
             // Let the runtime poll the sockets and run what became ready, without waiting.
-            for _ in 0..ZERO_WAIT_ROUNDS {
+            for _ in 0..wait::RUNTIME_ROUNDS {
                 tokio::task::yield_now().await;
                 match inbox.try_recv() {
                     Ok(event) => return Some(Some(event)),

@@ -1,0 +1,288 @@
+//! The one wait policy: every spin, yield and park decision of the library lives here.
+//!
+//! What it trades is latency against CPU, on machines where both are short:
+//! - waking a parked thread (a futex wake-up) costs tens of microseconds on a VM, more than a
+//!   whole shared-memory round trip (about a microsecond over MPI), so a thread that expects an
+//!   answer soon polls rather than sleeps;
+//! - there are often more busy threads than cores (4 ranks with a driver and a caller each, on
+//!   2 cores), and a thread that spins keeps the very peer it waits for off the core, so
+//!   polling threads count themselves and yield once they outnumber the cores, and every
+//!   poll ends after a bounded time in a sleep that costs nothing while idle.
+//!
+//! Each number below carries the one reason it has that value. Transports take what they need
+//! from here (or only block in their own `recv(timeout)`), so there is one place to tune.
+//!
+//! Callers and drivers: a caller waiting for its operation's reply gets it fastest by polling
+//! without giving up its core. That only pays while every polling thread has a core of its
+//! own. With 4 nodes and a caller each on 2 cores, callers that always spun kept the drivers
+//! they waited for off the cores until the scheduler's tick: a write took about a millisecond,
+//! and the 90 %-read mix ran at 40 k ops/s instead of 0.9 M. So the process counts its polling
+//! threads (callers and drivers) in a [`Budget`], and a caller spins only while they fit the
+//! cores. Drivers always yield between polls: they poll for long stretches after traffic, and
+//! threads of other processes (peers on the same machine) may need the core meanwhile.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+
+/// Default of [`crate::Config::spin`]: how long a caller polls for its reply before it sleeps,
+/// and how long a driver keeps polling after traffic. With 50 us, writes alternating between
+/// two nodes fell into the wake-up path in about half the runs (25 us instead of 6.5 us);
+/// 200 us never did.
+pub const CALLER_POLL: Duration = Duration::from_micros(200);
+
+/// Default of [`crate::Config::poll_interval`]: the longest a driver blocks in the transport
+/// before it looks whether it should leave or stop; bounds the extra time `shutdown` takes.
+pub const DRIVER_BLOCK: Duration = Duration::from_millis(10);
+
+/// How long a driver stays runnable (yielding) while callers poll: not at all. A driver that
+/// yielded beside a polling caller kept a core from the peer process the caller waits for: an
+/// MPI write with spread tokens (2 ranks, 2 cores) took 9 us that way and 4.8 us with the
+/// driver asleep at once, though the last poller then pays a wake-up to hand the driver back
+/// its turn.
+pub(crate) const DRIVER_YIELDS_FOR: Duration = Duration::ZERO;
+
+/// How long a driver then sleeps at a time while callers still poll; the last poller wakes it,
+/// so this only bounds a lost wake-up.
+pub(crate) const DRIVER_NAP: Duration = Duration::from_millis(1);
+
+/// How long a transport's `recv` busy-polls before it yields: the reply to a frame just sent
+/// usually comes within microseconds, and spinning costs a fraction of a wake-up.
+pub const RECV_SPIN: Duration = Duration::from_micros(20);
+
+/// How many yields follow the spin before a `recv` blocks: cheap when other threads want the
+/// core, and they give a sender on the same core a chance to run before we park.
+pub const RECV_YIELDS: usize = 4;
+
+/// How long a thread that can only poll (no blocking receive exists, as with MPI's probe)
+/// keeps yielding after its spin before it starts to sleep: covers a peer that needs one time
+/// slice to answer on a machine with more busy threads than cores.
+pub const POLL_YIELD: Duration = Duration::from_micros(500);
+
+/// The first sleep of a thread that can only poll; it doubles up to [`POLL_SLEEP_MAX`].
+pub const POLL_SLEEP_MIN: Duration = Duration::from_micros(10);
+
+/// The longest sleep of a thread that can only poll: bounds the latency of a frame reaching an
+/// idle node, while an idle node costs about a thousand cheap polls a second.
+pub const POLL_SLEEP_MAX: Duration = Duration::from_millis(1);
+
+/// How often a transport's keeper thread looks whether anyone drove its IO since its last
+/// look: only a transport nobody receives from needs it, and then a few milliseconds of delay
+/// on a background send or an acknowledgement cost nothing.
+pub const KEEPER_LOOK: Duration = Duration::from_millis(5);
+
+/// How long a keeper drives at a time before it looks again whether a thread wants to drive.
+pub const KEEPER_SLICE: Duration = Duration::from_millis(50);
+
+/// How many times a zero-timeout receive lets an async runtime run what became ready: a frame
+/// that arrived needs two rounds (one wakes the socket's reader, the next passes it on).
+pub const RUNTIME_ROUNDS: usize = 2;
+
+/// Waits up to `timeout` for `rx`: spins for [`RECV_SPIN`], yields [`RECV_YIELDS`] times, then
+/// blocks. A zero timeout only looks.
+pub fn receive<T>(rx: &Receiver<T>, timeout: Duration) -> Result<T, RecvTimeoutError> {
+    if timeout.is_zero() {
+        return rx.try_recv().map_err(|e| match e {
+            crossbeam_channel::TryRecvError::Empty => RecvTimeoutError::Timeout,
+            crossbeam_channel::TryRecvError::Disconnected => RecvTimeoutError::Disconnected,
+        });
+    }
+    let start = Instant::now();
+    let spin = RECV_SPIN.min(timeout);
+    loop {
+        match rx.try_recv() {
+            Ok(value) => return Ok(value),
+            Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                return Err(RecvTimeoutError::Disconnected)
+            }
+            Err(crossbeam_channel::TryRecvError::Empty) => {}
+        }
+        if start.elapsed() >= spin {
+            break;
+        }
+        std::hint::spin_loop();
+    }
+    for _ in 0..RECV_YIELDS {
+        std::thread::yield_now();
+        if let Ok(value) = rx.try_recv() {
+            return Ok(value);
+        }
+    }
+    rx.recv_timeout(timeout.saturating_sub(start.elapsed()))
+}
+
+/// The pauses of a thread that polls a source it cannot block on: spin, then yield, then sleep
+/// in growing steps. The sleep is a park, so [`std::thread::Thread::unpark`] ends it early:
+/// whoever hands such a thread work (a frame to send) wakes it.
+#[derive(Debug)]
+pub struct Backoff {
+    idle_since: Instant,
+    sleep: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff::new()
+    }
+}
+
+impl Backoff {
+    /// Starts idle now.
+    pub fn new() -> Backoff {
+        Backoff {
+            idle_since: Instant::now(),
+            sleep: POLL_SLEEP_MIN,
+        }
+    }
+
+    /// Something happened: poll hard again.
+    pub fn reset(&mut self) {
+        self.idle_since = Instant::now();
+        self.sleep = POLL_SLEEP_MIN;
+    }
+
+    /// Pauses once, never past `deadline`; `false` once the deadline has passed.
+    pub fn pause(&mut self, deadline: Instant) -> bool {
+        let now = Instant::now();
+        if now >= deadline {
+            return false;
+        }
+        let idle = now - self.idle_since;
+        if idle < RECV_SPIN {
+            std::hint::spin_loop();
+        } else if idle < RECV_SPIN + POLL_YIELD {
+            std::thread::yield_now();
+        } else {
+            std::thread::park_timeout(self.sleep.min(deadline - now));
+            self.sleep = (self.sleep * 2).min(POLL_SLEEP_MAX);
+        }
+        true
+    }
+
+    /// Whether the next pauses sleep (so a thread handing work should wake this one).
+    pub fn sleeping(&self) -> bool {
+        self.idle_since.elapsed() >= RECV_SPIN + POLL_YIELD
+    }
+}
+
+/// The polling threads of a process and the cores they share.
+pub(crate) struct Budget {
+    polling: AtomicUsize,
+    cores: usize,
+}
+
+impl Budget {
+    pub(crate) const fn new(cores: usize) -> Budget {
+        Budget {
+            polling: AtomicUsize::new(0),
+            cores,
+        }
+    }
+
+    /// The budget shared by every node of this process.
+    pub(crate) fn of_process() -> &'static Budget {
+        static PROCESS: OnceLock<Budget> = OnceLock::new();
+        PROCESS.get_or_init(|| {
+            Budget::new(std::thread::available_parallelism().map_or(1, |n| n.get()))
+        })
+    }
+
+    /// Whether a counted poller may spin: no more pollers than cores.
+    fn spinning_pays(&self) -> bool {
+        self.polling.load(Ordering::Relaxed) <= self.cores
+    }
+}
+
+/// One polling thread's place in a [`Budget`]; counted from its first pause until released
+/// or dropped.
+pub(crate) struct Poller<'a> {
+    budget: &'a Budget,
+    counted: bool,
+}
+
+impl<'a> Poller<'a> {
+    pub(crate) fn new(budget: &'a Budget) -> Poller<'a> {
+        Poller {
+            budget,
+            counted: false,
+        }
+    }
+
+    fn count(&mut self) {
+        if !self.counted {
+            self.counted = true;
+            self.budget.polling.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// A caller's wait between polls: a busy-wait hint while the pollers fit the cores, a
+    /// yield otherwise. Returns whether it spun.
+    pub(crate) fn pause(&mut self) -> bool {
+        self.count();
+        if self.budget.spinning_pays() {
+            std::hint::spin_loop();
+            true
+        } else {
+            std::thread::yield_now();
+            false
+        }
+    }
+
+    /// A driver's wait between polls: always a yield, but counted, so callers know the
+    /// driver wants a core.
+    pub(crate) fn yield_now(&mut self) {
+        self.count();
+        std::thread::yield_now();
+    }
+
+    /// Stops counting this thread: it stops polling, stands aside or blocks.
+    pub(crate) fn release(&mut self) {
+        if std::mem::take(&mut self.counted) {
+            self.budget.polling.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for Poller<'_> {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn callers_spin_only_while_the_pollers_fit_the_cores() {
+        let budget = Budget::new(2);
+        let mut caller = Poller::new(&budget);
+        let mut driver = Poller::new(&budget);
+        assert!(caller.pause(), "one poller on two cores spins");
+        driver.yield_now();
+        assert!(caller.pause(), "two pollers on two cores spin");
+        let mut other_caller = Poller::new(&budget);
+        assert!(!other_caller.pause(), "a third poller yields");
+        assert!(
+            !caller.pause(),
+            "so does every caller while there are three"
+        );
+        driver.release();
+        assert!(
+            caller.pause(),
+            "a driver that stands aside no longer counts"
+        );
+        drop(other_caller);
+        assert_eq!(budget.polling.load(Ordering::Relaxed), 1);
+        caller.release();
+        caller.release();
+        assert_eq!(
+            budget.polling.load(Ordering::Relaxed),
+            0,
+            "release is idempotent"
+        );
+    }
+}
