@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use crate::transport::TransportError;
+
 /// Every way an operation of [`crate::Node`] or [`crate::DistObj`] can fail.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -56,6 +58,26 @@ pub enum Error {
     /// The node was shut down (or is shutting down); its handles no longer work.
     #[error("node {0} is stopped")]
     Stopped(u32),
+    /// The node's transport failed, or was closed under the node by someone other than
+    /// `shutdown`: the node stopped, and every waiting and later operation ends with this at
+    /// once instead of a timeout.
+    #[error("node {node} stopped: its transport failed: {cause}")]
+    Transport {
+        /// The node.
+        node: u32,
+        /// What the transport reported.
+        #[source]
+        cause: TransportError,
+    },
+    /// An operation on an object from inside that object's own `update` closure on the same
+    /// thread: it would wait for the tokens the update holds. Use the closure's argument.
+    #[error("{operation} on {object:?} from inside its own update closure")]
+    InsideUpdate {
+        /// What was attempted: "read", "write" or "update".
+        operation: &'static str,
+        /// The object's name.
+        object: String,
+    },
     /// The node's driver thread could not be started.
     #[error("cannot start the driver thread: {0}")]
     Spawn(String),

@@ -123,18 +123,42 @@ impl Waiter {
         }
     }
 
-    /// Sleeps until the outcome comes or `deadline` passes.
-    fn sleep_until(&self, deadline: Instant) -> Option<Outcome> {
+    /// Sleeps until the outcome comes, `deadline` passes or `give_up` says so (checked after
+    /// every wake-up).
+    fn sleep_until(&self, deadline: Instant, give_up: impl Fn() -> bool) -> Option<Outcome> {
         loop {
             if let Some(outcome) = self.take() {
                 return Some(outcome);
             }
             let now = Instant::now();
-            if now >= deadline {
+            if now >= deadline || give_up() {
                 return None;
             }
             std::thread::park_timeout(deadline - now);
         }
+    }
+}
+
+thread_local! {
+    /// The objects whose `update` closure runs on this thread, with their node: an operation
+    /// on one of them from inside the closure would wait for itself.
+    static UPDATING: std::cell::RefCell<Vec<(*const Inner, Arc<str>)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Marks an `update` closure as running on this thread until dropped (also by a panic).
+struct InsideUpdate;
+
+impl InsideUpdate {
+    fn enter(node: &Inner, object: &Arc<str>) -> InsideUpdate {
+        UPDATING.with_borrow_mut(|updating| updating.push((node, Arc::clone(object))));
+        InsideUpdate
+    }
+}
+
+impl Drop for InsideUpdate {
+    fn drop(&mut self) {
+        UPDATING.with_borrow_mut(|updating| updating.pop());
     }
 }
 
@@ -145,7 +169,11 @@ struct Inner {
     /// The transport's [`Transport::max_frame`].
     max_frame: usize,
     core: Mutex<Core>,
+    /// Set by `shutdown`, and when the transport failed: one load tells a read it may go on.
     stopped: AtomicBool,
+    /// Why the transport failed (or was closed under the node), if it did: every waiting and
+    /// later operation ends with it.
+    failure: std::sync::OnceLock<TransportError>,
     /// Tells the driver thread to exit (after the leave completed or timed out).
     halt: AtomicBool,
     next_op: AtomicU64,
@@ -194,10 +222,60 @@ impl Inner {
     #[inline]
     fn check_running(&self) -> Result<(), Error> {
         if self.stopped.load(Ordering::Acquire) {
-            Err(Error::Stopped(self.id))
+            Err(self.stopped_error())
         } else {
             Ok(())
         }
+    }
+
+    /// Why operations fail once the node stopped: the transport's failure, or a shutdown.
+    fn stopped_error(&self) -> Error {
+        match self.failure.get() {
+            Some(cause) => Error::Transport {
+                node: self.id,
+                cause: cause.clone(),
+            },
+            None => Error::Stopped(self.id),
+        }
+    }
+
+    /// The transport failed, or was closed under the node (not by `shutdown`): remember why,
+    /// stop the node and wake every waiting caller, which then returns that error.
+    fn fail(&self, cause: TransportError) {
+        if self.halt.load(Ordering::Acquire) || self.failure.set(cause.clone()).is_err() {
+            return;
+        }
+        tracing::error!(node = self.id, error = %cause, "transport failed: the node stops");
+        self.stopped.store(true, Ordering::Release);
+        let mut core = self.lock();
+        for (_, waiter) in &core.waiters {
+            waiter.thread.unpark();
+        }
+        // A `shutdown` waiting for the leave to be acknowledged stops waiting.
+        core.left = None;
+        drop(core);
+        if let Some(driver) = self.driver.get() {
+            driver.unpark();
+        }
+    }
+
+    /// Refuses an operation on `object` from inside that object's own `update` closure on this
+    /// thread: it would wait for the tokens its own update holds.
+    #[inline]
+    fn check_not_updating(&self, operation: &'static str, object: &str) -> Result<(), Error> {
+        let inside = UPDATING.with_borrow(|updating| {
+            !updating.is_empty()
+                && updating
+                    .iter()
+                    .any(|(node, name)| std::ptr::eq(*node, self) && &**name == object)
+        });
+        if inside {
+            return Err(Error::InsideUpdate {
+                operation,
+                object: object.to_string(),
+            });
+        }
+        Ok(())
     }
 
     /// Runs one protocol input, then applies its events and sends its messages.
@@ -323,9 +401,10 @@ impl Inner {
         waiter: &Waiter,
     ) -> Result<Outcome, Error> {
         let start = Instant::now();
+        let failed = || self.failure.get().is_some();
         let outcome = match self.poll_for(waiter, start) {
             Some(outcome) => Some(outcome),
-            None => waiter.sleep_until(start + self.config.timeout),
+            None => waiter.sleep_until(start + self.config.timeout, failed),
         };
         let outcome = match outcome {
             Some(outcome) => outcome,
@@ -335,6 +414,10 @@ impl Inner {
                 let mut cancelled = false;
                 self.step(&mut core, |p| cancelled = p.cancel(op));
                 drop(core);
+                if cancelled && failed() {
+                    tracing::warn!(node = self.id, operation, object, "transport failed");
+                    return Err(self.stopped_error());
+                }
                 if cancelled {
                     tracing::warn!(node = self.id, operation, object, "operation timed out");
                     return Err(Error::Timeout {
@@ -344,11 +427,11 @@ impl Inner {
                     });
                 }
                 // It completed while we gave up: the outcome is here.
-                waiter.take().ok_or(Error::Stopped(self.id))?
+                waiter.take().ok_or_else(|| self.stopped_error())?
             }
         };
         match outcome {
-            Outcome::Aborted => Err(Error::Stopped(self.id)),
+            Outcome::Aborted => Err(self.stopped_error()),
             outcome => Ok(outcome),
         }
     }
@@ -367,6 +450,9 @@ impl Inner {
             if let Some(outcome) = waiter.take() {
                 break Some(outcome);
             }
+            if self.failure.get().is_some() {
+                break None;
+            }
             if let Ok(_turn) = self.receive_turn.try_lock() {
                 // One event at a time: once ours is handled the caller goes, and what else
                 // came (or frames the transport still has to write) is the driver's.
@@ -375,8 +461,10 @@ impl Inner {
                     Ok(None) => {
                         poller.pause();
                     }
-                    // The transport failed or closed: leave it to the driver, which stops.
-                    Err(_) => break None,
+                    Err(cause) => {
+                        self.fail(cause);
+                        break None;
+                    }
                 }
             } else {
                 // The driver is waiting inside the transport and will handle the reply: give
@@ -413,7 +501,10 @@ impl Inner {
             match self.transport.recv(Duration::ZERO) {
                 Ok(Some(event)) => self.handle_event(event),
                 Ok(None) => return true,
-                Err(_) => return false,
+                Err(cause) => {
+                    self.fail(cause);
+                    return false;
+                }
             }
         }
     }
@@ -428,7 +519,7 @@ impl Inner {
         let mut seen_episode = 0;
         let mut busy_since = Instant::now();
         let mut poller = Poller::new(Budget::of_process());
-        while !self.halt.load(Ordering::Acquire) {
+        while !self.halt.load(Ordering::Acquire) && self.failure.get().is_none() {
             if self.pollers.load(Ordering::SeqCst) > 0 {
                 poller.release();
                 // Each operation that polls gets the driver's yielding window anew: a driver
@@ -477,9 +568,9 @@ impl Inner {
                     poller.yield_now();
                 }
                 Ok(None) => {}
-                Err(TransportError::Closed) => break,
-                Err(e) => {
-                    tracing::error!(node = self.id, error = %e, "transport failed");
+                // Closed by `shutdown` (which halts first), or failed or closed under us.
+                Err(cause) => {
+                    self.fail(cause);
                     break;
                 }
             }
@@ -585,6 +676,7 @@ impl Node {
                 inbox: Vec::new(),
             }),
             stopped: AtomicBool::new(false),
+            failure: std::sync::OnceLock::new(),
             halt: AtomicBool::new(false),
             next_op: AtomicU64::new(0),
             counters: Counters::default(),
@@ -672,7 +764,9 @@ impl Node {
         // New operations fail from now on; the driver thread starts the leave.
         inner.lock().left = Some(tx);
         inner.stopped.store(true, Ordering::Release);
-        let acknowledged = rx.recv_timeout(inner.config.timeout).is_ok();
+        // Fails at once if the transport failed (`fail` drops the sender).
+        let acknowledged =
+            inner.failure.get().is_none() && rx.recv_timeout(inner.config.timeout).is_ok();
         inner.lock().left = None;
         inner.halt.store(true, Ordering::Release);
         inner.transport.close();
@@ -682,6 +776,8 @@ impl Node {
         tracing::debug!(node = inner.id, acknowledged, "node stopped");
         if acknowledged {
             Ok(())
+        } else if inner.failure.get().is_some() {
+            Err(inner.stopped_error())
         } else {
             Err(Error::Timeout {
                 operation: "shutdown",
@@ -759,11 +855,13 @@ where
     #[inline]
     pub fn try_read(&self) -> Result<Option<Arc<T>>, Error> {
         self.node.check_running()?;
+        self.node.check_not_updating("read", &self.name)?;
         self.cell.read(&self.name)
     }
 
     /// Replaces the value once this node holds every token.
     pub fn write(&self, value: T) -> Result<(), Error> {
+        self.node.check_not_updating("write", &self.name)?;
         let bytes = self.node.encode_value(&self.name, &value)?;
         let outcome = self
             .node
@@ -778,6 +876,7 @@ where
     /// Atomic read-modify-write: gathers every token, runs `f` on the current value, writes the
     /// result. No other write can come between the read and the write.
     pub fn update<R>(&self, f: impl FnOnce(&mut T) -> R) -> Result<R, Error> {
+        self.node.check_not_updating("update", &self.name)?;
         let (op, outcome) = self
             .node
             .run_op_with_id("update", &self.name, |p, op| p.lock(op, &self.name))?;
@@ -790,7 +889,9 @@ where
             op,
         };
         let mut current: T = cell::decode(&self.name, &value.bytes)?;
+        let inside = InsideUpdate::enter(&self.node, &self.name);
         let result = f(&mut current);
+        drop(inside);
         let bytes = self.node.encode_value(&self.name, &current)?;
         self.cell.saw_version(lock.commit(bytes)?);
         Ok(result)
