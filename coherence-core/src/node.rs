@@ -31,7 +31,7 @@ use serde::Serialize;
 use crate::cell::{self, Cell};
 use crate::config::Config;
 use crate::error::Error;
-use crate::protocol::{Event, OpId, Outcome, Protocol};
+use crate::protocol::{Event, OpId, Outcome, Output, Protocol};
 use crate::transport::{NodeId, Transport, TransportError, TransportEvent};
 use crate::wait::{Budget, Poller, DRIVER_NAP, DRIVER_YIELDS_FOR};
 use crate::wire::{self, Init, Message};
@@ -293,7 +293,16 @@ impl Inner {
             outbox,
             ..
         } = core;
-        for event in protocol.take_events() {
+        // Events come before the messages of the same step: a caller sees the value its
+        // operation read or wrote before anything leaves, and messages stay in order.
+        while let Some(output) = protocol.poll_output() {
+            let event = match output {
+                Output::Event(event) => event,
+                Output::Send { to, message } => {
+                    outbox.push((to, message));
+                    continue;
+                }
+            };
             match event {
                 Event::Readable { object, value } => {
                     cells.entry(object).or_default().publish(&value);
@@ -316,7 +325,6 @@ impl Inner {
                 }
             }
         }
-        outbox.extend(protocol.take_sends());
         let mut refused = Vec::new();
         let runs = wire::batches_by_destination(outbox)
             .flat_map(|batch| wire::frame_runs(batch, self.max_frame));

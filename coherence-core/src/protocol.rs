@@ -3,8 +3,8 @@
 //! Inputs are local operations ([`Protocol::open`], [`Protocol::read`], [`Protocol::write`],
 //! [`Protocol::lock`], [`Protocol::commit`], [`Protocol::cancel`], [`Protocol::leave`]) and
 //! network input ([`Protocol::handle`], [`Protocol::peer_joined`], [`Protocol::peer_left`]).
-//! Outputs are polled: [`Protocol::take_events`] first (value changes and completions, which the
-//! driver must apply before anything leaves), then [`Protocol::take_sends`]. There is no clock
+//! Outputs are polled one at a time with [`Protocol::poll_output`], in the order the driver must
+//! act on them: value changes and completions first, then the messages. There is no clock
 //! and no thread; the state is `Clone + Eq + Hash` so a model checker can explore it.
 //! `docs/PROTOCOL.md` explains the rules and why they are safe and starvation-free.
 
@@ -100,6 +100,20 @@ pub enum Rejected {
 /// stay far below it (2^63 requests); a larger time can only be a fault, and taking it would
 /// leave the clock no room to grow.
 pub const MAX_TIMESTAMP: u64 = u64::MAX / 2;
+
+/// One output of [`Protocol::poll_output`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Apply it now: it comes before every message it may depend on.
+    Event(Event),
+    /// Send `message` to `to` (after every event before it, in this order).
+    Send {
+        /// The destination.
+        to: NodeId,
+        /// The message.
+        message: Message,
+    },
+}
 
 /// Something the driver must act on, in order, before sending this step's messages.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -307,10 +321,10 @@ pub struct Protocol {
     left: bool,
     /// Objects touched in the current step, synchronised at its end.
     dirty: Vec<Arc<str>>,
-    /// Readability changes, applied before `completions` (see [`Protocol::take_events`]).
-    readability: Vec<Event>,
-    completions: Vec<Event>,
-    sends: Vec<(NodeId, Message)>,
+    /// Readability changes, applied before `completions` (see [`Protocol::poll_output`]).
+    readability: VecDeque<Event>,
+    completions: VecDeque<Event>,
+    sends: VecDeque<(NodeId, Message)>,
 }
 
 impl Protocol {
@@ -329,9 +343,9 @@ impl Protocol {
             awaiting_acks: BTreeSet::new(),
             left: false,
             dirty: Vec::new(),
-            readability: Vec::new(),
-            completions: Vec::new(),
-            sends: Vec::new(),
+            readability: VecDeque::new(),
+            completions: VecDeque::new(),
+            sends: VecDeque::new(),
         }
     }
 
@@ -403,15 +417,20 @@ impl Protocol {
         self.objects.values().map(|o| o.requests.len()).sum()
     }
 
-    /// Events produced so far; apply them before sending. Readability changes come first, so
-    /// the caller of a completed operation already sees the value it wrote or read.
-    pub fn take_events(&mut self) -> impl Iterator<Item = Event> + '_ {
-        self.readability.drain(..).chain(self.completions.drain(..))
-    }
-
-    /// Messages produced so far, in the order they must be sent.
-    pub fn take_sends(&mut self) -> std::vec::Drain<'_, (NodeId, Message)> {
-        self.sends.drain(..)
+    /// The next output, in the order the driver must act on it: every event of the inputs so
+    /// far (readability changes first, so the caller of a completed operation already sees the
+    /// value it wrote or read), then the messages to send, in order. A driver that acts on each
+    /// output as it comes cannot send a message before the event it depends on was applied.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        if let Some(event) = self.readability.pop_front() {
+            return Some(Output::Event(event));
+        }
+        if let Some(event) = self.completions.pop_front() {
+            return Some(Output::Event(event));
+        }
+        self.sends
+            .pop_front()
+            .map(|(to, message)| Output::Send { to, message })
     }
 
     /// The shared name of `object`, adding the object if this node has not heard of it: the
@@ -474,7 +493,7 @@ impl Protocol {
     /// another thread can start an operation while `shutdown` runs.)
     fn aborted_while_leaving(&mut self, op: OpId) -> bool {
         if self.leaving {
-            self.completions.push(Event::Completed {
+            self.completions.push_back(Event::Completed {
                 op,
                 outcome: Outcome::Aborted,
             });
@@ -543,7 +562,7 @@ impl Protocol {
             aborted.extend(o.writers.drain(..).map(|w| w.op));
             aborted.extend(o.locked.take());
             for op in aborted {
-                self.completions.push(Event::Completed {
+                self.completions.push_back(Event::Completed {
                     op,
                     outcome: Outcome::Aborted,
                 });
@@ -554,13 +573,13 @@ impl Protocol {
         // acknowledge too (or close, which the transport reports).
         self.awaiting_acks = self.members.union(&self.departing).copied().collect();
         for &peer in &self.awaiting_acks {
-            self.sends.push((peer, Message::Leaving));
+            self.sends.push_back((peer, Message::Leaving));
         }
         if self.genesis {
             self.genesis = false;
             let created = std::mem::take(&mut self.created);
             if let Some(&heir) = self.members.iter().next() {
-                self.sends.push((heir, Message::Genesis { created }));
+                self.sends.push_back((heir, Message::Genesis { created }));
             }
         }
         self.check_left();
@@ -575,7 +594,7 @@ impl Protocol {
             return;
         }
         if self.leaving {
-            self.sends.push((peer, Message::Leaving));
+            self.sends.push_back((peer, Message::Leaving));
             self.awaiting_acks.insert(peer);
             return;
         }
@@ -583,7 +602,7 @@ impl Protocol {
             if let Some(mine) = o.mine.filter(|m| m.announced) {
                 let entry = o.requests.get(&mine.id);
                 self.sends
-                    .push((peer, Message::Request(request_of(name, mine.id, entry))));
+                    .push_back((peer, Message::Request(request_of(name, mine.id, entry))));
             }
         }
     }
@@ -639,7 +658,7 @@ impl Protocol {
             Message::Leaving => {
                 self.forget(from);
                 self.departing.insert(from);
-                self.sends.push((from, Message::LeaveAck));
+                self.sends.push_back((from, Message::LeaveAck));
             }
             Message::LeaveAck => {
                 self.awaiting_acks.remove(&from);
@@ -675,7 +694,7 @@ impl Protocol {
     fn take_genesis(&mut self, created: BTreeSet<Arc<str>>) {
         if self.leaving {
             if let Some(&heir) = self.members.iter().next() {
-                self.sends.push((heir, Message::Genesis { created }));
+                self.sends.push_back((heir, Message::Genesis { created }));
             }
         } else {
             self.genesis = true;
@@ -723,7 +742,7 @@ impl Protocol {
     fn check_left(&mut self) {
         if self.leaving && !self.left && self.awaiting_acks.is_empty() {
             self.left = true;
-            self.completions.push(Event::Left);
+            self.completions.push_back(Event::Left);
         }
     }
 
@@ -785,14 +804,14 @@ impl Protocol {
         let mut progressed = false;
         let value = o.current();
         for op in o.readers.drain(..) {
-            self.completions.push(Event::Completed {
+            self.completions.push_back(Event::Completed {
                 op,
                 outcome: Outcome::Read(value.clone()),
             });
             progressed = true;
         }
         for (op, _) in o.openers.drain(..) {
-            self.completions.push(Event::Completed {
+            self.completions.push_back(Event::Completed {
                 op,
                 outcome: Outcome::Opened(value.clone()),
             });
@@ -821,7 +840,7 @@ impl Protocol {
                     Outcome::Granted(o.current())
                 }
             };
-            self.completions.push(Event::Completed {
+            self.completions.push_back(Event::Completed {
                 op: pending.op,
                 outcome,
             });
@@ -894,7 +913,7 @@ impl Protocol {
         if announced {
             for &peer in &self.members {
                 let object = Arc::clone(name);
-                self.sends.push((peer, Message::Done { object, id }));
+                self.sends.push_back((peer, Message::Done { object, id }));
             }
         }
     }
@@ -929,7 +948,7 @@ impl Protocol {
                 // No write can happen while the tokens are here, so the version they came
                 // with still holds, even if this node's own copy is older.
                 grant.version = grant.version.or(stray.version);
-                sends.push((stray.sender, Message::Grant(grant)));
+                sends.push_back((stray.sender, Message::Grant(grant)));
             }
         }
         for at in 0..o.requests.len() {
@@ -953,13 +972,13 @@ impl Protocol {
                         }
                         let count = if o.tokens > 1 { 1 } else { o.tokens };
                         let grant = take_tokens(name, o, count, have, true);
-                        sends.push((id.node, Message::Grant(grant)));
+                        sends.push_back((id.node, Message::Grant(grant)));
                     }
                 }
                 Access::Write => {
                     let all = o.tokens;
                     let grant = take_tokens(name, o, all, have, true);
-                    sends.push((id.node, Message::Grant(grant)));
+                    sends.push_back((id.node, Message::Grant(grant)));
                     break;
                 }
             }
@@ -976,7 +995,7 @@ impl Protocol {
             if let Some(heir) = heir {
                 let all = o.tokens;
                 let grant = take_tokens(name, o, all, None, false);
-                sends.push((heir, Message::Grant(grant)));
+                sends.push_back((heir, Message::Grant(grant)));
             }
         }
     }
@@ -1019,7 +1038,7 @@ impl Protocol {
             }
             o.pushed.to.push(target);
             let grant = take_tokens(name, o, 1, None, false);
-            sends.push((target, Message::Grant(grant)));
+            sends.push_back((target, Message::Grant(grant)));
             next = o
                 .interested
                 .range((Bound::Excluded(target), Bound::Unbounded))
@@ -1041,20 +1060,22 @@ impl Protocol {
                 let id = mine.id;
                 let request = request_of(&name, id, o.requests.get(&id));
                 for &peer in &self.members {
-                    self.sends.push((peer, Message::Request(request.clone())));
+                    self.sends
+                        .push_back((peer, Message::Request(request.clone())));
                 }
             }
             let readable = o.readable();
             let version = o.value.as_ref().map(|v| v.version);
             if readable && o.published != version {
                 o.published = version;
-                self.readability.push(Event::Readable {
+                self.readability.push_back(Event::Readable {
                     object: name.clone(),
                     value: o.current(),
                 });
             } else if !readable && o.published.is_some() {
                 o.published = None;
-                self.readability.push(Event::Unreadable { object: name });
+                self.readability
+                    .push_back(Event::Unreadable { object: name });
             }
         }
         self.dirty = dirty;
@@ -1183,17 +1204,36 @@ mod tests {
         let mut p0 = Protocol::new(0, [1], WritePolicy::Update);
         let p1 = Protocol::new(1, [0], WritePolicy::Update);
         p0.open(1, "x", init());
-        let _ = p0.take_events().count();
-        assert_eq!(p0.take_sends().count(), 0, "genesis opens locally");
+        let (_, sends) = outputs(&mut p0);
+        assert!(sends.is_empty(), "genesis opens locally");
         (p0, p1)
     }
 
-    fn sends(p: &mut Protocol) -> Vec<(NodeId, Message)> {
-        p.take_sends().collect()
+    /// Every output so far: the events, then the messages.
+    fn outputs(p: &mut Protocol) -> (Vec<Event>, Vec<(NodeId, Message)>) {
+        let (mut events, mut sends) = (Vec::new(), Vec::new());
+        while let Some(output) = p.poll_output() {
+            match output {
+                Output::Event(event) => {
+                    assert!(sends.is_empty(), "an event came after a message: {event:?}");
+                    events.push(event);
+                }
+                Output::Send { to, message } => sends.push((to, message)),
+            }
+        }
+        (events, sends)
     }
 
+    /// The messages so far (the events before them are dropped).
+    fn sends(p: &mut Protocol) -> Vec<(NodeId, Message)> {
+        outputs(p).1
+    }
+
+    /// The completions so far (the messages after them are dropped).
     fn completions(p: &mut Protocol) -> Vec<(OpId, Outcome)> {
-        p.take_events()
+        outputs(p)
+            .0
+            .into_iter()
             .filter_map(|e| match e {
                 Event::Completed { op, outcome } => Some((op, outcome)),
                 _ => None,

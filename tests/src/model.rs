@@ -6,10 +6,10 @@
 //! interleaving that per-pair FIFO allows. Nodes numbered from `founders` on join later, at any
 //! point, as an action of their own.
 //!
-//! Nodes are driven as the real driver drives them: after every input, `take_events()` first,
-//! then `take_sends()`. What one input sends to one peer travels as one frame, which the receiver
-//! handles message by message without other input in between (the driver holds its lock for the
-//! whole frame). The model also keeps what the driver publishes for local reads (the
+//! Nodes are driven as the real driver drives them: after every input, `poll_output()` until
+//! empty (events first, then messages). What one input sends to one peer travels as one frame,
+//! which the receiver handles message by message without other input in between (the driver
+//! holds its lock for the whole frame). The model also keeps what the driver publishes for local reads (the
 //! `Readable`/`Unreadable` events), the latest committed value of every object, and every breach
 //! of a rule that can only be seen during a step (a stale outcome, a skipped version, a write
 //! without all tokens). [`Model::properties`] turns these into named safety properties, plus
@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use coherence_core::protocol::{Event, OpId, Outcome, Protocol, WritePolicy};
+use coherence_core::protocol::{Event, OpId, Outcome, Output, Protocol, WritePolicy};
 use coherence_core::wire::{Grant, Init, Message, Value};
 use coherence_core::NodeId;
 use stateright::{Checker, Model, Property};
@@ -520,8 +520,14 @@ impl CoherenceModel {
         let Life::Live(protocol) = &mut state.node_mut(id).life else {
             unreachable!("only members get input");
         };
-        let events: Vec<Event> = protocol.take_events().collect();
-        let sends: Vec<(NodeId, Message)> = protocol.take_sends().collect();
+        // `poll_output` hands out every event before the first message.
+        let (mut events, mut sends) = (Vec::new(), Vec::new());
+        while let Some(output) = protocol.poll_output() {
+            match output {
+                Output::Event(event) => events.push(event),
+                Output::Send { to, message } => sends.push((to, message)),
+            }
+        }
         let mut left = false;
         for event in events {
             match event {

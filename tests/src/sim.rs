@@ -22,7 +22,7 @@ use std::fmt::Display;
 use std::panic::{self, AssertUnwindSafe};
 
 use bytes::Bytes;
-use coherence_core::protocol::{Event, OpId, Outcome, Protocol, TokenView, WritePolicy};
+use coherence_core::protocol::{Event, OpId, Outcome, Output, Protocol, TokenView, WritePolicy};
 use coherence_core::wire::{Init, Message, Value};
 use coherence_core::NodeId;
 use rand::rngs::StdRng;
@@ -786,8 +786,14 @@ impl Simulation {
     /// events, removes it if it finished leaving, then checks every invariant.
     fn after_input(&mut self, node: NodeId) -> Result<(), String> {
         let proto = &mut self.node_mut(node).proto;
-        let events: Vec<Event> = proto.take_events().collect();
-        let sends: Vec<(NodeId, Message)> = proto.take_sends().collect();
+        // `poll_output` hands out every event before the first message.
+        let (mut events, mut sends) = (Vec::new(), Vec::new());
+        while let Some(output) = proto.poll_output() {
+            match output {
+                Output::Event(event) => events.push(event),
+                Output::Send { to, message } => sends.push((to, message)),
+            }
+        }
         if self.cfg.trace {
             for event in &events {
                 println!("    event {event:?}");
