@@ -220,12 +220,17 @@ fn dict_after(turns: usize) -> Dict {
 }
 
 /// Runs one library call through the harness, turning an error into [`Stop::Failed`].
+///
+/// The call is a span, so that `--trace` shows the scenario's steps as the lab's code makes
+/// them (`write of 20 to "int"`, `read of "int"`), reads served locally included, around the
+/// library's own slices for the operations that had to ask other nodes.
 fn call<H: Harness, R>(
     harness: &H,
     node: NodeId,
     what: &str,
     f: impl FnOnce() -> Result<R, Error>,
 ) -> Result<R, Stop> {
+    let _call = tracing::debug_span!("call", node, call = what).entered();
     harness
         .watch(what, f)
         .map_err(|e| Stop::Failed(format!("node {node}: {what} failed: {e}")))

@@ -210,11 +210,9 @@ impl Harness for Party {
 
     fn watch<R>(&self, what: &str, call: impl FnOnce() -> R) -> R {
         let slot = &self.shared.calls[self.id as usize];
-        let start = Instant::now();
-        *lock(slot) = Some((what.to_string(), start));
+        *lock(slot) = Some((what.to_string(), Instant::now()));
         let result = call();
         *lock(slot) = None;
-        tracing::debug!(node = self.id, call = what, elapsed = ?start.elapsed(), "library call");
         result
     }
 

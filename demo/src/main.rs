@@ -12,20 +12,26 @@ mod local;
 mod mpi;
 mod zmq;
 
+use std::collections::BTreeMap;
 use std::ffi::OsString;
+use std::fmt;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use clap::error::ErrorKind;
 use clap::{ArgAction, CommandFactory, Parser, ValueEnum};
 use coherence_core::{Config, WritePolicy};
-use tracing_subscriber::layer::SubscriberExt;
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id};
+use tracing::Subscriber;
+use tracing_chrome::{ChromeLayerBuilder, EventOrSpan, FlushGuard};
+use tracing_subscriber::layer::{Context, SubscriberExt};
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{fmt, EnvFilter, Layer};
+use tracing_subscriber::{EnvFilter, Layer};
 
 use lab::{Failure, Observation, Report};
 
@@ -108,8 +114,14 @@ struct Args {
     #[arg(long, value_enum, hide = true, requires = "listen")]
     zmq_role: Option<zmq::Role>,
 
-    /// Also write a JSON-lines trace of the run to FILE: one object per event, including every
-    /// protocol message each node sends and receives. The ZeroMQ launcher's process K writes
+    /// Also write a trace of the run to FILE, to watch it on a timeline: open the file at
+    /// https://ui.perfetto.dev ("Open trace file") or in Chrome at chrome://tracing ("Load").
+    /// The scenario's calls (e.g. `write of 20 to "int"`) and, inside them, the library
+    /// operations that had to ask other nodes (e.g. `write int`) are slices on the track of
+    /// the thread that made them: node-K for node K here, main under ZeroMQ or MPI. Every
+    /// protocol message a node sends or receives is a mark (e.g. `send Grant to 2`; select it
+    /// for its fields) on the track of the thread that handled it: that caller's, or the
+    /// node's own coherence-node-K. The ZeroMQ launcher's process K, and MPI rank K, write
     /// FILE.K.
     #[arg(long, value_name = "FILE")]
     trace: Option<PathBuf>,
@@ -177,18 +189,16 @@ fn parse_timeout(text: &str) -> Result<u64, String> {
 fn main() -> ExitCode {
     let args = Args::parse();
     check_zmq_flags(&args);
-    // A launcher's children write the trace files; the launcher itself only logs.
-    let launcher = args.transport == TransportKind::Zmq && args.listen.is_none();
-    let trace = if launcher {
-        None
-    } else {
-        args.trace.as_deref()
+    let trace = trace_path(&args);
+    // Held to the end of main, early returns included: dropping it writes the trace out.
+    let _trace = match init_logging(args.verbose, trace.as_deref()) {
+        Ok(guard) => guard,
+        Err(e) => {
+            let path = trace.as_deref().unwrap_or(Path::new("")).display();
+            eprintln!("error: cannot create the trace file {path}: {e}");
+            return ExitCode::from(2);
+        }
     };
-    if let Err(e) = init_logging(args.verbose, trace) {
-        let path = args.trace.as_deref().unwrap_or(Path::new("")).display();
-        eprintln!("error: cannot create the trace file {path}: {e}");
-        return ExitCode::from(2);
-    }
     let config = Config::default()
         .timeout(Duration::from_millis(args.timeout_ms))
         .write_policy(args.policy.into());
@@ -202,8 +212,8 @@ fn main() -> ExitCode {
             local::run(args.nodes, &config)
         }
         TransportKind::Mpi => match run_mpi(&config) {
-            Some(outcome) => outcome,
-            None => return ExitCode::SUCCESS,
+            Ok(outcome) => outcome,
+            Err(code) => return code,
         },
         TransportKind::Zmq => {
             // Read now, so that a bad secret file is a usage error, not a verdict.
@@ -218,6 +228,36 @@ fn main() -> ExitCode {
         }
     };
     print_outcome(outcome)
+}
+
+/// The variables in which MPI launchers tell a process its rank: MPICH's and Intel MPI's
+/// (Hydra), Open MPI's, and those of PMIx-based launchers such as Slurm's.
+const MPI_RANK_VARIABLES: [&str; 3] = ["PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"];
+
+/// Where this process writes the trace `--trace` asks for, if anywhere. Every process of a run
+/// writes its own file, since one JSON array cannot take several writers: the ZeroMQ launcher
+/// names its children's files and writes none itself, and MPI rank K, which gets the same flags
+/// as every other rank, writes FILE.K like the launcher's child K. The rank comes from the
+/// launcher's environment because the file is opened before MPI starts, so that the start is
+/// traced too.
+fn trace_path(args: &Args) -> Option<PathBuf> {
+    let path = args.trace.clone()?;
+    match args.transport {
+        TransportKind::Zmq if args.listen.is_none() => None,
+        TransportKind::Mpi => {
+            let rank = MPI_RANK_VARIABLES
+                .iter()
+                .find_map(|name| std::env::var(name).ok());
+            let Some(rank) = rank else {
+                // Not started by an MPI launcher: the only rank.
+                return Some(path);
+            };
+            let mut path = path.into_os_string();
+            path.push(format!(".{rank}"));
+            Some(path.into())
+        }
+        TransportKind::Local | TransportKind::Zmq => Some(path),
+    }
 }
 
 /// Rejects ZeroMQ flags that do not fit the transport or each other (exit code 2).
@@ -312,26 +352,26 @@ fn child_flags(args: &Args) -> Vec<OsString> {
     flags
 }
 
-/// Runs this MPI rank's part; `None` on a rank other than 0 whose run was coherent (only rank
-/// 0 prints the report).
+/// Runs this MPI rank's part. On a rank other than 0 (only rank 0 prints the report) it is
+/// the exit code alone, returned rather than exited with so that main still writes the trace.
 #[cfg(feature = "mpi")]
-fn run_mpi(config: &Config) -> Option<Result<Report, Failure>> {
+fn run_mpi(config: &Config) -> Result<Result<Report, Failure>, ExitCode> {
     match mpi::run(config) {
         mpi::Outcome::Report(outcome) => {
             println!(
                 "coherence lab over MPI: the last rank opens late, {:?} policy, timeout {:?}",
                 config.write_policy, config.timeout
             );
-            Some(outcome)
+            Ok(outcome)
         }
-        mpi::Outcome::Verdict(true) => None,
-        mpi::Outcome::Verdict(false) => std::process::exit(1),
+        mpi::Outcome::Verdict(true) => Err(ExitCode::SUCCESS),
+        mpi::Outcome::Verdict(false) => Err(ExitCode::FAILURE),
     }
 }
 
 #[cfg(not(feature = "mpi"))]
-fn run_mpi(_config: &Config) -> Option<Result<Report, Failure>> {
-    Some(Err(Failure {
+fn run_mpi(_config: &Config) -> Result<Result<Report, Failure>, ExitCode> {
+    Ok(Err(Failure {
         observations: Vec::new(),
         reasons: vec!["this demo was built without MPI support: build it with \
              `cargo build --release -p demo --features mpi` and run it under mpiexec"
@@ -371,32 +411,132 @@ fn print_observations(observations: &[Observation]) {
     }
 }
 
-/// Sends logs to stderr (filtered by `-v` or RUST_LOG) and, with `--trace`, JSON lines to a
-/// file.
-fn init_logging(verbose: u8, trace: Option<&Path>) -> io::Result<()> {
+/// Sends logs to stderr (filtered by `-v` or RUST_LOG) and, with `--trace`, a Chrome trace to
+/// a file. The trace is written by a thread of its own and completed (the closing `]` of its
+/// JSON array) only when the returned guard is dropped, so main holds the guard to its end.
+fn init_logging(verbose: u8, trace: Option<&Path>) -> io::Result<Option<FlushGuard>> {
     let stderr_filter = match verbose {
         0 => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
         1 => EnvFilter::new("debug"),
         _ => EnvFilter::new("trace"),
     };
-    let stderr = fmt::layer()
+    let stderr = tracing_subscriber::fmt::layer()
         .with_writer(io::stderr)
         .with_thread_names(true)
         .with_filter(stderr_filter);
-    let trace = match trace {
-        Some(path) => Some(
-            fmt::layer()
-                .json()
-                .with_thread_names(true)
-                // Unbuffered, so nothing is lost when the watchdog ends the process early.
-                .with_writer(Mutex::new(File::create(path)?))
-                .with_filter(EnvFilter::new(TRACE_FILTER)),
-        ),
-        None => None,
+    let (trace, guard) = match trace {
+        Some(path) => {
+            let (chrome, guard) = ChromeLayerBuilder::new()
+                // Not `file`, which panics when the file cannot be created.
+                .writer(File::create(path)?)
+                .include_args(true)
+                // Source lines would double the file and mean nothing to someone watching
+                // the protocol.
+                .include_locations(false)
+                .name_fn(Box::new(trace_name))
+                .build();
+            let layer = SpanNames
+                .and_then(chrome)
+                .with_filter(EnvFilter::new(TRACE_FILTER));
+            (Some(layer), Some(guard))
+        }
+        None => (None, None),
     };
     tracing_subscriber::registry()
         .with(stderr)
         .with(trace)
         .init();
-    Ok(())
+    Ok(guard)
+}
+
+/// The name a span or event gets in the trace, so that the timeline reads without opening
+/// every entry: a library operation after what it does (`write int`), one of the scenario's
+/// calls after the call (`read of "int"`), a protocol message after its kind and peer (`send
+/// Grant to 2`), any other event after its message.
+fn trace_name<S>(item: &EventOrSpan<'_, '_, S>) -> String
+where
+    S: Subscriber + for<'a> LookupSpan<'a> + Send + Sync,
+{
+    match item {
+        EventOrSpan::Span(span) => match span.extensions().get::<SpanName>() {
+            Some(SpanName(name)) => name.clone(),
+            None => span.name().to_string(),
+        },
+        EventOrSpan::Event(event) => {
+            let mut fields = Fields::default();
+            event.record(&mut fields);
+            fields
+                .event_name()
+                .unwrap_or_else(|| event.metadata().name().to_string())
+        }
+    }
+}
+
+/// Gives operation and call spans their trace names (`write int`, `read of "int"`) when they
+/// are created: the Chrome layer names a slice only when it is entered, and by then the span's
+/// field values are gone.
+struct SpanNames;
+
+/// A span's trace name, kept with the span.
+struct SpanName(String);
+
+impl<S> Layer<S> for SpanNames
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        let mut fields = Fields::default();
+        attrs.record(&mut fields);
+        if let (Some(name), Some(span)) = (fields.span_name(), ctx.span(id)) {
+            span.extensions_mut().insert(SpanName(name));
+        }
+    }
+}
+
+/// The field values of a span or event, as text, by field name.
+#[derive(Default)]
+struct Fields(BTreeMap<&'static str, String>);
+
+impl Fields {
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0.get(name).map(String::as_str)
+    }
+
+    /// `write int` for the library's operation span (fields `operation` and `object`), the
+    /// call itself for the scenario's call span (field `call`).
+    fn span_name(&self) -> Option<String> {
+        match (self.get("operation"), self.get("object"), self.get("call")) {
+            (Some(operation), Some(object), _) => Some(format!("{operation} {object}")),
+            (_, _, Some(call)) => Some(call.to_string()),
+            _ => None,
+        }
+    }
+
+    /// `send Grant to 2` or `receive Request from 0` for the library's per-message events
+    /// (the kind is the start of the message's `msg` field), else the event's message.
+    fn event_name(&self) -> Option<String> {
+        let message = self.get("message")?;
+        let peer = match message {
+            "send" => self.get("to").map(|to| format!("to {to}")),
+            "receive" => self.get("from").map(|from| format!("from {from}")),
+            _ => None,
+        };
+        Some(match (self.get("msg"), peer) {
+            (Some(msg), Some(peer)) => {
+                let kind = msg.split(|c: char| !c.is_alphanumeric()).next();
+                format!("{message} {} {peer}", kind.unwrap_or(msg))
+            }
+            _ => message.to_string(),
+        })
+    }
+}
+
+impl Visit for Fields {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.insert(field.name(), value.to_string());
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.0.insert(field.name(), format!("{value:?}"));
+    }
 }

@@ -1,11 +1,14 @@
 //! Runs the built `demo` binary the way a user would, including its ZeroMQ modes: node
 //! processes on 127.0.0.1, each bounded in time and killed when a test fails.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
+
+use serde_json::Value;
 
 fn demo(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_demo"))
@@ -66,18 +69,55 @@ fn one_node_is_rejected_with_a_clear_error() {
 }
 
 #[test]
-fn trace_file_holds_json_lines_of_protocol_messages() {
-    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("demo-trace.jsonl");
+fn trace_file_is_a_chrome_trace_of_operations_and_messages() {
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("demo-trace.json");
     assert_coherent(&["--nodes", "2", "--trace", path.to_str().unwrap()]);
-    let trace = std::fs::read_to_string(&path).unwrap();
-    assert!(!trace.is_empty());
-    for line in trace.lines() {
-        assert!(line.starts_with('{') && line.ends_with('}'), "{line}");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let trace: Vec<Value> = serde_json::from_str(&text).expect("the trace is one JSON array");
+    // Thread tracks are named by metadata events; the rest refer to them by id.
+    let tracks: HashMap<u64, &str> = trace
+        .iter()
+        .filter(|e| e["ph"] == "M" && e["name"] == "thread_name")
+        .map(|e| {
+            (
+                e["tid"].as_u64().unwrap(),
+                e["args"]["name"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    let track = |e: &Value| tracks[&e["tid"].as_u64().unwrap()];
+    // Nodes 0 and 1 take turns, node 2 joins late: each has operation slices on its track.
+    for node in 0..3 {
+        let name = format!("node-{node}");
+        // The library's operation spans, not the scenario's calls around them.
+        let on_track = |ph: &str| {
+            let operation = |e: &&Value| e["ph"] == ph && e["args"]["operation"].is_string();
+            trace
+                .iter()
+                .filter(operation)
+                .filter(|e| track(e) == name)
+                .count()
+        };
+        assert!(on_track("B") > 0, "no operation slice on {name}:\n{text}");
+        assert_eq!(on_track("B"), on_track("E"), "unbalanced slices on {name}");
     }
-    assert!(
-        trace.contains(r#""message":"send""#),
-        "no protocol message in the trace"
-    );
+    for (message, peer) in [("send", "to"), ("receive", "from")] {
+        let events: Vec<&Value> = trace
+            .iter()
+            .filter(|e| e["ph"] == "i" && e["args"]["message"] == message)
+            .collect();
+        assert!(!events.is_empty(), "no {message} event:\n{text}");
+        for event in events {
+            let args = &event["args"];
+            assert!(
+                args["node"].is_string() && args[peer].is_string(),
+                "{event}"
+            );
+            assert!(args["msg"].is_string(), "{event}");
+            let name = event["name"].as_str().unwrap();
+            assert!(name.starts_with(message) && name.contains(peer), "{event}");
+        }
+    }
 }
 
 /// A child process that is killed when dropped, so a failing test leaves nothing running.
