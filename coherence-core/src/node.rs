@@ -9,12 +9,13 @@
 //! Network input is taken from the transport and handled by whoever holds the receive turn, so
 //! frames are handled in arrival order. While a user thread waits for its operation it takes
 //! the turn itself and polls the transport: the reply is handled on the thread that wants it,
-//! and the driver thread naps meanwhile. Handing a reply from the driver to a waiting caller
-//! costs a thread hop (a futex wake-up is ~35 us on these VMs, the whole round trip well under
-//! one), and two threads polling on one node leave no core for the peer on a 2-core machine.
-//! After [`Config::spin`] the caller hands the turn back to the driver and sleeps. A polling
-//! caller spins only while the process's polling threads fit its cores, else it yields between
-//! polls (see the `wait` module, which holds every such number).
+//! and the driver thread sleeps meanwhile (whoever waits drives the IO; handing a reply from
+//! the driver to a waiting caller would cost a futex wake-up, longer than the round trip).
+//! After [`Config::spin`] the caller hands the turn back to the driver and sleeps. How every
+//! thread waits is decided in the [`crate::wait`] module.
+//!
+//! A transport that fails, or is closed under the node, stops it: every waiting and later
+//! operation returns [`Error::Transport`] at once.
 
 use std::collections::BTreeMap;
 use std::marker::PhantomData;

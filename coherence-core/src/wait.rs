@@ -9,16 +9,16 @@
 //!   polling threads count themselves and yield once they outnumber the cores, and every
 //!   poll ends after a bounded time in a sleep that costs nothing while idle.
 //!
-//! Each number below carries the one reason it has that value. Transports take what they need
+//! Each number below carries the one reason it has that value; the measurements behind the
+//! reasons are in `docs/BENCHMARKS.md` ("The wait policy"). Transports take what they need
 //! from here (or only block in their own `recv(timeout)`), so there is one place to tune.
 //!
 //! Callers and drivers: a caller waiting for its operation's reply gets it fastest by polling
 //! without giving up its core. That only pays while every polling thread has a core of its
-//! own. With 4 nodes and a caller each on 2 cores, callers that always spun kept the drivers
-//! they waited for off the cores until the scheduler's tick: a write took about a millisecond,
-//! and the 90 %-read mix ran at 40 k ops/s instead of 0.9 M. So the process counts its polling
-//! threads (callers and drivers) in a [`Budget`], and a caller spins only while they fit the
-//! cores. Drivers always yield between polls: they poll for long stretches after traffic, and
+//! own: with more polling threads than cores, callers that always spun kept the drivers they
+//! waited for off the cores until the scheduler's tick, and writes took milliseconds. So the
+//! process counts its polling threads (callers and drivers) in a [`Budget`], and a caller
+//! spins only while they fit the cores. Drivers always yield between polls: they poll for long stretches after traffic, and
 //! threads of other processes (peers on the same machine) may need the core meanwhile.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -29,21 +29,18 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 /// Default of [`crate::Config::spin`]: how long a caller polls for its reply before it sleeps,
-/// and how long a driver keeps polling after traffic. With 50 us, writes alternating between
-/// two nodes fell into the wake-up path in about half the runs (25 us instead of 6.5 us);
-/// 200 us never did.
+/// and how long a driver keeps polling after traffic. A quarter of it let writes alternating
+/// between two nodes fall into the wake-up path in about half the runs; this never did.
 pub const CALLER_POLL: Duration = Duration::from_micros(200);
 
 /// Default of [`crate::Config::poll_interval`]: the longest a driver blocks in the transport
 /// before it looks whether it should leave or stop; bounds the extra time `shutdown` takes.
 pub const DRIVER_BLOCK: Duration = Duration::from_millis(10);
 
-/// How long a driver stays runnable (yielding) while callers poll: not at all. A driver that
-/// yielded beside a polling caller kept a core from the peer process the caller waits for: an
-/// MPI write with spread tokens (2 ranks, 2 cores) took 9 us that way and 4.8 us with the
-/// driver asleep at once, though the last poller then pays a wake-up to hand the driver back
-/// its turn.
-pub(crate) const DRIVER_YIELDS_FOR: Duration = Duration::ZERO;
+/// How long a driver stays runnable (yielding) while callers poll: a quick operation ends
+/// before this, and the driver takes over without being woken, which would cost the caller a
+/// futex wake-up on every operation (in-process writes took about twice as long with none).
+pub(crate) const DRIVER_YIELDS_FOR: Duration = Duration::from_micros(50);
 
 /// How long a driver then sleeps at a time while callers still poll; the last poller wakes it,
 /// so this only bounds a lost wake-up.
