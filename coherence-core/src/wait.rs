@@ -74,6 +74,19 @@ pub const KEEPER_LOOK: Duration = Duration::from_millis(5);
 /// How long a keeper drives at a time before it looks again whether a thread wants to drive.
 pub const KEEPER_SLICE: Duration = Duration::from_millis(50);
 
+/// How often a joiner repeats its request until it is welcomed (a request can be lost when
+/// the member it asked dies while it is in flight): a few times a second finds a new member
+/// soon without flooding a cluster that is busy admitting.
+pub const JOIN_RETRY: Duration = Duration::from_millis(500);
+
+/// First delay before reconnecting a broken connection; doubles up to [`RECONNECT_MAX`]. Short
+/// enough that a restarted peer is found at once, long enough not to spin on a dead address.
+pub const RECONNECT_MIN: Duration = Duration::from_millis(20);
+
+/// Longest delay between reconnection attempts: bounds how long a peer that came back waits
+/// to be noticed.
+pub const RECONNECT_MAX: Duration = Duration::from_secs(1);
+
 /// How many times a zero-timeout receive lets an async runtime run what became ready: a frame
 /// that arrived needs two rounds (one wakes the socket's reader, the next passes it on).
 pub const RUNTIME_ROUNDS: usize = 2;

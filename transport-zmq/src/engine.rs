@@ -23,14 +23,8 @@ use zeromq::{
 
 use crate::wire::{Codec, Header, Hello, Join, Kind, MemberInfo, Reject, Welcome, NO_ID};
 use crate::{ZmqError, ZmqStats};
+use coherence_core::wait;
 
-/// How often a joiner repeats its request until it is welcomed (a request can be lost when
-/// the coordinator dies while it is in flight).
-const JOIN_RETRY: Duration = Duration::from_millis(500);
-/// First delay before reconnecting a broken DEALER; doubles up to [`MAX_BACKOFF`].
-const MIN_BACKOFF: Duration = Duration::from_millis(20);
-/// Longest delay between reconnection attempts.
-const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// A receiver acknowledges at least every this many delivered frames, so a one-way stream
 /// does not make the sender buffer frames for a whole heartbeat period.
 const ACK_EVERY: u64 = 64;
@@ -319,7 +313,7 @@ impl Peer {
             addr,
             incarnation,
             link,
-            backoff: MIN_BACKOFF,
+            backoff: wait::RECONNECT_MIN,
             next_seq: 1,
             unacked: VecDeque::new(),
             last_progress: now,
@@ -489,7 +483,7 @@ impl Engine {
                     contact,
                     link,
                     deadline: now + self.join_timeout,
-                    next_try: now + JOIN_RETRY,
+                    next_try: now + wait::JOIN_RETRY,
                     started,
                     stash: Vec::new(),
                 });
@@ -1007,7 +1001,7 @@ impl Engine {
                     return;
                 };
                 peer.link = Link::Up { epoch, send, _task };
-                peer.backoff = MIN_BACKOFF;
+                peer.backoff = wait::RECONNECT_MIN;
                 let hello = Hello {
                     target: id,
                     target_incarnation: peer.incarnation,
@@ -1059,7 +1053,7 @@ impl Engine {
                         peer.link = Link::Down {
                             retry_at: now + peer.backoff,
                         };
-                        peer.backoff = (peer.backoff * 2).min(MAX_BACKOFF);
+                        peer.backoff = (peer.backoff * 2).min(wait::RECONNECT_MAX);
                     }
                 }
             }
@@ -1070,7 +1064,7 @@ impl Engine {
                 if let Some(joining) = &mut self.joining {
                     if joining.link.epoch() == Some(epoch) {
                         joining.link = Link::Down {
-                            retry_at: now + JOIN_RETRY,
+                            retry_at: now + wait::JOIN_RETRY,
                         };
                     }
                 }
@@ -1091,7 +1085,7 @@ impl Engine {
         };
         let frame = self.codec.encode(header, &join.encode());
         if let Some(joining) = &mut self.joining {
-            joining.link.transmit(frame, JOIN_RETRY).await;
+            joining.link.transmit(frame, wait::JOIN_RETRY).await;
         }
     }
 
@@ -1162,7 +1156,7 @@ impl Engine {
                     }
                 }
             } else if now >= joining.next_try {
-                joining.next_try = now + JOIN_RETRY;
+                joining.next_try = now + wait::JOIN_RETRY;
                 self.send_join_request().await;
             }
             return Flow::Continue;
