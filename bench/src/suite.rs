@@ -21,7 +21,6 @@ pub const MIX_NODES: [usize; 2] = [2, 4];
 pub const STEPS: u64 = (3
     + SIZES.len()
     + NODE_COUNTS.len() * 2 * SIZES.len() * 2
-    + 2 * 2
     + SIZES.len()
     + MIX_NODES.len() * 3 * MIXES.len()) as u64;
 
@@ -55,7 +54,7 @@ pub fn run(net: Net, plan: &Plan, progress: &Progress) -> TransportReport {
     }
     remeasure_floors(net, plan, progress, &mut report);
     report.relate_to_floor();
-    report.relate_to_central();
+    report.relate_to_baselines();
     report
 }
 
@@ -149,28 +148,6 @@ fn write_latencies(
             }
         }
     }
-    // Diagnostic (local only): 2 nodes whose transport receivers do not busy-poll.
-    for policy in Policy::BOTH {
-        let Some(endpoints) = net.parked_endpoints(2) else {
-            break;
-        };
-        let config = Config::default().write_policy(policy.write_policy());
-        let result = Cluster::start(endpoints, &config).and_then(|cluster| {
-            let figures = latencies::<u64>(net, &cluster, policy, 8, plan, progress);
-            let shutdown = cluster.shutdown();
-            let figures = figures?;
-            shutdown?;
-            report.writes.extend(
-                figures
-                    .into_iter()
-                    .map(|w| WriteLatency { parked: true, ..w }),
-            );
-            Ok(())
-        });
-        if let Err(e) = result {
-            errors.push(format!("2 nodes without spin, {}: {e}", policy.name()));
-        }
-    }
     if errors.is_empty() {
         Ok(())
     } else {
@@ -203,7 +180,6 @@ fn latencies<V: Payload>(
             policy,
             op,
             size_bytes: size,
-            parked: false,
             latency: measure::write_latency(&objs, size, policy, op, plan.latency)?,
             discarded: 0,
             floor_ns: None,
@@ -248,16 +224,8 @@ fn mixed(
     report: &mut TransportReport,
 ) -> Result<(), String> {
     let mut errors = Vec::new();
-    let figure = |nodes, system, read_pct, (per_node, secs): (Vec<f64>, f64)| Mixed {
-        nodes,
-        system,
-        read_pct,
-        secs,
-        total: per_node.iter().sum(),
-        min: per_node.iter().copied().fold(f64::INFINITY, f64::min),
-        per_node,
-        vs_central: None,
-        min_vs_central: None,
+    let figure = |nodes, system, read_pct, (per_node, secs): (Vec<f64>, f64)| {
+        Mixed::new(nodes, system, read_pct, per_node, secs)
     };
     for n in MIX_NODES {
         for (policy, system) in [

@@ -34,7 +34,7 @@ pub struct Central {
 impl Central {
     /// Starts the server on `endpoints[0]`; the others are clients.
     pub fn start(endpoints: Vec<Endpoint>) -> Result<Central, String> {
-        let mut transports = endpoints.into_iter().map(|e| e.transport);
+        let mut transports = endpoints.into_iter();
         let server_transport: Arc<dyn Transport> =
             Arc::from(transports.next().ok_or("no server endpoint")?);
         let clients: Vec<Box<dyn Transport>> = transports.collect();

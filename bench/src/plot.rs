@@ -95,7 +95,7 @@ pub fn latency_vs_nodes(dir: &Path, report: &TransportReport) -> Result<(), Stri
             let points: Vec<(f64, f64)> = report
                 .writes
                 .iter()
-                .filter(|w| w.policy == policy && w.op == op && w.size_bytes == 8 && !w.parked)
+                .filter(|w| w.policy == policy && w.op == op && w.size_bytes == 8)
                 .map(|w| (w.nodes as f64, w.latency.typical_ns() / 1e3))
                 .collect();
             if !points.is_empty() {
@@ -110,7 +110,7 @@ pub fn latency_vs_nodes(dir: &Path, report: &TransportReport) -> Result<(), Stri
     let (min, max) = nodes
         .iter()
         .fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
-    if let Some(floor) = report.floor_ns(8, false) {
+    if let Some(floor) = report.floor_ns(8) {
         series.push((
             "raw round trip (floor)".into(),
             vec![(min, floor / 1e3), (max, floor / 1e3)],
@@ -137,7 +137,7 @@ pub fn throughput_vs_read_share(dir: &Path, report: &TransportReport) -> Result<
     counts.sort_unstable();
     counts.dedup();
     for nodes in counts {
-        for system in [System::Update, System::Invalidate, System::Central] {
+        for system in System::ALL {
             let points: Vec<(f64, f64)> = report
                 .mixed
                 .iter()

@@ -98,7 +98,6 @@ fn floors(
         let trip = RoundTrip {
             size_bytes: size,
             mode: "raw zmq.rs, ROUTER/DEALER between the two processes".into(),
-            parked: false,
             latency,
         };
         merge_round_trips(&mut two.round_trips, vec![trip]);
@@ -185,7 +184,6 @@ fn latencies<V: Payload>(
             policy,
             op,
             size_bytes: size,
-            parked: false,
             latency,
             discarded: 0,
             floor_ns: None,

@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use coherence_core::protocol::{Event, OpId, Protocol};
+use coherence_core::protocol::{Event, OpId, Output, Protocol};
 use coherence_core::wire::{self, Init, Message};
 use coherence_core::NodeId;
 
@@ -56,12 +56,13 @@ impl Pair {
     /// Applies `node`'s events (noting completions) and puts its messages on the wire, one
     /// frame per destination, as the driver does.
     fn flush(&mut self, node: usize) {
-        for event in self.nodes[node].take_events() {
-            if let Event::Completed { op, .. } = event {
-                self.completed.push(op);
+        while let Some(output) = self.nodes[node].poll_output() {
+            match output {
+                Output::Event(Event::Completed { op, .. }) => self.completed.push(op),
+                Output::Event(_) => {}
+                Output::Send { to, message } => self.outbox.push((to, message)),
             }
         }
-        self.outbox.extend(self.nodes[node].take_sends());
         for batch in wire::batches_by_destination(&mut self.outbox) {
             let frame = wire::encode(batch.iter().map(|(_, message)| message));
             self.in_flight

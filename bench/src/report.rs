@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use coherence_core::WritePolicy;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Value sizes every size-dependent figure is measured at, in bytes.
 pub const SIZES: [usize; 3] = [8, 4 << 10, 1 << 20];
@@ -100,8 +100,9 @@ impl Op {
     }
 }
 
-/// Latency statistics of one operation over many samples, in nanoseconds.
-#[derive(Debug, Clone, Serialize)]
+/// Latency statistics of one operation over many samples, in nanoseconds. (Deserialized
+/// too: MPI ranks send their figures to rank 0 as JSON.)
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Latency {
     /// Number of timed operations.
     pub samples: usize,
@@ -134,18 +135,6 @@ impl Latency {
         })
     }
 
-    /// Statistics known only as a mean over `samples` operations.
-    #[cfg(feature = "mpi")]
-    pub fn mean_only(samples: usize, mean: Duration) -> Latency {
-        Latency {
-            samples,
-            median_ns: None,
-            mean_ns: mean.as_nanos() as f64,
-            p99_ns: None,
-            worst_pass_ns: None,
-        }
-    }
-
     /// The median, or the mean when only that is known: the figure ratios compare.
     pub fn typical_ns(&self) -> f64 {
         self.median_ns.unwrap_or(self.mean_ns)
@@ -157,10 +146,8 @@ impl Latency {
 pub struct RoundTrip {
     /// Frame size.
     pub size_bytes: usize,
-    /// How it was measured (e.g. spinning or parked receivers, `MPI_Send`/`MPI_Recv`).
+    /// How it was measured (e.g. threads of one process, `MPI_Send`/`MPI_Recv`).
     pub mode: String,
-    /// Whether receivers skip the transport's busy-poll (`LocalTransport::with_spin(ZERO)`).
-    pub parked: bool,
     /// Round-trip time.
     pub latency: Latency,
 }
@@ -209,9 +196,6 @@ pub struct WriteLatency {
     pub op: Op,
     /// Value size.
     pub size_bytes: usize,
-    /// Whether every transport receiver skips its busy-poll (`with_spin(0)`, a local
-    /// diagnostic: a waiting driver thread then never holds a core another thread needs).
-    pub parked: bool,
     /// Latency of the operation.
     pub latency: Latency,
     /// Samples thrown away because the writer already held every token (MPI only).
@@ -248,9 +232,11 @@ pub struct OwnedWrite {
     pub ns_per_write: f64,
     /// Mean nanoseconds per write over all batches.
     pub mean_ns_per_write: f64,
-    /// Protocol messages all nodes sent meanwhile (`Node::stats().messages_sent`).
+    /// Protocol messages the nodes sent meanwhile (`Node::stats().messages_sent`; on MPI,
+    /// the writer's node).
     pub messages_sent: u64,
-    /// Frames all transports sent meanwhile (e.g. `LocalTransport::frames_sent`).
+    /// Frames the nodes handed to their transports meanwhile (`Node::stats().frames_sent`;
+    /// on MPI, the writer's node).
     pub frames_sent: u64,
 }
 
@@ -264,16 +250,34 @@ pub enum System {
     Invalidate,
     /// The central-server baseline.
     Central,
+    /// MPI only: an MPI-3 RMA window of 8 bytes on rank 0 that every rank reads and writes
+    /// one-sided.
+    #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+    Rma,
 }
 
 impl System {
+    /// Every system, in the order of tables and plots.
+    pub const ALL: [System; 4] = [
+        System::Update,
+        System::Invalidate,
+        System::Central,
+        System::Rma,
+    ];
+
     /// The label in tables and plots.
     pub fn label(self) -> &'static str {
         match self {
             System::Update => "ours, update",
             System::Invalidate => "ours, invalidate",
             System::Central => "central server",
+            System::Rma => "MPI RMA window",
         }
+    }
+
+    /// Whether this is the library (not a baseline).
+    fn is_ours(self) -> bool {
+        matches!(self, System::Update | System::Invalidate)
     }
 }
 
@@ -281,7 +285,9 @@ impl System {
 /// 8-byte object, for a fixed time.
 #[derive(Debug, Clone, Serialize)]
 pub struct Mixed {
-    /// Nodes running the workload (the central server's own endpoint is not counted).
+    /// Nodes running the workload, one worker each; the central server's own endpoint is not
+    /// counted. On MPI: the ranks of the world, one node each, except that under the central
+    /// server rank 0 serves and runs no worker (`per_node` then lists its clients).
     pub nodes: usize,
     /// What ran it.
     pub system: System,
@@ -299,6 +305,68 @@ pub struct Mixed {
     pub vs_central: Option<f64>,
     /// The slowest node's rate over the central server's slowest node (ours only).
     pub min_vs_central: Option<f64>,
+    /// Total over the RMA window's total at the same mix (ours on MPI only).
+    pub vs_rma: Option<f64>,
+    /// The slowest node's rate over the RMA window's slowest rank (ours on MPI only).
+    pub min_vs_rma: Option<f64>,
+}
+
+impl Mixed {
+    /// The figure of `system` at `read_pct` % reads from each node's rate, over `secs`.
+    pub fn new(
+        nodes: usize,
+        system: System,
+        read_pct: u32,
+        per_node: Vec<f64>,
+        secs: f64,
+    ) -> Mixed {
+        Mixed {
+            nodes,
+            system,
+            read_pct,
+            secs,
+            total: per_node.iter().sum(),
+            min: per_node.iter().copied().fold(f64::INFINITY, f64::min),
+            per_node,
+            vs_central: None,
+            min_vs_central: None,
+            vs_rma: None,
+            min_vs_rma: None,
+        }
+    }
+}
+
+/// A one-sided remote access of an MPI-3 RMA window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RmaOp {
+    /// `MPI_Win_lock(MPI_LOCK_SHARED)`, `MPI_Get`, `MPI_Win_unlock`.
+    Read,
+    /// `MPI_Win_lock(MPI_LOCK_EXCLUSIVE)`, `MPI_Put`, `MPI_Win_unlock`.
+    Write,
+}
+
+impl RmaOp {
+    /// How the access is made.
+    pub fn how(self) -> &'static str {
+        match self {
+            RmaOp::Read => "lock shared, MPI_Get, unlock",
+            RmaOp::Write => "lock exclusive, MPI_Put, unlock",
+        }
+    }
+}
+
+/// Latency of one-sided accesses of rank 1 to a window on rank 0 (MPI, 2 ranks): the remote
+/// access MPI itself offers, for comparison with ours.
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RmaLatency {
+    /// The access.
+    pub op: RmaOp,
+    /// Bytes read or written (the whole window).
+    pub size_bytes: usize,
+    /// Time per access, epoch included.
+    pub latency: Latency,
 }
 
 /// ZeroMQ between two OS processes (this one and a child it starts): the raw zmq.rs floor and
@@ -316,6 +384,8 @@ pub struct TwoProcesses {
 pub struct TransportReport {
     /// `local`, `zmq` or `mpi`.
     pub transport: String,
+    /// MPI only: the ranks in the world, one node each.
+    pub ranks: Option<usize>,
     /// Raw round trips, the floors.
     pub round_trips: Vec<RoundTrip>,
     /// Read hits.
@@ -326,7 +396,9 @@ pub struct TransportReport {
     pub writes: Vec<WriteLatency>,
     /// Writes holding every token.
     pub owned_writes: Vec<OwnedWrite>,
-    /// Mixed workloads, ours and the central server.
+    /// MPI only, at 2 ranks: one-sided accesses of an RMA window.
+    pub rma_latency: Vec<RmaLatency>,
+    /// Mixed workloads: ours, the central server and (MPI) the RMA window.
     pub mixed: Vec<Mixed>,
     /// ZeroMQ only: the floor and the writes between two processes, which the acceptance
     /// ratio of writes uses.
@@ -335,19 +407,19 @@ pub struct TransportReport {
     pub errors: Vec<String>,
 }
 
-/// The first round trip in `trips` of a frame of `size_bytes` with receivers that spin (or
-/// park).
-fn floor_ns(trips: &[RoundTrip], size_bytes: usize, parked: bool) -> Option<f64> {
+/// The first round trip in `trips` of a frame of `size_bytes`: the raw one, which every
+/// transport's report lists first.
+fn floor_ns(trips: &[RoundTrip], size_bytes: usize) -> Option<f64> {
     trips
         .iter()
-        .find(|r| r.size_bytes == size_bytes && r.parked == parked)
+        .find(|r| r.size_bytes == size_bytes)
         .map(|r| r.latency.typical_ns())
 }
 
 /// Fills `floor_ns` and `vs_floor` of `writes` from the round trips measured with them.
 pub fn relate_to_floor(writes: &mut [WriteLatency], trips: &[RoundTrip]) {
     for w in writes {
-        w.floor_ns = floor_ns(trips, w.size_bytes, w.parked);
+        w.floor_ns = floor_ns(trips, w.size_bytes);
         w.vs_floor = w.floor_ns.map(|f| w.latency.typical_ns() / f);
     }
 }
@@ -356,9 +428,9 @@ pub fn relate_to_floor(writes: &mut [WriteLatency], trips: &[RoundTrip]) {
 /// better pass counts, and the worse worst pass shows the noise; new rows are added.
 pub fn merge_round_trips(trips: &mut Vec<RoundTrip>, again: Vec<RoundTrip>) {
     for again in again {
-        let same = trips.iter_mut().find(|t| {
-            t.size_bytes == again.size_bytes && t.mode == again.mode && t.parked == again.parked
-        });
+        let same = trips
+            .iter_mut()
+            .find(|t| t.size_bytes == again.size_bytes && t.mode == again.mode);
         let Some(trip) = same else {
             trips.push(again);
             continue;
@@ -388,9 +460,9 @@ pub struct Verdict {
 }
 
 impl TransportReport {
-    /// The floor of a frame of `size_bytes` with receivers that spin (or park).
-    pub fn floor_ns(&self, size_bytes: usize, parked: bool) -> Option<f64> {
-        floor_ns(&self.round_trips, size_bytes, parked)
+    /// The floor of a frame of `size_bytes`.
+    pub fn floor_ns(&self, size_bytes: usize) -> Option<f64> {
+        floor_ns(&self.round_trips, size_bytes)
     }
 
     /// Fills `floor_ns` and `vs_floor` of the latency figures from the round trips.
@@ -398,25 +470,29 @@ impl TransportReport {
         relate_to_floor(&mut self.writes, &self.round_trips);
     }
 
-    /// Fills the ratios of our mixed figures to the central server's at the same mix.
-    pub fn relate_to_central(&mut self) {
-        let central: Vec<Mixed> = self
+    /// Fills the ratios of our mixed figures to the central server's and the RMA window's at
+    /// the same mix and node count.
+    pub fn relate_to_baselines(&mut self) {
+        let baselines: Vec<Mixed> = self
             .mixed
             .iter()
-            .filter(|m| m.system == System::Central)
+            .filter(|m| !m.system.is_ours())
             .cloned()
             .collect();
-        for m in self
-            .mixed
-            .iter_mut()
-            .filter(|m| m.system != System::Central)
-        {
-            if let Some(c) = central
+        let find = |m: &Mixed, system: System| {
+            baselines
                 .iter()
-                .find(|c| c.nodes == m.nodes && c.read_pct == m.read_pct)
-            {
-                m.vs_central = Some(m.total / c.total);
-                m.min_vs_central = Some(m.min / c.min);
+                .find(|b| b.system == system && b.nodes == m.nodes && b.read_pct == m.read_pct)
+                .map(|b| (m.total / b.total, m.min / b.min))
+        };
+        for m in self.mixed.iter_mut().filter(|m| m.system.is_ours()) {
+            if let Some((total, min)) = find(m, System::Central) {
+                m.vs_central = Some(total);
+                m.min_vs_central = Some(min);
+            }
+            if let Some((total, min)) = find(m, System::Rma) {
+                m.vs_rma = Some(total);
+                m.min_vs_rma = Some(min);
             }
         }
     }
@@ -469,11 +545,7 @@ impl TransportReport {
             .map_or(&self.writes, |two| &two.writes);
         for policy in Policy::BOTH {
             let write = writes.iter().find(|w| {
-                w.nodes == 2
-                    && w.policy == policy
-                    && w.op == Op::Write
-                    && w.size_bytes == 8
-                    && !w.parked
+                w.nodes == 2 && w.policy == policy && w.op == Op::Write && w.size_bytes == 8
             });
             let pair = write.and_then(|w| w.vs_floor.map(|r| (w, r)));
             let criterion = if self.two_processes.is_some() {
@@ -560,6 +632,20 @@ impl TransportReport {
     pub fn markdown(&self) -> String {
         let mut s = String::new();
         let _ = writeln!(s, "## Transport: {}\n", self.transport);
+        if let Some(ranks) = self.ranks {
+            let _ = write!(
+                s,
+                "{ranks} MPI ranks, one node each. The central server is rank 0; its rows list \
+                 the other ranks, its clients."
+            );
+            if ranks != 2 {
+                let _ = write!(
+                    s,
+                    " Latency figures need exactly 2 ranks: `mpiexec -n 2` measures them."
+                );
+            }
+            s.push_str("\n\n");
+        }
         if !self.round_trips.is_empty() {
             let _ = writeln!(s, "### Raw round trip (the floor)\n");
             round_trip_table(&mut s, &self.round_trips);
@@ -629,19 +715,29 @@ impl TransportReport {
             }
             s.push('\n');
         }
+        if !self.rma_latency.is_empty() {
+            self.rma_markdown(&mut s);
+        }
         if !self.mixed.is_empty() {
             let _ = writeln!(
                 s,
                 "### Mixed workloads (one thread per node, 8 B object), ops/s\n"
             );
+            let rma = self.mixed.iter().any(|m| m.system == System::Rma);
             let _ = writeln!(
                 s,
-                "| nodes | reads | system | per node | total | slowest node | total / central | slowest / central |"
+                "| nodes | reads | system | per node | total | slowest node | total / central | slowest / central |{}",
+                if rma { " total / RMA | slowest / RMA |" } else { "" }
             );
-            let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+            let _ = writeln!(
+                s,
+                "|---|---|---|---|---|---|---|---|{}",
+                if rma { "---|---|" } else { "" }
+            );
+            let ratio = |r: Option<f64>| r.map_or("-".into(), |r| format!("{r:.1}x"));
             for m in &self.mixed {
                 let per_node: Vec<String> = m.per_node.iter().map(|&r| rate_label(r)).collect();
-                let _ = writeln!(
+                let _ = write!(
                     s,
                     "| {} | {} % | {} | {} | {} | {} | {} | {} |",
                     m.nodes,
@@ -650,9 +746,13 @@ impl TransportReport {
                     per_node.join(", "),
                     rate_label(m.total),
                     rate_label(m.min),
-                    m.vs_central.map_or("-".into(), |r| format!("{r:.1}x")),
-                    m.min_vs_central.map_or("-".into(), |r| format!("{r:.1}x"))
+                    ratio(m.vs_central),
+                    ratio(m.min_vs_central)
                 );
+                if rma {
+                    let _ = write!(s, " {} | {} |", ratio(m.vs_rma), ratio(m.min_vs_rma));
+                }
+                s.push('\n');
             }
             s.push('\n');
         }
@@ -680,6 +780,67 @@ impl TransportReport {
             s.push('\n');
         }
         s
+    }
+}
+
+impl TransportReport {
+    /// The table of RMA window accesses next to ours, followed by a blank line.
+    fn rma_markdown(&self, s: &mut String) {
+        let _ = writeln!(
+            s,
+            "### One-sided access to an MPI RMA window vs ours (2 ranks)\n\n\
+             Rank 1 reads or writes a window on rank 0, one lock epoch per access. Ours: the \
+             same access through a `DistObj` (a read hit on 1 thread; a write while the other \
+             rank holds a token).\n"
+        );
+        let _ = writeln!(
+            s,
+            "| access | value | RMA median | RMA p99 | samples | ours | ours typical | ours / RMA |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+        for r in &self.rma_latency {
+            let ours: Vec<(String, f64)> = match r.op {
+                RmaOp::Read => self
+                    .read_hits
+                    .iter()
+                    .filter(|h| h.size_bytes == r.size_bytes && h.threads == 1)
+                    .map(|h| ("read hit, mean".to_string(), h.ours_ns))
+                    .collect(),
+                RmaOp::Write => self
+                    .writes
+                    .iter()
+                    .filter(|w| w.size_bytes == r.size_bytes && w.op == Op::Write && w.nodes == 2)
+                    .map(|w| {
+                        (
+                            format!("write, {} policy, median", w.policy.name()),
+                            w.latency.typical_ns(),
+                        )
+                    })
+                    .collect(),
+            };
+            let rma_ns = r.latency.typical_ns();
+            let row = |s: &mut String, ours: &str, ours_ns: Option<f64>| {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                    r.op.how(),
+                    size_label(r.size_bytes),
+                    opt_ns(r.latency.median_ns),
+                    opt_ns(r.latency.p99_ns),
+                    r.latency.samples,
+                    ours,
+                    opt_ns(ours_ns),
+                    ours_ns.map_or("-".into(), |o| format!("{:.2}x", o / rma_ns))
+                );
+            };
+            if ours.is_empty() {
+                row(s, "not measured", None);
+            }
+            for (what, ns) in ours {
+                row(s, &what, Some(ns));
+            }
+        }
+        s.push('\n');
     }
 }
 
@@ -711,19 +872,18 @@ fn round_trip_table(s: &mut String, trips: &[RoundTrip]) {
 fn write_table(s: &mut String, writes: &[WriteLatency]) {
     let _ = writeln!(
         s,
-        "| nodes | policy | op | value | receivers | median | mean | p99 | samples | worst pass median | median / raw RTT |"
+        "| nodes | policy | op | value | median | mean | p99 | samples | worst pass median | median / raw RTT |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
     for w in writes {
         let l = &w.latency;
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             w.nodes,
             w.policy.name(),
             w.op.name(),
             size_label(w.size_bytes),
-            if w.parked { "no spin" } else { "spin" },
             opt_ns(l.median_ns),
             ns_label(l.mean_ns),
             opt_ns(l.p99_ns),

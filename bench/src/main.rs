@@ -2,17 +2,21 @@
 //! figure next to its baseline, measured in one run on one machine.
 //!
 //! ```text
-//! cargo run --release -p demo --bin bench -- [--quick] [--out DIR] [--transport local|zmq|mpi|all]
+//! cargo run --release -p bench -- [--quick] [--out DIR] [--transport local|zmq|all]
+//! MPICC=mpicc.mpich cargo build --release -p bench --features mpi
+//! mpiexec -n 2 target/release/bench --transport mpi [--quick]   # or -n 4
 //! ```
 //!
 //! Per transport: the raw round trip (the floor); read hits against `RwLock<Arc<T>>` with 1 and
 //! 2 threads; write and update latency with spread tokens on 2, 4 and 8 nodes under both write
-//! policies; writes by a node holding every token (messages counted); mixed workloads against
-//! a central server built on the raw transport; value sizes 8 B, 4 KiB and 1 MiB. ZeroMQ also
-//! runs between two processes (this one starts the second): the raw zmq.rs round trip between
-//! them and write latency with spread tokens, which the acceptance ratio uses. MPI (a build
-//! with `--features mpi`, under `mpiexec -n 2`) measures what 2 ranks can: the raw MPI
-//! round trip, read hits, write latency and writes holding every token.
+//! policies; writes by a node holding every token (messages and frames counted by the nodes);
+//! mixed workloads against a central server built on the raw transport; value sizes 8 B,
+//! 4 KiB and 1 MiB. ZeroMQ also runs between two processes (this one starts the second): the
+//! raw zmq.rs round trip between them and write latency with spread tokens, which the
+//! acceptance ratio uses. MPI runs one node per rank and owns MPI itself, so that raw MPI and
+//! an MPI-3 RMA window are measured in the same run (see `mpi/mod.rs`): at 2 ranks the
+//! latencies (raw round trip, RMA reads and writes, ours), at any size the mixed workloads of
+//! ours, the RMA window and a central server on plain MPI.
 //! Once per run, the protocol's own CPU time per write (two state machines on one thread,
 //! no transport): with a floor whose receivers spin, the lowest latency a write could have,
 //! printed next to the write ratios of local and MPI.
@@ -56,7 +60,7 @@ struct Args {
     out: PathBuf,
 
     /// Transport(s) to measure. `all` is local and zmq; MPI runs on its own, under
-    /// `mpiexec -n 2`, in a build with `--features mpi`.
+    /// `mpiexec -n 2` (or `-n 4`), in a build with `--features mpi`.
     #[arg(long, value_enum, default_value_t = Which::All)]
     transport: Which,
 
@@ -73,7 +77,7 @@ enum Which {
     Local,
     /// ZeroMQ over TCP loopback: all endpoints in this process, then two processes.
     Zmq,
-    /// MPI, one node per rank (2 ranks).
+    /// MPI, one node per rank (2 ranks for every figure, or 4).
     Mpi,
     /// Local and zmq.
     All,
@@ -358,8 +362,8 @@ fn measure_mpi(plan: &Plan, quick: bool) -> Result<Option<TransportReport>, Stri
 #[cfg(not(feature = "mpi"))]
 fn measure_mpi(_plan: &Plan, _quick: bool) -> Result<Option<TransportReport>, String> {
     Err("this bench was built without MPI support: build it with \
-         `cargo build --release -p demo --features mpi --bin bench` and run it under \
-         `mpiexec -n 2`"
+         `cargo build --release -p bench --features mpi` and run it under `mpiexec -n 2` \
+         (or `-n 4`)"
         .to_string())
 }
 

@@ -1,12 +1,10 @@
-//! The transports under test: building clusters of endpoints, counting their frames, the raw
-//! ping-pong floor, and clusters of started nodes.
+//! The transports under test: building clusters of endpoints, the raw ping-pong floor, and
+//! clusters of started nodes.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use coherence_core::{Config, Node, NodeId, Transport, TransportEvent};
-use transport_local::LocalTransport;
 use transport_zmq::{ZmqConfig, ZmqTransport};
 
 use crate::report::{Latency, RoundTrip};
@@ -15,16 +13,8 @@ use crate::Budget;
 /// How long a raw receive may wait for a frame before the measurement gives up.
 pub const RECV_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Reads how many frames one endpoint's transport has sent.
-pub type FrameProbe = Box<dyn Fn() -> u64 + Send + Sync>;
-
-/// One endpoint, ready for `Node::start` or raw use, with its frame counter.
-pub struct Endpoint {
-    /// The transport.
-    pub transport: Box<dyn Transport>,
-    /// Its own count of frames sent.
-    pub frames_sent: FrameProbe,
-}
+/// One endpoint, ready for `Node::start` or raw use.
+pub type Endpoint = Box<dyn Transport>;
 
 /// A transport that builds clusters inside this process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,22 +42,12 @@ impl Net {
         match self {
             Net::Local => Ok(transport_local::cluster(n)
                 .into_iter()
-                .map(|t| local_endpoint(Arc::new(t)))
+                .map(|t| Box::new(t) as Endpoint)
                 .collect()),
-            Net::Zmq => zmq_cluster(n).map(|ts| ts.into_iter().map(zmq_endpoint).collect()),
+            Net::Zmq => {
+                zmq_cluster(n).map(|ts| ts.into_iter().map(|t| Box::new(t) as Endpoint).collect())
+            }
         }
-    }
-
-    /// `n` local endpoints whose receivers do not busy-poll (`with_spin(0)`: only
-    /// crossbeam's own brief backoff before parking), so a waiting thread never holds a core
-    /// another thread needs. `None` for other transports.
-    pub fn parked_endpoints(self, n: usize) -> Option<Vec<Endpoint>> {
-        (self == Net::Local).then(|| {
-            transport_local::cluster(n)
-                .into_iter()
-                .map(|t| local_endpoint(Arc::new(t.with_spin(Duration::ZERO))))
-                .collect()
-        })
     }
 
     /// The raw round trips of this transport: frames through `send`/`recv` between two
@@ -79,33 +59,14 @@ impl Net {
                 for &size in sizes {
                     let [a, b] = pair(transport_local::cluster(2))?;
                     let latency = ping_pong(&a, &b, size, budget)?;
-                    out.push(trip(size, "send/recv, receivers spin", false, latency));
+                    out.push(trip(size, "send/recv, threads of one process", latency));
                 }
-                // The same with receivers that do not busy-poll before they park.
-                let [a, b] = pair(
-                    transport_local::cluster(2)
-                        .into_iter()
-                        .map(|t| t.with_spin(Duration::ZERO))
-                        .collect(),
-                )?;
-                let latency = ping_pong(&a, &b, 8, budget)?;
-                out.push(trip(
-                    8,
-                    "send/recv, no transport spin (with_spin(0))",
-                    true,
-                    latency,
-                ));
             }
             Net::Zmq => {
                 let [a, b] = pair(zmq_cluster(2)?)?;
                 for &size in sizes {
                     let latency = ping_pong(&a, &b, size, budget)?;
-                    out.push(trip(
-                        size,
-                        "send/recv, threads of one process",
-                        false,
-                        latency,
-                    ));
+                    out.push(trip(size, "send/recv, threads of one process", latency));
                 }
                 // Each close waits for the other's acknowledgement: close both at once.
                 std::thread::scope(|s| {
@@ -118,11 +79,10 @@ impl Net {
     }
 }
 
-fn trip(size_bytes: usize, mode: &str, parked: bool, latency: Latency) -> RoundTrip {
+fn trip(size_bytes: usize, mode: &str, latency: Latency) -> RoundTrip {
     RoundTrip {
         size_bytes,
         mode: mode.to_string(),
-        parked,
         latency,
     }
 }
@@ -131,23 +91,6 @@ fn pair<T>(transports: Vec<T>) -> Result<[T; 2], String> {
     transports
         .try_into()
         .map_err(|_| "expected two endpoints".to_string())
-}
-
-fn local_endpoint(t: Arc<LocalTransport>) -> Endpoint {
-    let probe = Arc::clone(&t);
-    Endpoint {
-        transport: Box::new(t),
-        frames_sent: Box::new(move || probe.frames_sent()),
-    }
-}
-
-fn zmq_endpoint(t: ZmqTransport) -> Endpoint {
-    let t = Arc::new(t);
-    let probe = Arc::clone(&t);
-    Endpoint {
-        transport: Box::new(t),
-        frames_sent: Box::new(move || probe.stats().frames_sent),
-    }
 }
 
 /// `n` ZeroMQ endpoints on loopback: the first founds the cluster, the others join through it.
@@ -257,24 +200,21 @@ fn ping_pong<T: Transport>(a: &T, b: &T, size: usize, budget: Budget) -> Result<
     })
 }
 
-/// Started nodes of one cluster, with their transports' frame counters. Dropped without
-/// [`Cluster::shutdown`], each node still leaves (`Node`'s drop does).
+/// Started nodes of one cluster. Dropped without [`Cluster::shutdown`], each node still
+/// leaves (`Node`'s drop does).
 pub struct Cluster {
     /// Node `i` has id `i`.
     pub nodes: Vec<Node>,
-    probes: Vec<FrameProbe>,
 }
 
 impl Cluster {
     /// Starts one node per endpoint.
     pub fn start(endpoints: Vec<Endpoint>, config: &Config) -> Result<Cluster, String> {
-        let mut nodes = Vec::new();
-        let mut probes = Vec::new();
-        for e in endpoints {
-            nodes.push(Node::start(e.transport, config.clone()).map_err(|e| e.to_string())?);
-            probes.push(e.frames_sent);
-        }
-        Ok(Cluster { nodes, probes })
+        let nodes = endpoints
+            .into_iter()
+            .map(|e| Node::start(e, config.clone()).map_err(|e| e.to_string()))
+            .collect::<Result<_, _>>()?;
+        Ok(Cluster { nodes })
     }
 
     /// Protocol messages all nodes have sent.
@@ -282,9 +222,9 @@ impl Cluster {
         self.nodes.iter().map(|n| n.stats().messages_sent).sum()
     }
 
-    /// Frames all transports have sent, by their own counters.
+    /// Frames all nodes have handed to their transports.
     pub fn frames_sent(&self) -> u64 {
-        self.probes.iter().map(|p| p()).sum()
+        self.nodes.iter().map(|n| n.stats().frames_sent).sum()
     }
 
     /// Shuts every node down at once (each leave waits for the others' acknowledgements).
