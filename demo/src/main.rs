@@ -10,6 +10,7 @@ mod lab;
 mod local;
 #[cfg(feature = "mpi")]
 mod mpi;
+mod processes;
 mod zmq;
 
 use std::collections::BTreeMap;

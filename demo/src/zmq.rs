@@ -12,11 +12,10 @@
 //!   the last one admitted is the "new process" (it opens the objects only after the others
 //!   have written them, as under MPI) and the others take turns.
 //!
-//! The nodes meet and collect their results through the library itself, as under MPI: a
-//! membership object (who takes part, in the order they arrived), a barrier object and a
-//! results object. Every wait for another node is bounded, and a watchdog thread ends the
-//! process with a negative verdict if a library call outlives its timeout, so no process
-//! hangs. Node 0, the founder, prints the report; every node process ends with the verdict
+//! The nodes find out who takes part through a membership object (in the order they arrived),
+//! then meet and collect their results as under MPI ([`crate::processes`]). Every wait for
+//! another node is bounded, and a watchdog thread ends the process with a negative verdict if
+//! a library call outlives its timeout, so no process hangs. Node 0, the founder, prints the report; every node process ends with the verdict
 //! line and exits with it.
 
 use std::ffi::OsString;
@@ -32,16 +31,11 @@ use clap::ValueEnum;
 use coherence_core::{Config, DistObj, Node, NodeId, Transport};
 use transport_zmq::{ZmqConfig, ZmqTransport};
 
-use crate::lab::{
-    self, Barrier, Failure, Harness, Observation, ProcessResult, Report, Results, Stop,
-};
+use crate::lab::{Failure, Report};
+use crate::processes::{Part, Process, Watch};
 
 /// The membership object: the ids of the nodes taking part, in the order they registered.
 const MEMBERS: &str = "demo/members";
-/// The barrier the turn-taking nodes meet at.
-const BARRIER: &str = "demo/barrier";
-/// Every node's observations and outcome, keyed by node id.
-const RESULTS: &str = "demo/results";
 
 /// What a node prints once it has bound its port: `node <id> listening on <addr>`.
 const LISTENING: &str = " listening on ";
@@ -92,14 +86,6 @@ pub struct NodeSpec {
     pub secret: Option<Vec<u8>>,
     /// This node's part.
     pub plan: Plan,
-}
-
-/// What a node does in the scenario, once it knows who takes part.
-enum Part {
-    /// Takes turns with `takers - 1` others; `rank` is its place among them.
-    Taker { rank: usize },
-    /// Opens the objects once the takers are done.
-    Late,
 }
 
 /// Runs one node process. Node 0 returns the whole report; any other node returns only the
@@ -160,7 +146,6 @@ fn run_parts(
         .map_err(|e| format!("node {id}: start failed: {e}"))?;
     // Every wait for another node is bounded: a broken peer makes the verdict NO, not a hang.
     let patience = config.timeout * 4;
-    let open = |name: &str| format!("node {id}: cannot open {name:?}");
 
     let (part, takers, total) = match spec.plan {
         Plan::Host { expect } => {
@@ -180,61 +165,14 @@ fn run_parts(
         }
         Plan::Late { nodes } => (Part::Late, nodes, nodes + 1),
     };
-    let harness = NodeHarness {
-        id,
-        barrier: watchdog
-            .watch("open of the barrier", || {
-                node.object(BARRIER, Barrier::default())
-            })
-            .map_err(|e| format!("{}: {e}", open(BARRIER)))?,
-        results: watchdog
-            .watch("open of the results", || {
-                node.object(RESULTS, Results::new())
-            })
-            .map_err(|e| format!("{}: {e}", open(RESULTS)))?,
-        takers: takers as u64,
-        rounds: Mutex::new(0),
-        patience,
-        observations: Mutex::new(Vec::new()),
-        watchdog,
-    };
-
-    let outcome = match part {
-        Part::Taker { rank } => lab::run_participant(&node, rank, takers, &harness),
-        Part::Late => harness
-            .wait_for_results(takers)
-            .map_err(Stop::Failed)
-            .and_then(|_| lab::run_late_joiner(&node, takers, &harness)),
-    };
-    let failure = match outcome {
-        Ok(()) => None,
-        Err(Stop::Failed(reason)) => {
-            harness.call_off(&reason);
-            Some(reason)
-        }
-        Err(Stop::Aborted) => Some(format!("node {id}: called off")),
-    };
-    let mine = ProcessResult {
-        observations: std::mem::take(&mut *lock(&harness.observations)),
-        failure,
-    };
-    watchdog
-        .watch("report of the result", || {
-            harness.results.update(|results| results.insert(id, mine))
-        })
-        .map_err(|e| format!("node {id}: cannot report its result: {e}"))?;
+    let process = Process::open(&node, takers, patience, watchdog)?;
+    process.play(&node, part)?;
     if matches!(spec.plan, Plan::Participant { founder: true, .. }) {
         // Every participant has reported (or gave up waiting): the late joiner's turn.
-        let _ = harness.wait_for_results(takers);
+        let _ = process.wait_for_results(takers);
         println!("{TESTS_DONE}");
     }
-    let all = harness.wait_for_results(total);
-    drop(harness);
-    let shutdown = watchdog
-        .watch("shutdown", || node.shutdown())
-        .err()
-        .map(|e| format!("node {id}: shutdown failed: {e}"));
-    Ok((id, lab::verdict(all, shutdown, total)))
+    Ok((id, process.verdict(node, total)))
 }
 
 /// Registers this node in the membership object and waits until `size` nodes have, for at
@@ -288,84 +226,6 @@ fn gather(
     }
 }
 
-/// One node's [`Harness`]: meets the other turn-taking nodes at the barrier object.
-struct NodeHarness<'a> {
-    id: NodeId,
-    barrier: DistObj<Barrier>,
-    results: DistObj<Results>,
-    takers: u64,
-    rounds: Mutex<u64>,
-    patience: Duration,
-    observations: Mutex<Vec<Observation>>,
-    watchdog: &'a Watchdog,
-}
-
-impl NodeHarness<'_> {
-    /// Tells the other nodes to stop waiting at the barrier.
-    fn call_off(&self, reason: &str) {
-        let _ = self.watchdog.watch("call-off", || {
-            self.barrier.update(|b| {
-                b.failed.get_or_insert_with(|| reason.to_string());
-            })
-        });
-    }
-
-    /// Polls the results until `count` nodes have reported, for at most `patience`.
-    fn wait_for_results(&self, count: usize) -> Result<Results, String> {
-        let deadline = Instant::now() + self.patience;
-        loop {
-            let seen = self
-                .watchdog
-                .watch("read of the results", || self.results.read())
-                .map_err(|e| format!("node {}: results: {e}", self.id))?;
-            if seen.len() >= count {
-                return Ok((*seen).clone());
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "node {}: only {} of {count} nodes reported within {:?}",
-                    self.id,
-                    seen.len(),
-                    self.patience
-                ));
-            }
-            thread::sleep(Duration::from_micros(500));
-        }
-    }
-}
-
-impl Harness for NodeHarness<'_> {
-    fn sync(&self) -> Result<(), Stop> {
-        let mut rounds = lock(&self.rounds);
-        *rounds += 1;
-        let target = *rounds * self.takers;
-        let failed = |e| Stop::Failed(format!("node {}: barrier: {e}", self.id));
-        self.watchdog
-            .watch("barrier arrival", || {
-                self.barrier.update(|b| b.arrivals += 1)
-            })
-            .map_err(failed)?;
-        Barrier::wait_for(
-            target,
-            self.patience,
-            &format!("node {}: ", self.id),
-            || {
-                self.watchdog
-                    .watch("barrier read", || self.barrier.read())
-                    .map_err(failed)
-            },
-        )
-    }
-
-    fn watch<R>(&self, what: &str, call: impl FnOnce() -> R) -> R {
-        self.watchdog.watch(what, call)
-    }
-
-    fn observe(&self, observation: Observation) {
-        lock(&self.observations).push(observation);
-    }
-}
-
 /// Ends the process with a negative verdict when a library call outlives its limit: every
 /// call must return within the configured timeout, so one that does not is a hang.
 struct Watchdog {
@@ -399,7 +259,9 @@ impl Watchdog {
         }
         Watchdog { call }
     }
+}
 
+impl Watch for Watchdog {
     /// Runs `call`, described by `what`, under watch.
     fn watch<R>(&self, what: &str, call: impl FnOnce() -> R) -> R {
         *lock(&self.call) = Some((what.to_string(), Instant::now()));

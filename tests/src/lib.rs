@@ -1,8 +1,7 @@
 //! Cross-crate test support: the deterministic simulation, the stateright model and the
-//! transport conformance suite, in-process ([`conformance`]) and one node per process
-//! ([`ranked`]).
+//! transport conformance suite ([`conformance`]: every scenario written once, run by thread
+//! clusters and by one process per rank).
 
 pub mod conformance;
 pub mod model;
-pub mod ranked;
 pub mod sim;

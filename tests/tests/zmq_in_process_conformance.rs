@@ -1,5 +1,5 @@
-//! The cross-transport conformance suite (crate `tests`) over ZeroMQ on 127.0.0.1: every
-//! scenario under both write policies.
+//! The conformance suite (`tests::conformance`) over ZeroMQ on 127.0.0.1 with every node a
+//! thread of this process: every scenario thread clusters run, under both write policies.
 //!
 //! Each cluster is a founder plus joiners through it, so ids come out in order 0..n; a late
 //! joiner joins through the founder of the cluster started last.
@@ -53,14 +53,15 @@ impl Cluster for Zmq {
             .collect()
     }
 
-    fn join(&self) -> Option<Box<dyn Transport>> {
-        let addr = self.founder_addr.lock().unwrap().clone()?;
+    fn join(&self) -> Result<Box<dyn Transport>, String> {
+        let addr = self.founder_addr.lock().unwrap().clone();
+        let addr = addr.ok_or("no cluster was started to join")?;
         let node = ZmqTransport::start(ZmqConfig {
             join: Some(addr),
             ..config()
         })
-        .expect("late joiner starts");
-        Some(Box::new(node))
+        .map_err(|e| format!("the late joiner cannot join: {e}"))?;
+        Ok(Box::new(node))
     }
 }
 

@@ -1,10 +1,11 @@
 //! The conformance suite over ZeroMQ with one node per OS process on 127.0.0.1: 2, 3 and 4
-//! `zmq_conformance` processes (the scenarios of `tests::ranked`, the same code the MPI suite
-//! runs) under both write policies, each run a test of its own.
+//! `zmq_conformance` processes (the scenarios of `tests::conformance` that process clusters
+//! run, the same code the MPI suite and the thread clusters run) under both write policies,
+//! each run a test of its own.
 //!
 //! The launcher starts the founder, then each joiner only once the previous one printed its
 //! id, so ids (= ranks) come out 0..n in start order; the last process starts only when rank 0
-//! says the others have written (`ranked::LATE_READY`), so it really joins a running cluster
+//! says the others have written (`conformance::LATE_READY`), so it really joins a running cluster
 //! and must start from the current values. A run fails, and every child is killed, as soon as
 //! a child exits unsuccessfully, prints something unexpected where an id was due, or the run
 //! outlives [`DEADLINE`]; the failure message carries every child's stdout and stderr. Runs
@@ -18,7 +19,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use tests::ranked::{self, FINALE, LATE_READY, SCENARIOS};
+use tests::conformance::{Kind, Scenario, LATE_READY, REPORTER, SCENARIOS};
 
 /// Longest one run may take, start-up included: every library call is bounded by 20 s and
 /// every wait for another rank by 60 s, so a run that takes this long is broken.
@@ -249,27 +250,31 @@ fn run(n: usize, policy: &'static str) {
     run.wait_all();
 
     // Every process passed (exit 0); the reporter's lines name every scenario.
-    let reporter = lock(&run.children[ranked::REPORTER].stdout).clone();
+    let reporter = lock(&run.children[REPORTER].stdout).clone();
     let policy_name = if policy == "update" {
         "Update"
     } else {
         "Invalidate"
     };
     let label = format!("zmq -n {n} {policy_name}");
-    for name in SCENARIOS.iter().map(|s| s.name).chain([FINALE]) {
-        let prefix = format!("{label}: {name} ... ok (");
+    let scenarios: Vec<&Scenario> = SCENARIOS
+        .iter()
+        .filter(|s| s.needs.is_none_or(|need| Kind::Processes.has(need)))
+        .collect();
+    for scenario in &scenarios {
+        let prefix = format!("{label}: {} ... ok (", scenario.name);
         if !reporter.iter().any(|l| l.starts_with(&prefix)) {
             run.fail(&format!("the reporter did not print {prefix:?}"));
         }
     }
-    let summary = format!("zmq: {} passed, 0 failed", SCENARIOS.len() + 1);
+    let summary = format!("zmq: {} passed, 0 failed", scenarios.len());
     if reporter.last() != Some(&summary) {
         run.fail(&format!("the reporter's last line is not {summary:?}"));
     }
     eprintln!(
         "{label}: {} processes passed {} scenarios in {:.1?} (late joiner started after {:.1?})\n{}",
         n,
-        SCENARIOS.len() + 1,
+        scenarios.len(),
         run.began.elapsed(),
         late_after,
         reporter.join("\n")

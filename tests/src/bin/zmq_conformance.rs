@@ -1,5 +1,6 @@
 //! The conformance scenarios over ZeroMQ, one node per OS process: every process runs every
-//! scenario of [`tests::ranked`] (the same code `mpi_conformance` runs under MPI).
+//! scenario of [`tests::conformance`] that process clusters run (the same code
+//! `mpi_conformance` runs under MPI, and the thread clusters run).
 //!
 //! ```text
 //! zmq_conformance --expect N [--listen ADDR] [--join ADDR] [--policy update|invalidate]
@@ -11,7 +12,7 @@
 //! order they are admitted). `--expect N` is the number of ranks: ids must come out as 0..N.
 //! Every process prints `node ID listening on ADDR` once its transport is up. The first
 //! scenario needs the last rank (id N-1) to join late: rank 0 prints
-//! [`ranked::LATE_READY`] once the others have written, and a launcher starts the last process
+//! [`conformance::LATE_READY`] once the others have written, and a launcher starts the last process
 //! then (one started earlier still passes: it only opens the objects late). Rank 1 prints a
 //! line per scenario and the summary; a failing process prints why on stderr. Every process
 //! exits 0 only if every scenario passed on it and it left the cluster; `--watch-stdin` makes
@@ -20,8 +21,8 @@
 use std::io::Read;
 use std::process::ExitCode;
 
-use coherence_core::{Node, WritePolicy};
-use tests::ranked;
+use coherence_core::WritePolicy;
+use tests::conformance;
 use transport_zmq::{ZmqConfig, ZmqTransport};
 
 const USAGE: &str = "usage: zmq_conformance --expect N [--listen ADDR] [--join ADDR] \
@@ -96,7 +97,7 @@ fn main() -> ExitCode {
     }
     let transport = match ZmqTransport::start(ZmqConfig {
         join: args.join.clone(),
-        join_timeout: ranked::TIMEOUT,
+        join_timeout: conformance::TIMEOUT,
         ..ZmqConfig::new(args.listen.clone(), args.cluster_id.clone())
     }) {
         Ok(t) => t,
@@ -107,18 +108,11 @@ fn main() -> ExitCode {
     };
     let id = coherence_core::Transport::local_id(&transport);
     println!("node {id} listening on {}", transport.local_addr());
-    let node = match Node::start(transport, ranked::config(args.policy)) {
-        Ok(node) => node,
-        Err(e) => {
-            eprintln!("zmq_conformance: node {id}: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let late_ready: Box<dyn Fn()> = Box::new(|| println!("{}", ranked::LATE_READY));
+    let late_ready = Box::new(|| println!("{}", conformance::LATE_READY));
     let label = format!("zmq -n {} {:?}", args.expect, args.policy);
-    match ranked::run(node, args.expect, &label, Some(late_ready)) {
+    match conformance::run_ranks(transport, args.expect, args.policy, &label, late_ready) {
         Ok(passed) => {
-            if id as usize == ranked::REPORTER {
+            if id as usize == conformance::REPORTER {
                 println!("zmq: {passed} passed, 0 failed");
             }
             ExitCode::SUCCESS
