@@ -3,7 +3,9 @@
 //! A read needs one of an object's tokens, a write needs all of them, so the
 //! single-writer/multiple-reader invariant holds by counting. This crate holds the sans-IO
 //! protocol state machine ([`protocol`]), the wire codec ([`wire`]), the [`Transport`] trait, the
-//! driver ([`Node`]) and the typed handle ([`DistObj`]). Transports live in their own crates.
+//! driver ([`Node`]), the typed handle ([`DistObj`]) and the library's one wait policy
+//! ([`wait`]). Every protocol decision is made here. What this crate must not hold: a socket,
+//! MPI, or any other network code; transports live in their own crates and only move frames.
 //!
 //! ```
 //! use coherence_core::{Config, Node};

@@ -4,7 +4,8 @@
 //! Parses the flags, runs the scenario ([`lab`]: on threads by [`local`], on MPI ranks by
 //! `mpi`, on processes over ZeroMQ by [`zmq`]), prints what every node saw to stdout and ends
 //! with one verdict line, `coherent: yes` (exit code 0) or `coherent: NO (<why>)` (exit code
-//! 1). Logs go to stderr.
+//! 1). Logs go to stderr. The demo only parses flags, launches and prints: protocol rules live
+//! in the core, measurements in the `bench` crate.
 
 mod lab;
 mod local;
@@ -20,6 +21,7 @@ use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use clap::error::ErrorKind;
@@ -111,6 +113,12 @@ struct Args {
     #[arg(long, value_name = "PATH")]
     secret_file: Option<PathBuf>,
 
+    /// ZeroMQ: allow --listen on an address other than loopback without a secret. Anyone who
+    /// can reach the port could then join and read or change every object, so a node refuses
+    /// that unless told so; use it only on a network you trust.
+    #[arg(long)]
+    insecure: bool,
+
     /// ZeroMQ: which process of a launched run this is (set by the launcher).
     #[arg(long, value_enum, hide = true, requires = "listen")]
     zmq_role: Option<zmq::Role>,
@@ -193,7 +201,7 @@ fn main() -> ExitCode {
     let trace = trace_path(&args);
     // Held to the end of main, early returns included: dropping it writes the trace out.
     let _trace = match init_logging(args.verbose, trace.as_deref()) {
-        Ok(guard) => guard,
+        Ok(guard) => TraceFile::hold(guard),
         Err(e) => {
             let path = trace.as_deref().unwrap_or(Path::new("")).display();
             eprintln!("error: cannot create the trace file {path}: {e}");
@@ -266,6 +274,7 @@ fn check_zmq_flags(args: &Args) {
     let zmq_only = [
         ("--listen", args.listen.is_some()),
         ("--secret-file", args.secret_file.is_some()),
+        ("--insecure", args.insecure),
     ];
     if args.transport != TransportKind::Zmq {
         if let Some((flag, _)) = zmq_only.iter().find(|(_, given)| *given) {
@@ -324,6 +333,7 @@ fn run_zmq(args: &Args, secret: Option<Vec<u8>>, config: &Config) -> Result<Repo
             join: args.join.clone(),
             cluster_id: args.cluster_id.clone(),
             secret,
+            insecure: args.insecure,
             plan,
         },
         config,
@@ -410,6 +420,35 @@ fn print_observations(observations: &[Observation]) {
         }
         println!("[node {}] {}", observation.node, observation.text);
     }
+}
+
+/// The trace file's guard, reachable from a thread that must end the process at once (a hang
+/// found by the watchdog, the launcher gone): [`exit`] completes the file first.
+static TRACE: Mutex<Option<FlushGuard>> = Mutex::new(None);
+
+/// Completes the trace file when main ends.
+struct TraceFile;
+
+impl TraceFile {
+    fn hold(guard: Option<FlushGuard>) -> TraceFile {
+        *TRACE.lock().unwrap_or_else(PoisonError::into_inner) = guard;
+        TraceFile
+    }
+}
+
+impl Drop for TraceFile {
+    fn drop(&mut self) {
+        drop(TRACE.lock().unwrap_or_else(PoisonError::into_inner).take());
+    }
+}
+
+/// Ends the process with `code` at once, after completing the trace file (if any).
+pub fn exit(code: i32) -> ! {
+    // `try_lock`: a thread that holds the lock is dropping the guard already.
+    if let Ok(mut guard) = TRACE.try_lock() {
+        drop(guard.take());
+    }
+    std::process::exit(code)
 }
 
 /// Sends logs to stderr (filtered by `-v` or RUST_LOG) and, with `--trace`, a Chrome trace to

@@ -84,6 +84,8 @@ pub struct NodeSpec {
     pub cluster_id: String,
     /// The shared secret, if any.
     pub secret: Option<Vec<u8>>,
+    /// Listen beyond loopback without a secret (`--insecure`).
+    pub insecure: bool,
     /// This node's part.
     pub plan: Plan,
 }
@@ -94,6 +96,7 @@ pub fn run_node(spec: &NodeSpec, config: &Config) -> Result<Report, Failure> {
     let zmq = ZmqConfig {
         join: spec.join.clone(),
         secret: spec.secret.clone(),
+        insecure: spec.insecure,
         join_timeout: config.timeout,
         ..ZmqConfig::new(spec.listen.clone(), spec.cluster_id.clone())
     };
@@ -250,7 +253,7 @@ impl Watchdog {
                              the library hangs)",
                             since.elapsed()
                         );
-                        std::process::exit(1);
+                        crate::exit(1);
                     }
                 }
             });
@@ -282,7 +285,7 @@ pub fn exit_when_launcher_is_gone() {
             while matches!(stdin.read(&mut buf), Ok(n) if n > 0) {}
             // Not eprintln!: with the launcher gone, stderr is a broken pipe and it would panic.
             let _ = writeln!(std::io::stderr(), "the launcher is gone; stopping");
-            std::process::exit(1);
+            crate::exit(1);
         });
     if let Err(e) = spawned {
         tracing::warn!(error = %e, "cannot watch for the launcher's end");

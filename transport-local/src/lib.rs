@@ -1,5 +1,9 @@
 //! In-memory [`Transport`] over crossbeam channels, for tests, benchmarks and single-process demos.
 //!
+//! It moves frames between the nodes of one process and reports joins and leaves; it must not
+//! know anything of tokens or objects, or decide anything for the protocol. How `recv` waits is
+//! the core's wait policy ([`coherence_core::wait::receive`]).
+//!
 //! Every endpoint owns one unbounded channel, its inbox, which carries frames and membership
 //! events alike. One queue per endpoint is what gives the ordering the protocol needs for free:
 //! frames from one peer stay in order, [`TransportEvent::Joined`] precedes a node's first frame
