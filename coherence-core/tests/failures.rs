@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use coherence_core::{Config, Error, Node, NodeId, Transport, TransportError, TransportEvent};
+use coherence_core::{
+    Config, DistObj, Error, Node, NodeId, Transport, TransportError, TransportEvent,
+};
 use transport_local::LocalTransport;
 
 /// Far longer than any check below may take: an operation that waits for it fails the test.
@@ -70,13 +72,18 @@ fn config() -> Config {
     Config::default().timeout(TIMEOUT)
 }
 
-/// Node 0 writes while node 1, which holds a token, has gone silent: the write waits. Then
-/// node 0's transport fails under it.
-#[test]
-fn a_failed_transport_ends_waiting_and_later_operations_at_once() {
-    let mut transports = transport_local::cluster(2).into_iter();
-    let (t0, broken, _) = Breakable::new(transports.next().unwrap());
-    let (t1, _, silent) = Breakable::new(transports.next().unwrap());
+/// Node 0 (over `t0`) writes while node 1 (over `t1`), which holds a token, has gone silent,
+/// so the write waits; then `fault` strikes node 0's transport. Checks that the write ends
+/// within [`PROMPT`] of the fault with an error `expected` accepts, then hands node 0 and its
+/// handle to `after`.
+fn write_through_a_fault(
+    t0: impl Transport,
+    t1: LocalTransport,
+    fault: impl FnOnce(),
+    expected: impl Fn(&Error) -> bool,
+    after: impl FnOnce(Node, DistObj<u64>),
+) {
+    let (t1, _, silent) = Breakable::new(t1);
     let n0 = Node::start(t0, config()).unwrap();
     let n1 = Node::start(t1, config()).unwrap();
     let x0 = n0.object("x", 0u64).unwrap();
@@ -84,7 +91,6 @@ fn a_failed_transport_ends_waiting_and_later_operations_at_once() {
     // Under the default Update policy node 1 keeps a token after this write.
     x1.write(1).unwrap();
     silent.store(true, Ordering::SeqCst);
-
     std::thread::scope(|s| {
         let waiting = s.spawn(|| x0.write(2));
         // Let the write start and wait for node 1's token.
@@ -93,12 +99,12 @@ fn a_failed_transport_ends_waiting_and_later_operations_at_once() {
             !waiting.is_finished(),
             "the write cannot complete without node 1"
         );
-        let broke_at = Instant::now();
-        broken.store(true, Ordering::SeqCst);
+        let struck_at = Instant::now();
+        fault();
         let result = waiting.join().unwrap();
-        let took = broke_at.elapsed();
+        let took = struck_at.elapsed();
         assert!(
-            matches!(&result, Err(Error::Transport { node: 0, cause: TransportError::Io(reason) }) if reason == "injected failure"),
+            result.as_ref().is_err_and(&expected),
             "the waiting write ends with the transport's failure, got {result:?}"
         );
         assert!(
@@ -106,23 +112,37 @@ fn a_failed_transport_ends_waiting_and_later_operations_at_once() {
             "the failure took {took:?} to reach the caller"
         );
     });
-
-    // Later operations fail at once with the same cause, reads included.
-    let started = Instant::now();
-    assert!(matches!(
-        x0.update(|v| *v += 1),
-        Err(Error::Transport { .. })
-    ));
-    assert!(matches!(x0.read(), Err(Error::Transport { .. })));
-    assert!(matches!(n0.object("y", 0u64), Err(Error::Transport { .. })));
-    assert!(started.elapsed() < PROMPT);
-    let shutdown = n0.shutdown();
-    assert!(
-        matches!(shutdown, Err(Error::Transport { .. })),
-        "shutdown reports the failure, got {shutdown:?}"
-    );
+    after(n0, x0);
     silent.store(false, Ordering::SeqCst);
     drop(n1);
+}
+
+#[test]
+fn a_failed_transport_ends_waiting_and_later_operations_at_once() {
+    let mut transports = transport_local::cluster(2).into_iter();
+    let (t0, broken, _) = Breakable::new(transports.next().unwrap());
+    write_through_a_fault(
+        t0,
+        transports.next().unwrap(),
+        || broken.store(true, Ordering::SeqCst),
+        |e| matches!(e, Error::Transport { node: 0, cause: TransportError::Io(reason) } if reason == "injected failure"),
+        |n0, x0| {
+            // Later operations fail at once with the same cause, reads included.
+            let started = Instant::now();
+            assert!(matches!(
+                x0.update(|v| *v += 1),
+                Err(Error::Transport { .. })
+            ));
+            assert!(matches!(x0.read(), Err(Error::Transport { .. })));
+            assert!(matches!(n0.object("y", 0u64), Err(Error::Transport { .. })));
+            assert!(started.elapsed() < PROMPT);
+            let shutdown = n0.shutdown();
+            assert!(
+                matches!(shutdown, Err(Error::Transport { .. })),
+                "shutdown reports the failure, got {shutdown:?}"
+            );
+        },
+    );
 }
 
 /// Someone closes the transport under the node (not through `shutdown`).
@@ -130,34 +150,21 @@ fn a_failed_transport_ends_waiting_and_later_operations_at_once() {
 fn a_transport_closed_under_the_node_is_an_error_not_a_timeout() {
     let mut transports = transport_local::cluster(2).into_iter();
     let t0 = Arc::new(transports.next().unwrap());
-    let (t1, _, silent) = Breakable::new(transports.next().unwrap());
-    let n0 = Node::start(Arc::clone(&t0), config()).unwrap();
-    let n1 = Node::start(t1, config()).unwrap();
-    let x0 = n0.object("x", 0u64).unwrap();
-    let x1 = n1.object("x", 0u64).unwrap();
-    x1.write(1).unwrap();
-    silent.store(true, Ordering::SeqCst);
-
-    std::thread::scope(|s| {
-        let waiting = s.spawn(|| x0.write(2));
-        std::thread::sleep(Duration::from_millis(50));
-        let closed_at = Instant::now();
-        t0.close();
-        let result = waiting.join().unwrap();
-        assert!(
+    write_through_a_fault(
+        Arc::clone(&t0),
+        transports.next().unwrap(),
+        || t0.close(),
+        |e| {
             matches!(
-                result,
-                Err(Error::Transport {
+                e,
+                Error::Transport {
                     cause: TransportError::Closed,
                     ..
-                })
-            ),
-            "got {result:?}"
-        );
-        assert!(closed_at.elapsed() < PROMPT);
-    });
-    silent.store(false, Ordering::SeqCst);
-    drop(n1);
+                }
+            )
+        },
+        |_, x0| assert!(matches!(x0.read(), Err(Error::Transport { .. }))),
+    );
 }
 
 #[test]
