@@ -20,7 +20,15 @@ pub struct Config {
     /// driver keeps polling after traffic: waking a sleeping thread costs more than a reply
     /// takes to come. Zero never polls. Default [`crate::wait::CALLER_POLL`].
     pub spin: Duration,
+    /// The longest object name (in bytes) [`crate::Node::object`] accepts. A name travels in
+    /// every message about its object, so an unbounded one would make every operation on it
+    /// as slow as copying it. Default [`DEFAULT_MAX_NAME_LEN`].
+    pub max_name_len: usize,
 }
+
+/// Default of [`Config::max_name_len`]: room for any path-like name people use, while a
+/// name stays a small share of a message.
+pub const DEFAULT_MAX_NAME_LEN: usize = 256;
 
 impl Default for Config {
     fn default() -> Self {
@@ -29,6 +37,7 @@ impl Default for Config {
             write_policy: WritePolicy::Update,
             poll_interval: crate::wait::DRIVER_BLOCK,
             spin: crate::wait::CALLER_POLL,
+            max_name_len: DEFAULT_MAX_NAME_LEN,
         }
     }
 }
@@ -43,6 +52,12 @@ impl Config {
     /// Sets the write policy.
     pub fn write_policy(mut self, policy: WritePolicy) -> Self {
         self.write_policy = policy;
+        self
+    }
+
+    /// Sets the longest object name accepted.
+    pub fn max_name_len(mut self, max: usize) -> Self {
+        self.max_name_len = max;
         self
     }
 }

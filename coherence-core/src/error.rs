@@ -47,6 +47,14 @@ pub enum Error {
         /// The largest value the transport's frames carry for this object.
         max: usize,
     },
+    /// The object name is longer than [`crate::Config::max_name_len`]; nothing was opened.
+    #[error("an object name of {len} bytes is longer than the {max} bytes allowed (Config::max_name_len)")]
+    NameTooLong {
+        /// The name's length in bytes.
+        len: usize,
+        /// The configured limit.
+        max: usize,
+    },
     /// A value received could not be decoded as the object's type.
     #[error("cannot decode the value of {object:?}: {reason}")]
     Decode {

@@ -731,6 +731,12 @@ impl Node {
     where
         T: Serialize + DeserializeOwned + Send + Sync + 'static,
     {
+        if name.len() > self.inner.config.max_name_len {
+            return Err(Error::NameTooLong {
+                len: name.len(),
+                max: self.inner.config.max_name_len,
+            });
+        }
         let type_name = std::any::type_name::<T>();
         let init = Init {
             type_name: type_name.into(),

@@ -2,7 +2,9 @@
 //! - a transport that fails, or is closed under the node, ends every waiting and later
 //!   operation with `Error::Transport` naming the cause, within milliseconds;
 //! - an operation on an object from inside that object's own `update` closure is refused at
-//!   once with `Error::InsideUpdate` (it would wait for the tokens its own update holds).
+//!   once with `Error::InsideUpdate` (it would wait for the tokens its own update holds);
+//! - a name longer than `Config::max_name_len` is refused at `object()` with
+//!   `Error::NameTooLong`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -207,5 +209,21 @@ fn operations_inside_an_objects_own_update_are_refused_at_once() {
     assert_eq!(*x.read().unwrap(), 1);
     x.write(5).unwrap();
     assert_eq!(*x.read().unwrap(), 5);
+    node.shutdown().unwrap();
+}
+
+#[test]
+fn a_name_longer_than_the_limit_is_refused_at_open() {
+    let config = config().max_name_len(16);
+    let node = Node::start(transport_local::cluster(1).pop().unwrap(), config).unwrap();
+    let long = "n".repeat(17);
+    let result = node.object(&long, 0u64);
+    assert!(
+        matches!(result, Err(Error::NameTooLong { len: 17, max: 16 })),
+        "got {result:?}"
+    );
+    // At the limit it opens, and the default limit is a few hundred bytes.
+    node.object(&"n".repeat(16), 0u64).unwrap();
+    assert_eq!(Config::default().max_name_len, 256);
     node.shutdown().unwrap();
 }
