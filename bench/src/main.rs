@@ -21,7 +21,7 @@
 //! no transport): with a floor whose receivers spin, the lowest latency a write could have,
 //! printed next to the write ratios of local and MPI.
 //!
-//! Prints markdown tables and the acceptance ratios to stdout, writes every figure to
+//! Prints markdown tables and the project's acceptance ratios to stdout, writes every figure to
 //! `DIR/bench-<transport>.json` and SVG plots to `DIR`, and shows progress on stderr. Nothing
 //! here asserts on timings: it measures and reports. The exit code is 1 when a measurement
 //! failed (the failure is in the report), 2 when nothing could be written.

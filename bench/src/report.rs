@@ -1,5 +1,5 @@
 //! What the benchmark measured: the figures of one run (serialized to JSON as they are), their
-//! markdown rendering and the issue's acceptance verdicts.
+//! markdown rendering and the project's acceptance verdicts.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -446,7 +446,7 @@ pub fn merge_round_trips(trips: &mut Vec<RoundTrip>, again: Vec<RoundTrip>) {
     }
 }
 
-/// One of the issue's acceptance ratios, checked.
+/// One of the project's acceptance ratios, checked.
 #[derive(Debug, Clone, Serialize)]
 pub struct Verdict {
     /// Transport it was measured on.
@@ -497,7 +497,7 @@ impl TransportReport {
         }
     }
 
-    /// The issue's acceptance ratios, as far as this transport measured them; `write_cpu`
+    /// The project's acceptance ratios, as far as this transport measured them; `write_cpu`
     /// puts the write ratios next to their lower bound.
     pub fn verdicts(&self, write_cpu: &[WriteCpu]) -> Vec<Verdict> {
         let mut out = Vec::new();
@@ -538,7 +538,7 @@ impl TransportReport {
             }),
             scaling.map(|s| s.ours_2_vs_1 >= 1.6),
         );
-        // On ZeroMQ the issue asks for two processes and a raw zmq.rs floor between them.
+        // On ZeroMQ the target is set for two processes and a raw zmq.rs floor between them.
         let writes = self
             .two_processes
             .as_ref()
