@@ -1,4 +1,4 @@
-//! ZeroMQ between two OS processes, as the acceptance asks: this process starts a copy
+//! ZeroMQ between two OS processes, as the acceptance targets ask: this process starts a copy
 //! of itself (the hidden `--zmq-peer-of ADDR`) and, in one run, measures the raw zmq.rs round
 //! trip between the two (a ROUTER here, a DEALER there, no library) and the write and update
 //! latency of a `Node` over `ZmqTransport` in each, with spread tokens, under both policies.
