@@ -87,6 +87,12 @@ pub const RECONNECT_MIN: Duration = Duration::from_millis(20);
 /// to be noticed.
 pub const RECONNECT_MAX: Duration = Duration::from_secs(1);
 
+/// How long a listener pauses after a failed accept, typically a full file table (EMFILE): the
+/// connection that could not be taken stays queued, so accepting again at once fails again and
+/// spins a core. A few dozen attempts a second cost nothing, and a connection is still taken
+/// soon after a file descriptor frees up.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(20);
+
 /// How many times a zero-timeout receive lets an async runtime run what became ready: a frame
 /// that arrived needs two rounds (one wakes the socket's reader, the next passes it on).
 pub const RUNTIME_ROUNDS: usize = 2;

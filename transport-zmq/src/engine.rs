@@ -1,7 +1,7 @@
 //! The asynchronous half: one task on a current-thread tokio runtime owns every socket and all
 //! membership state, so nothing here needs a lock except what the synchronous API reads.
 //!
-//! Inputs are ROUTER messages (forwarded by a reader task), link events (a DEALER connected or
+//! Inputs are messages from the listener's connections (see the `listener` module), link events (a DEALER connected or
 //! broke), commands from the synchronous API (a crossbeam channel plus a [`Notify`] to wake
 //! us) and a periodic tick (heartbeats, loss detection, retransmission, reconnects).
 
@@ -17,10 +17,11 @@ use futures::StreamExt;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::{Instant, MissedTickBehavior};
 use zeromq::{
-    DealerSendHalf, DealerSocket, RouterSocket, Socket, SocketEvent, SocketOptions, SocketRecv,
-    SocketSend, ZmqMessage,
+    DealerSendHalf, DealerSocket, Socket, SocketEvent, SocketOptions, SocketRecv, SocketSend,
+    ZmqMessage,
 };
 
+use crate::listener::{self, Inbound, Limits};
 use crate::wire::{Codec, Header, Hello, Join, Kind, MemberInfo, Reject, Welcome, NO_ID};
 use crate::{ZmqError, ZmqStats};
 use coherence_core::wait;
@@ -34,9 +35,9 @@ const MAX_HELD_FRAMES: usize = 4096;
 const MAX_HELD_BYTES: usize = 256 << 20;
 /// The sequence number of a welcome: always the first reliable frame to a joiner.
 const WELCOME_SEQ: u64 = 1;
-/// ROUTER messages buffered between the reader task and the engine; a full buffer stops
+/// Messages buffered between the listener's connections and the engine; a full buffer stops
 /// reading, which pushes back on senders through TCP.
-const ROUTER_BUFFER: usize = 1024;
+const INBOUND_BUFFER: usize = 1024;
 
 /// What the synchronous API asks of the engine.
 #[derive(Debug)]
@@ -59,6 +60,8 @@ pub(crate) struct Shared {
     pub rejected_foreign: AtomicU64,
     pub rejected_unauthenticated: AtomicU64,
     pub rejected_oversize: AtomicU64,
+    pub dropped_unauthenticated: AtomicU64,
+    pub accept_errors: AtomicU64,
 }
 
 impl Shared {
@@ -71,7 +74,25 @@ impl Shared {
             rejected_foreign: get(&self.rejected_foreign),
             rejected_unauthenticated: get(&self.rejected_unauthenticated),
             rejected_oversize: get(&self.rejected_oversize),
+            dropped_unauthenticated: get(&self.dropped_unauthenticated),
+            accept_errors: get(&self.accept_errors),
         }
+    }
+
+    /// Counts a dropped frame (or a connection closed for one) and says why in the log.
+    pub(crate) fn count(&self, reject: Reject) {
+        let (counter, reason) = match reject {
+            Reject::Malformed(reason) => (&self.rejected_malformed, reason),
+            Reject::Foreign(reason) => (&self.rejected_foreign, reason),
+            Reject::Oversize(len) => {
+                tracing::warn!(len, "dropped an oversize frame");
+                self.rejected_oversize.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Reject::Unauthenticated(reason) => (&self.rejected_unauthenticated, reason),
+        };
+        tracing::warn!(reason, "dropped a frame");
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     fn set_member(&self, id: NodeId, present: bool) {
@@ -102,6 +123,7 @@ pub(crate) struct Settings {
     pub heartbeat: Duration,
     pub lost_after: Duration,
     pub join_timeout: Duration,
+    pub limits: Limits,
 }
 
 /// The engine task: binds, joins or founds, runs until close. Whichever thread drives the
@@ -113,56 +135,33 @@ pub(crate) async fn run(
     inbox: mpsc::UnboundedSender<TransportEvent>,
     started: mpsc::UnboundedSender<Result<Started, ZmqError>>,
 ) {
-    let mut router = RouterSocket::new();
-    let endpoint = match router.bind(&settings.listen).await {
-        Ok(endpoint) => endpoint,
-        Err(e) => {
+    let (tcp, local_addr) = match listener::bind(&settings.listen).await {
+        Ok(bound) => bound,
+        Err(reason) => {
             let _ = started.send(Err(ZmqError::Bind {
                 addr: settings.listen.clone(),
-                reason: e.to_string(),
+                reason,
             }));
             return;
         }
     };
-    let (router_tx, router_rx) = mpsc::channel(ROUTER_BUFFER);
-    let _reader = AbortOnDrop(tokio::spawn(read_router(router, router_tx)));
+    let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_BUFFER);
+    let (gone_tx, gone_rx) = mpsc::unbounded_channel();
+    // Dropping it (when this task ends) stops accepting; each connection then ends when it
+    // next hands the engine a message or its peer closes.
+    let _listener = AbortOnDrop(tokio::spawn(listener::accept(
+        tcp,
+        settings.limits,
+        Arc::clone(&shared),
+        inbound_tx,
+        gone_tx,
+    )));
     let (links_tx, links_rx) = mpsc::unbounded_channel();
-    let mut engine = Engine::new(
-        settings,
-        endpoint.to_string(),
-        shared,
-        commands,
-        inbox,
-        links_tx,
-    );
+    let mut engine = Engine::new(settings, local_addr, shared, commands, inbox, links_tx);
     if engine.start(started) {
-        engine.run(router_rx, links_rx).await;
+        engine.run(inbound_rx, gone_rx, links_rx).await;
     }
-    // Dropping the engine closes every DEALER; dropping `_reader` closes the ROUTER.
-}
-
-/// Reads the ROUTER and forwards messages and disconnections to the engine.
-async fn read_router(mut router: RouterSocket, to_engine: mpsc::Sender<RouterInput>) {
-    let mut monitor = router.monitor();
-    loop {
-        let input = tokio::select! {
-            message = router.recv() => match message {
-                Ok(message) => RouterInput::Message(message),
-                Err(e) => {
-                    tracing::error!(error = %e, "the ROUTER socket failed");
-                    return;
-                }
-            },
-            event = monitor.next() => match event {
-                Some(SocketEvent::Disconnected(identity)) => RouterInput::Gone(identity.into()),
-                Some(_) => continue,
-                None => return,
-            },
-        };
-        if to_engine.send(input).await.is_err() {
-            return;
-        }
-    }
+    // Dropping the engine closes every DEALER.
 }
 
 /// Keeps a DEALER connected to `addr`, reports it up, then reports when it breaks.
@@ -174,8 +173,8 @@ async fn run_link(
     events: mpsc::UnboundedSender<LinkEvent>,
 ) {
     let mut options = SocketOptions::default();
-    // The identity stays random on purpose: a stranger who could name a member's identity
-    // could take over its routing slot in our peers' ROUTERs. Who we are is in the hello.
+    // The identity stays random on purpose: peers do not use it (who we are is in the hello),
+    // and a fixed one would only tell strangers which connection is a member's.
     options.connect_timeout(connect_timeout);
     let mut dealer = DealerSocket::with_options(options);
     let mut monitor = dealer.monitor();
@@ -195,7 +194,7 @@ async fn run_link(
     {
         return;
     }
-    // ROUTERs never answer on this connection; polling the receive side is what notices that
+    // Listeners never answer on this connection; polling the receive side is what notices that
     // the peer closed it.
     loop {
         tokio::select! {
@@ -207,11 +206,6 @@ async fn run_link(
         }
     }
     let _ = events.send(LinkEvent::Down { target, epoch });
-}
-
-enum RouterInput {
-    Message(ZmqMessage),
-    Gone(Bytes),
 }
 
 /// Which DEALER a link event is about.
@@ -359,7 +353,7 @@ struct PendingWelcome {
     waiting: BTreeMap<NodeId, u64>,
 }
 
-/// A ROUTER connection that said hello.
+/// A listener connection that said hello.
 #[derive(Debug, Clone, Copy)]
 enum Conn {
     /// Speaks for this sender and incarnation.
@@ -376,8 +370,9 @@ struct Joining {
     deadline: Instant,
     next_try: Instant,
     started: mpsc::UnboundedSender<Result<Started, ZmqError>>,
-    /// Everything but the welcome, replayed in order once we know our id.
-    stash: Vec<(Bytes, Header, Bytes)>,
+    /// Everything but the welcome (with its connection), replayed in order once we know our
+    /// id.
+    stash: Vec<(u64, Header, Bytes)>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -406,7 +401,8 @@ struct Engine {
     next_id: NodeId,
     members: BTreeMap<NodeId, Peer>,
     departed: BTreeSet<NodeId>,
-    conns: HashMap<Bytes, Conn>,
+    /// The listener's connections that said hello, by connection number.
+    conns: HashMap<u64, Conn>,
     held: BTreeMap<NodeId, Held>,
     /// Frames and bytes in `held` and in the joining stash, to bound them.
     held_frames: usize,
@@ -494,7 +490,8 @@ impl Engine {
 
     async fn run(
         &mut self,
-        mut router: mpsc::Receiver<RouterInput>,
+        mut inbound: mpsc::Receiver<Inbound>,
+        mut gone: mpsc::UnboundedReceiver<u64>,
         mut links: mpsc::UnboundedReceiver<LinkEvent>,
     ) {
         let shared = Arc::clone(&self.shared);
@@ -502,17 +499,20 @@ impl Engine {
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             let flow = tokio::select! {
-                input = router.recv() => match input {
-                    Some(RouterInput::Message(message)) => {
-                        self.on_router_message(message).await;
-                        Flow::Continue
-                    }
-                    Some(RouterInput::Gone(identity)) => {
-                        self.conns.remove(&identity);
+                input = inbound.recv() => match input {
+                    Some(Inbound { conn, frame, verdict }) => {
+                        let authenticates = self.on_message(conn, frame).await;
+                        if let Some(verdict) = verdict {
+                            let _ = verdict.send(authenticates);
+                        }
                         Flow::Continue
                     }
                     None => Flow::Exit,
                 },
+                Some(conn) = gone.recv() => {
+                    self.conns.remove(&conn);
+                    Flow::Continue
+                }
                 Some(event) = links.recv() => {
                     self.on_link(event).await;
                     Flow::Continue
@@ -548,24 +548,7 @@ impl Engine {
     }
 
     fn reject(&self, reject: Reject) {
-        let (counter, reason) = match reject {
-            Reject::Malformed(reason) => (&self.shared.rejected_malformed, reason),
-            Reject::Foreign(reason) => (&self.shared.rejected_foreign, reason),
-            Reject::Oversize(len) => {
-                tracing::warn!(
-                    len,
-                    max = self.codec.max_frame(),
-                    "dropped an oversize frame"
-                );
-                self.shared
-                    .rejected_oversize
-                    .fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-            Reject::Unauthenticated(reason) => (&self.shared.rejected_unauthenticated, reason),
-        };
-        tracing::warn!(reason, node = self.my_id(), "dropped a frame");
-        counter.fetch_add(1, Ordering::Relaxed);
+        self.shared.count(reject);
     }
 
     fn emit(&self, event: TransportEvent) {
@@ -575,21 +558,24 @@ impl Engine {
         }
     }
 
-    async fn on_router_message(&mut self, message: ZmqMessage) {
-        let mut parts = message.into_vecdeque();
-        let (Some(identity), Some(frame), None) =
-            (parts.pop_front(), parts.pop_front(), parts.front())
-        else {
-            self.reject(Reject::Malformed("not a single-part message"));
-            return;
-        };
+    /// A message from connection `conn`; `true` if it authenticates a new connection (see
+    /// [`Engine::on_frame`]).
+    async fn on_message(&mut self, conn: u64, frame: Bytes) -> bool {
         match self.codec.decode(&frame) {
-            Ok((header, payload)) => self.on_frame(identity, header, payload).await,
-            Err(reject) => self.reject(reject),
+            Ok((header, payload)) => self.on_frame(conn, header, payload).await,
+            Err(reject) => {
+                self.reject(reject);
+                false
+            }
         }
     }
 
-    async fn on_frame(&mut self, identity: Bytes, header: Header, payload: Bytes) {
+    /// Acts on a checked frame. Returns whether, as a connection's first message, it
+    /// authenticates the connection: a hello we accept (while joining: any hello, checked once
+    /// we are welcomed) or a join request.
+    async fn on_frame(&mut self, conn: u64, header: Header, payload: Bytes) -> bool {
+        let opens =
+            header.kind == Kind::Hello || header.kind == Kind::Join && header.sender == NO_ID;
         if let Some(joining) = &mut self.joining {
             if header.kind == Kind::Welcome {
                 self.on_welcome(header, &payload).await;
@@ -598,16 +584,16 @@ impl Engine {
             {
                 self.held_frames += 1;
                 self.held_bytes += payload.len();
-                joining.stash.push((identity, header, payload));
+                joining.stash.push((conn, header, payload));
             } else {
                 tracing::warn!(from = header.sender, "too much traffic before our welcome");
             }
-            return;
+            return opens;
         }
         match header.kind {
-            Kind::Hello => self.on_hello(identity, header, &payload),
-            Kind::Join if header.sender == NO_ID => self.on_join_request(&payload).await,
-            _ => match self.conns.get(&identity).copied() {
+            Kind::Hello => return self.on_hello(conn, header, &payload),
+            Kind::Join if header.sender == NO_ID => return self.on_join_request(&payload).await,
+            _ => match self.conns.get(&conn).copied() {
                 None => self.reject(Reject::Malformed("frame before hello")),
                 Some(Conn::Refused) => {
                     tracing::debug!(from = header.sender, "dropped a frame of a refused hello");
@@ -622,6 +608,7 @@ impl Engine {
                 }
             },
         }
+        false
     }
 
     /// A frame from a connection that said hello as `header.sender`.
@@ -648,24 +635,25 @@ impl Engine {
         }
     }
 
-    fn on_hello(&mut self, identity: Bytes, header: Header, payload: &[u8]) {
+    /// Whether the hello is accepted: the connection then speaks for its sender.
+    fn on_hello(&mut self, conn: u64, header: Header, payload: &[u8]) -> bool {
         let Some(hello) = Hello::decode(payload) else {
             self.reject(Reject::Malformed("bad hello"));
-            return;
+            return false;
         };
         if header.sender == self.my_id() {
             self.reject(Reject::Malformed("hello from our own id"));
-            return;
+            return false;
         }
         if hello.target != self.my_id() || hello.target_incarnation != self.incarnation {
             self.reject(Reject::Foreign("hello meant for another node"));
-            self.conns.insert(identity, Conn::Refused);
-            return;
+            self.conns.insert(conn, Conn::Refused);
+            return false;
         }
         if self.departed.contains(&header.sender) {
             tracing::debug!(from = header.sender, "hello from a departed node");
-            self.conns.insert(identity, Conn::Refused);
-            return;
+            self.conns.insert(conn, Conn::Refused);
+            return false;
         }
         let lost_after = self.lost_after;
         if let Some(peer) = self.members.get_mut(&header.sender) {
@@ -673,18 +661,19 @@ impl Engine {
                 self.reject(Reject::Foreign(
                     "hello from another process with a member's id",
                 ));
-                self.conns.insert(identity, Conn::Refused);
-                return;
+                self.conns.insert(conn, Conn::Refused);
+                return false;
             }
             peer.heard(Instant::now(), lost_after);
         }
         self.conns.insert(
-            identity,
+            conn,
             Conn::Speaks {
                 sender: header.sender,
                 incarnation: hello.incarnation,
             },
         );
+        true
     }
 
     async fn on_member_frame(&mut self, header: Header, payload: Bytes) {
@@ -729,7 +718,9 @@ impl Engine {
                 self.remove_member(from, "said goodbye");
                 return;
             }
-            Kind::Join => self.on_join_request(&payload).await,
+            Kind::Join => {
+                self.on_join_request(&payload).await;
+            }
             Kind::Announce => match MemberInfo::decode(&payload) {
                 Some(info) => self.add_member(info).await,
                 None => self.reject(Reject::Malformed("bad announcement")),
@@ -751,31 +742,33 @@ impl Engine {
             .map_or(me, |&first| first.min(me))
     }
 
-    async fn on_join_request(&mut self, payload: &[u8]) {
+    /// Whether the request was well-formed (which, from a joiner, authenticates its
+    /// connection; see [`Engine::on_frame`]).
+    async fn on_join_request(&mut self, payload: &[u8]) -> bool {
         let Some(join) = Join::decode(payload) else {
             self.reject(Reject::Malformed("bad join request"));
-            return;
+            return false;
         };
         if self.closing.is_some() {
-            return; // the joiner retries, and reaches someone else
+            return true; // the joiner retries, and reaches someone else
         }
         let coordinator = self.coordinator();
         if coordinator != self.my_id() {
             self.send_reliable(coordinator, Kind::Join, payload).await;
-            return;
+            return true;
         }
         if let Some(id) = self.admitted.get(&join.nonce) {
             if self.members.contains_key(id) {
                 // Already admitted: its welcome travels reliably, nothing to repeat.
                 tracing::debug!(id, "repeated join request");
-                return;
+                return true;
             }
             // Admitted, then lost before it could speak: admit it afresh under a new id.
         }
         let id = self.next_id;
         let Some(next) = id.checked_add(1).filter(|&next| next != NO_ID) else {
             tracing::error!("node id space exhausted; join refused");
-            return;
+            return true;
         };
         self.next_id = next;
         self.admitted.insert(join.nonce, id);
@@ -810,6 +803,7 @@ impl Engine {
             waiting,
         });
         self.send_due_welcomes().await;
+        true
     }
 
     /// Sends each pending welcome once every member acknowledged the announcement (so each
@@ -921,8 +915,8 @@ impl Engine {
         }));
         self.held_frames = 0;
         self.held_bytes = 0;
-        for (identity, header, payload) in joining.stash {
-            Box::pin(self.on_frame(identity, header, payload)).await;
+        for (conn, header, payload) in joining.stash {
+            Box::pin(self.on_frame(conn, header, payload)).await;
         }
     }
 

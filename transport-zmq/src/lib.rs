@@ -1,11 +1,16 @@
 //! ZeroMQ transport for coherence, on zmq.rs (pure Rust): nodes on different hosts form a
 //! cluster over TCP.
 //!
+//! What this crate is for: connections, membership of the mesh, per-pair FIFO (sequence
+//! numbers, acknowledgements, resends) and authentication. What it must not do: know anything
+//! of tokens or objects, or take a protocol decision.
+//!
 //! # Shape
-//! Each node binds one ROUTER and connects one DEALER to every peer's ROUTER; all traffic from
-//! A to B goes over A's single DEALER to B, which is what makes frames of one ordered pair
-//! arrive in order. zmq.rs is asynchronous: one task on a current-thread tokio runtime owns
-//! every socket. The runtime has no thread of its own: whichever thread waits in
+//! Each node listens on one TCP port and connects one zmq.rs DEALER to every peer's port; all
+//! traffic from A to B goes over A's single DEALER to B, which is what makes frames of one
+//! ordered pair arrive in order. On its port a node speaks the receiving side of ZMTP itself,
+//! as a ROUTER would (see "Hostile networks" for why). zmq.rs is asynchronous: one task on a
+//! current-thread tokio runtime owns every socket. The runtime has no thread of its own: whichever thread waits in
 //! [`Transport::recv`] runs it (a node's driver, or a caller polling for its reply). A frame
 //! thus goes from the socket to the protocol on one thread, as in a raw zmq.rs loop; a
 //! hand-off to a runtime thread and back cost each round trip two thread wake-ups.
@@ -70,10 +75,59 @@
 //!   numbers make a replayed frame on a live pair a duplicate that is dropped, but a
 //!   recorded hello or heartbeat can still be replayed, e.g. to keep a dead member looking
 //!   alive, and frames are not bound to one run of the cluster beyond the incarnations;
-//! - availability: anyone who can reach the port can flood it, hold connections open, or
-//!   (before any of our checks run, inside zmq.rs, which has no maximum message size) claim a
-//!   huge ZMTP frame and make the node reserve memory for it. Keep the port firewalled.
-//! - protection from holders of the secret: every member is trusted.
+//! - availability against a flood: the limits below keep a node alive and serving its members
+//!   (see "Hostile networks"), but anyone who can reach the port can still take the slots for
+//!   connections that have not authenticated yet, which delays joiners, and use bandwidth and
+//!   CPU. Keep the port firewalled.
+//! - protection from holders of the secret: every member is trusted, and so, without a
+//!   secret, is anyone who sends a well-formed hello or join request.
+//!
+//! Without a secret, anyone who reaches the port can join and then read and write every
+//! object. So a node refuses to listen on an address other than loopback without one
+//! ([`ZmqError::Insecure`]), unless [`ZmqConfig::insecure`] says that the network is trusted.
+//!
+//! # Hostile networks
+//! Nothing a peer sends before it authenticated makes the node allocate more than a few KiB,
+//! abort, panic or spin. A connection *authenticates* with its first message: a hello the node
+//! accepts (with a secret: one that carries the right MAC) or a join request. Until then:
+//! - every frame it sends, ZMTP command or message, may be at most 4 KiB; a frame header that
+//!   claims more closes the connection before any of the body is read or reserved (counted in
+//!   [`ZmqStats::rejected_oversize`]), and so does a first message that does not authenticate;
+//! - it has [`ZmqConfig::handshake_timeout`] (default 5 s) to authenticate, and at most
+//!   [`ZmqConfig::max_unauthenticated`] (default 64) such connections are kept: one more closes
+//!   the oldest ([`ZmqStats::dropped_unauthenticated`]);
+//! - a failed accept (a full file table, EMFILE) pauses accepting for
+//!   [`coherence_core::wait::ACCEPT_BACKOFF`] instead of failing again at once, and lowers that
+//!   limit to three quarters of the connections then open, closing the oldest, so that a
+//!   quarter of the descriptors they held stay free for members, joiners and the node's own
+//!   outgoing connections ([`ZmqStats::accept_errors`]).
+//!
+//! Afterwards a frame may be as long as `max_frame` plus this transport's header and MAC; one
+//! that claims more closes the connection too.
+//!
+//! Why the node speaks ZMTP itself on its port: zmq.rs 0.7 reserves the length a frame header
+//! claims before it reads the body, and has no limit (one 103-byte message claiming 1 TiB made
+//! the process abort); it has no handshake deadline, no limit of connections and no way to
+//! close one peer of a ROUTER; and its accept loop retries a failed accept at once, which spun
+//! a core while the file table was full. A node only *receives* on its port (its ROUTER never
+//! sent), so that side of ZMTP 3.0 with the NULL mechanism is small: greeting and READY both
+//! ways, then length-prefixed frames. Writing it here puts every check before the bytes are
+//! believed, and lets the engine decide which connection authenticated. The alternatives:
+//! - a guard in front of zmq.rs that checks frame headers and forwards the bytes to the ROUTER
+//!   on an internal address adds a hop (a copy, a socket, more descriptors per connection) to
+//!   every frame, and still needs zmq.rs's accept loop not to spin on the internal side;
+//! - a patched copy of zmq.rs with a size check before the reserve fixes only the allocation:
+//!   the deadline, the limits and the accept loop need changes all through its ROUTER;
+//! - libzmq (the `zmq` crate, `ZMQ_MAXMSGSIZE`) means a C library and a rewrite of the engine
+//!   on another API.
+//!
+//! Measured on the 2-core VM of `docs/BENCHMARKS.md` ("Hostile networks"), before and after
+//! in one session: write latency with spread tokens between two processes did not change
+//! (update, 8 B: best pass 24.6 µs before, 24.2 µs after), and the in-process round trip
+//! (`examples/round_trip.rs`) got faster, since a frame reaches the engine without zmq.rs's
+//! ROUTER queues (8 B: 20.7 to 17.3 µs; 64 KiB: 61.2 to 49.7 µs; best of 5). The guard would
+//! add its hop on top of the "before" figures; the patched copy would measure as "before"
+//! and fix only the allocation. Neither was built.
 //!
 //! # Limits
 //! Ids are never reused while the coordinator lives. If the coordinator dies in the middle of
@@ -82,6 +136,7 @@
 #![deny(missing_docs)]
 
 mod engine;
+mod listener;
 mod wire;
 
 use std::future::Future;
@@ -100,6 +155,7 @@ use tokio::sync::{mpsc, Notify};
 use coherence_core::wait;
 
 use crate::engine::{Command, Settings, Shared};
+use crate::listener::{Limits, MAX_ADDR_LEN};
 use crate::wire::{Codec, HEADER_LEN, MAC_LEN};
 
 /// Environment variable that [`secret_from_env_or_file`] reads when no file is given.
@@ -114,7 +170,7 @@ const GRACE: Duration = Duration::from_secs(2);
 /// How a [`ZmqTransport`] starts.
 #[derive(Clone)]
 pub struct ZmqConfig {
-    /// Address to bind the ROUTER to, e.g. `tcp://127.0.0.1:0` (port 0 picks a free port; see
+    /// Address to listen on, e.g. `tcp://127.0.0.1:0` (port 0 picks a free port; see
     /// [`ZmqTransport::local_addr`]).
     pub listen: String,
     /// Address announced to other members, when it differs from the bound one (e.g. when
@@ -134,6 +190,17 @@ pub struct ZmqConfig {
     pub heartbeat: Duration,
     /// How long `start` waits for the welcome when joining.
     pub join_timeout: Duration,
+    /// How long a new incoming connection has to authenticate (ZMTP handshake, then a hello
+    /// or a join request) before it is closed. Members do it within milliseconds; the limit
+    /// is for strangers who connect and say nothing.
+    pub handshake_timeout: Duration,
+    /// Most incoming connections that have not authenticated yet; one more closes the oldest.
+    /// Each costs a file descriptor and a few KiB, so keep it well below the open-file limit.
+    pub max_unauthenticated: usize,
+    /// Allows listening on an address other than loopback without a [`ZmqConfig::secret`].
+    /// Without a secret anyone who reaches the port can join and then read or write every
+    /// object, so that needs this explicit opt-out; see [`ZmqError::Insecure`].
+    pub insecure: bool,
 }
 
 impl std::fmt::Debug for ZmqConfig {
@@ -149,6 +216,9 @@ impl std::fmt::Debug for ZmqConfig {
             .field("lost_after", &self.lost_after)
             .field("heartbeat", &self.heartbeat)
             .field("join_timeout", &self.join_timeout)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("max_unauthenticated", &self.max_unauthenticated)
+            .field("insecure", &self.insecure)
             .finish()
     }
 }
@@ -166,6 +236,9 @@ impl ZmqConfig {
             lost_after: Duration::from_secs(3),
             heartbeat: Duration::from_millis(200),
             join_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(5),
+            max_unauthenticated: 64,
+            insecure: false,
         }
     }
 
@@ -179,8 +252,11 @@ impl ZmqConfig {
         .into_iter()
         .flatten()
         {
-            if addr.parse::<zeromq::Endpoint>().is_err() {
-                return invalid(&format!("{addr:?} is not a ZeroMQ endpoint"));
+            if !matches!(addr.parse(), Ok(zeromq::Endpoint::Tcp(..))) {
+                return invalid(&format!("{addr:?} is not a tcp:// endpoint"));
+            }
+            if addr.len() > MAX_ADDR_LEN {
+                return invalid(&format!("an address is longer than {MAX_ADDR_LEN} bytes"));
             }
         }
         if self.cluster_id.is_empty() {
@@ -195,7 +271,30 @@ impl ZmqConfig {
         if self.heartbeat.is_zero() || self.lost_after < self.heartbeat * 3 {
             return invalid("heartbeat must be positive and at most a third of lost_after");
         }
+        if self.handshake_timeout.is_zero() || self.max_unauthenticated == 0 {
+            return invalid("handshake_timeout and max_unauthenticated must be positive");
+        }
+        if self.secret.is_none() && !self.insecure && !is_loopback(&self.listen) {
+            return Err(ZmqError::Insecure {
+                addr: self.listen.clone(),
+            });
+        }
         Ok(())
+    }
+}
+
+/// Whether a `tcp://` endpoint is on loopback: a 127.0.0.0/8 or ::1 address, or `localhost`.
+/// Any other name may resolve to a reachable address, so it counts as not loopback.
+fn is_loopback(endpoint: &str) -> bool {
+    match endpoint.parse() {
+        Ok(zeromq::Endpoint::Tcp(zeromq::Host::Ipv4(ip), _)) => ip.is_loopback(),
+        Ok(zeromq::Endpoint::Tcp(zeromq::Host::Ipv6(ip), _)) => {
+            std::net::IpAddr::V6(ip).to_canonical().is_loopback()
+        }
+        Ok(zeromq::Endpoint::Tcp(zeromq::Host::Domain(name), _)) => {
+            name.eq_ignore_ascii_case("localhost")
+        }
+        _ => false,
     }
 }
 
@@ -212,12 +311,12 @@ pub enum ZmqError {
     /// The configuration is inconsistent (the message says which field).
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
-    /// The ROUTER could not bind the listen address (in use, not local, bad syntax).
+    /// The listen address could not be bound (in use, not local, a name that does not resolve).
     #[error("cannot bind {addr}: {reason}")]
     Bind {
         /// The listen address.
         addr: String,
-        /// What zmq.rs reported.
+        /// What the operating system (or the name lookup) reported.
         reason: String,
     },
     /// The tokio runtime or the keeper thread could not be created.
@@ -249,6 +348,18 @@ pub enum ZmqError {
     /// The secret file or variable is empty: an empty key would authenticate nothing.
     #[error("the secret is empty")]
     EmptySecret,
+    /// Asked to listen on an address other than loopback without a secret: anyone who can
+    /// reach it could join the cluster and read or change every object.
+    #[error(
+        "refusing to listen on {addr} without a secret: anyone who can reach it could join the \
+         cluster and read or change every object. Give every node the same secret \
+         (ZmqConfig::secret, e.g. from a secret file or COHERENCE_SECRET), or, on a network \
+         you trust, opt out explicitly (ZmqConfig::insecure; --insecure in the demo)"
+    )]
+    Insecure {
+        /// The listen address.
+        addr: String,
+    },
 }
 
 /// Reads the cluster secret from `path` (the `--secret-file` of a program) or, without a
@@ -295,8 +406,15 @@ pub struct ZmqStats {
     pub rejected_foreign: u64,
     /// Frames dropped for a missing or wrong MAC.
     pub rejected_unauthenticated: u64,
-    /// Frames dropped for exceeding `max_frame`.
+    /// Frames dropped for exceeding `max_frame`, and connections closed for a frame header
+    /// that claims more than their limit (before it authenticated: a few KiB).
     pub rejected_oversize: u64,
+    /// Incoming connections closed before they authenticated: not within
+    /// `handshake_timeout`, or to make room for a newer one (`max_unauthenticated`, a full
+    /// file table).
+    pub dropped_unauthenticated: u64,
+    /// Failed accepts, typically for a full file table; each pauses accepting for a moment.
+    pub accept_errors: u64,
 }
 
 /// Runs the tokio runtime on the threads that call in; see the crate documentation.
@@ -468,6 +586,11 @@ impl ZmqTransport {
             heartbeat: cfg.heartbeat,
             lost_after: cfg.lost_after,
             join_timeout: cfg.join_timeout,
+            limits: Limits {
+                handshake_timeout: cfg.handshake_timeout,
+                max_unauthenticated: cfg.max_unauthenticated,
+                max_message: HEADER_LEN + cfg.max_frame + MAC_LEN,
+            },
         };
         let driver = Arc::new(Driver::new()?);
         let shared = Arc::new(Shared::default());
@@ -513,7 +636,7 @@ impl ZmqTransport {
         })
     }
 
-    /// The address the ROUTER is bound to, with the real port when the config said port 0.
+    /// The address the node listens on, with the real port when the config said port 0.
     pub fn local_addr(&self) -> String {
         self.local_addr.clone()
     }

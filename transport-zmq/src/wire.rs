@@ -140,11 +140,6 @@ impl Codec {
         }
     }
 
-    /// Largest payload this codec accepts.
-    pub(crate) fn max_frame(&self) -> usize {
-        self.max_frame
-    }
-
     /// Builds a frame. The caller keeps payloads within `max_frame`, which fits a `u32`.
     pub(crate) fn encode(&self, header: Header, payload: &[u8]) -> Bytes {
         let mac_len = if self.mac.is_some() { MAC_LEN } else { 0 };
