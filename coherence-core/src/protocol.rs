@@ -607,8 +607,12 @@ impl Protocol {
         }
     }
 
-    /// A peer left or was lost: forget it and its requests.
+    /// A peer left or was lost: forget it and its requests. A report about this node itself
+    /// (a transport bug) is ignored: forgetting its own requests would lose track of them.
     pub fn peer_left(&mut self, peer: NodeId) {
+        if peer == self.id {
+            return;
+        }
         self.forget(peer);
         self.departing.remove(&peer);
         self.awaiting_acks.remove(&peer);
@@ -1326,6 +1330,19 @@ mod tests {
         // A correct grant still goes through.
         fresh.handle(0, grant(1, true, 1, Some(value))).unwrap();
         assert_eq!(fresh.token_view("x").map(|v| v.readable), Some(true));
+    }
+
+    /// Found by the `protocol_handle` fuzz target: a `Left` about this node itself made it
+    /// forget its own pending write, and the next step panicked looking for it.
+    #[test]
+    fn a_left_report_about_itself_is_ignored() {
+        let (_, mut p1) = pair_with_object_at_0();
+        p1.write(1, "x", Bytes::from_static(b"\x01"));
+        let before = p1.clone();
+        p1.peer_left(1);
+        assert_eq!(p1, before);
+        p1.peer_joined(1);
+        assert_eq!(p1, before);
     }
 
     #[test]
