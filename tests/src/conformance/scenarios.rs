@@ -657,7 +657,8 @@ fn type_mismatch(r: &mut Rank<'_>) -> Outcome {
 /// [`shutdown_hands_tokens_on`].)
 fn timeouts_are_errors(r: &mut Rank<'_>) -> Outcome {
     const SHORT: Duration = Duration::from_millis(300);
-    const SLACK: Duration = Duration::from_millis(1500);
+    // Bounds "returns, does not hang", with room for a loaded 2-core machine.
+    const SLACK: Duration = Duration::from_secs(5);
     if r.rank != 1 {
         // The silent founder, whose transport is a member nobody answers for.
         return Ok(());
