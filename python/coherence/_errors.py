@@ -1,0 +1,64 @@
+"""The exceptions of coherence: one class per way an operation can fail.
+
+Each also derives from the built-in exception a caller would naturally catch (``Timeout`` is a
+``TimeoutError``), and carries the details as attributes (``object``, ``operation``...).
+"""
+
+
+class CoherenceError(Exception):
+    """Base class of every error coherence raises."""
+
+
+class Timeout(CoherenceError, TimeoutError):
+    """An operation did not complete within the node's timeout (a node holding tokens
+    vanished, or node 0 is not running). Attributes: ``operation``, ``object``, ``after``
+    (seconds)."""
+
+
+class TypeMismatch(CoherenceError, TypeError):
+    """The object exists with another codec or Rust type than the one asked for.
+    Attributes: ``object``, ``expected``, ``found`` (Rust type names)."""
+
+
+class EncodeError(CoherenceError, ValueError):
+    """A value could not be encoded: its codec refused it (unpicklable, not plain data for
+    msgpack), or it does not fit the object's Rust type. Attributes: ``object``, ``reason``."""
+
+
+class ValueTooLarge(CoherenceError, ValueError):
+    """The encoded value does not fit in one frame of the transport; nothing was written.
+    Attributes: ``object``, ``size``, ``limit`` (bytes)."""
+
+
+class NameTooLong(CoherenceError, ValueError):
+    """The object name is longer than the node allows; nothing was opened. Attributes:
+    ``size``, ``limit`` (bytes)."""
+
+
+class DecodeError(CoherenceError, ValueError):
+    """A value received could not be decoded (for a pickle: its class cannot be imported
+    here). Attributes: ``object``, ``reason``."""
+
+
+class Stopped(CoherenceError):
+    """The node was shut down; its objects no longer work. Attribute: ``node``."""
+
+
+class TransportError(CoherenceError):
+    """The node's transport failed, so the node stopped: every waiting and later operation
+    raises this at once. Attributes: ``node``, ``reason``."""
+
+
+class InsideUpdate(CoherenceError, RuntimeError):
+    """An operation on an object from inside that object's own ``update`` function, which
+    would wait for the tokens the update holds. Use the function's argument instead.
+    Attributes: ``operation``, ``object``."""
+
+
+class SpawnError(CoherenceError):
+    """The node's driver thread could not be started. Attribute: ``reason``."""
+
+
+class StartError(CoherenceError):
+    """A transport could not start: an address in use, no member answering a join, MPI
+    missing from this build or granting too little thread support."""
