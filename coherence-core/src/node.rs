@@ -671,6 +671,7 @@ impl Node {
         let protocol = Protocol::new(id, transport.peers(), config.write_policy);
         tracing::debug!(node = id, peers = ?protocol.members(), "node starting");
         let max_frame = transport.max_frame();
+        Budget::of_process().share_with(transport.colocated_processes());
         let inner = Arc::new(Inner {
             id,
             config,

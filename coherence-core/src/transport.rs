@@ -76,6 +76,13 @@ pub trait Transport: Send + Sync + 'static {
         usize::MAX
     }
 
+    /// How many processes of this cluster, this one included, run on this machine and share
+    /// its cores (1 by default: unknown, or only this one). The wait policy lets a process's
+    /// polling threads spin only while all these processes' pollers could fit the cores.
+    fn colocated_processes(&self) -> usize {
+        1
+    }
+
     /// Waits up to `timeout` for the next event; `Ok(None)` when none came in time.
     fn recv(&self, timeout: Duration) -> Result<Option<TransportEvent>, TransportError>;
 
@@ -102,6 +109,10 @@ macro_rules! forward_transport {
 
             fn max_frame(&self) -> usize {
                 (**self).max_frame()
+            }
+
+            fn colocated_processes(&self) -> usize {
+                (**self).colocated_processes()
             }
 
             fn recv(&self, timeout: Duration) -> Result<Option<TransportEvent>, TransportError> {

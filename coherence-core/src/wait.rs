@@ -137,6 +137,9 @@ pub fn receive<T>(rx: &Receiver<T>, timeout: Duration) -> Result<T, RecvTimeoutE
 pub struct Backoff {
     idle_since: Instant,
     sleep: Duration,
+    /// More processes poll on this machine than it has cores (see [`Budget::crowded`]): spinning
+    /// or yielding would keep the peer that must answer off the cores, so pauses sleep at once.
+    crowded: bool,
 }
 
 impl Default for Backoff {
@@ -151,6 +154,7 @@ impl Backoff {
         Backoff {
             idle_since: Instant::now(),
             sleep: POLL_SLEEP_MIN,
+            crowded: Budget::of_process().crowded(),
         }
     }
 
@@ -167,7 +171,10 @@ impl Backoff {
             return false;
         }
         let idle = now - self.idle_since;
-        if idle < RECV_SPIN {
+        if self.crowded {
+            std::thread::park_timeout(self.sleep.min(deadline - now));
+            self.sleep = (self.sleep * 2).min(POLL_SLEEP_MAX);
+        } else if idle < RECV_SPIN {
             std::hint::spin_loop();
         } else if idle < RECV_SPIN + POLL_YIELD {
             std::thread::yield_now();
@@ -180,7 +187,7 @@ impl Backoff {
 
     /// Whether the next pauses sleep (so a thread handing work should wake this one).
     pub fn sleeping(&self) -> bool {
-        self.idle_since.elapsed() >= RECV_SPIN + POLL_YIELD
+        self.crowded || self.idle_since.elapsed() >= RECV_SPIN + POLL_YIELD
     }
 }
 
@@ -188,6 +195,9 @@ impl Backoff {
 pub(crate) struct Budget {
     polling: AtomicUsize,
     cores: usize,
+    /// Processes (this one included) whose pollers share these cores, as the transport
+    /// reports them ([`crate::Transport::colocated_processes`]).
+    sharers: AtomicUsize,
 }
 
 impl Budget {
@@ -195,6 +205,7 @@ impl Budget {
         Budget {
             polling: AtomicUsize::new(0),
             cores,
+            sharers: AtomicUsize::new(1),
         }
     }
 
@@ -206,9 +217,22 @@ impl Budget {
         })
     }
 
-    /// Whether a counted poller may spin: no more pollers than cores.
+    /// Notes that `processes` processes (this one included) poll on these cores: each is
+    /// assumed to have as many pollers as this one.
+    pub(crate) fn share_with(&self, processes: usize) {
+        self.sharers.fetch_max(processes.max(1), Ordering::Relaxed);
+    }
+
+    /// Whether more processes poll on this machine than it has cores.
+    fn crowded(&self) -> bool {
+        self.sharers.load(Ordering::Relaxed) > self.cores
+    }
+
+    /// Whether a counted poller may spin: no more pollers, counted over every process that
+    /// shares the cores, than cores. Past that, a spinning thread keeps the very peer it waits
+    /// for (a thread of this process or of another) off the cores until the scheduler's tick.
     fn spinning_pays(&self) -> bool {
-        self.polling.load(Ordering::Relaxed) <= self.cores
+        self.polling.load(Ordering::Relaxed) * self.sharers.load(Ordering::Relaxed) <= self.cores
     }
 }
 
@@ -271,6 +295,25 @@ impl Drop for Poller<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pollers_of_other_processes_on_the_machine_count_too() {
+        let budget = Budget::new(2);
+        budget.share_with(2);
+        let mut caller = Poller::new(&budget);
+        assert!(
+            caller.pause(),
+            "one poller in each of two processes fits two cores"
+        );
+        let mut driver = Poller::new(&budget);
+        driver.yield_now();
+        assert!(!caller.pause(), "two in each do not");
+        assert!(!budget.crowded());
+        budget.share_with(3);
+        assert!(budget.crowded(), "three processes on two cores");
+        budget.share_with(1);
+        assert!(budget.crowded(), "the largest report stays");
+    }
 
     #[test]
     fn callers_spin_only_while_the_pollers_fit_the_cores() {

@@ -158,6 +158,9 @@ impl Sleeper {
 struct Shared {
     rank: NodeId,
     size: u32,
+    /// Ranks on this machine, this one included (`MPI_Comm_split_type` with
+    /// `MPI_COMM_TYPE_SHARED`), reported to the wait policy.
+    colocated: usize,
     calls: Calls,
     engine: Mutex<Engine>,
     /// `close` was called: sends and receives fail from now on.
@@ -447,9 +450,12 @@ impl Shared {
     fn new(comm: SimpleCommunicator, calls: Calls) -> Arc<Shared> {
         let rank = comm.rank() as NodeId;
         let size = comm.size() as u32;
+        // Ranks that share this machine's memory (and cores): collective, like the duplicate.
+        let colocated = comm.split_shared(0).size().max(1) as usize;
         Arc::new(Shared {
             rank,
             size,
+            colocated,
             calls,
             engine: Mutex::new(Engine::new(comm)),
             closed: AtomicBool::new(false),
@@ -516,6 +522,10 @@ impl Transport for MpiTransport {
 
     fn max_frame(&self) -> usize {
         MAX_FRAME
+    }
+
+    fn colocated_processes(&self) -> usize {
+        self.shared.colocated
     }
 
     fn send(&self, to: NodeId, frame: Vec<u8>) -> Result<(), TransportError> {
