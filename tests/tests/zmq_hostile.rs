@@ -141,8 +141,10 @@ fn zmtp_attack(addr: SocketAddr) {
     for _ in 0..20 {
         let message = match rng.gen_range(0..4) {
             0 => vec![random_bytes(rng.gen_range(0..200))],
-            1 => vec![layout_frame(1, rng.gen(), &random_bytes(16))],
-            2 => vec![layout_frame(rng.gen_range(2..=255), rng.gen(), b"x")],
+            // The transport's frame format is version 2: first a foreign tag, then a foreign
+            // version.
+            1 => vec![layout_frame(2, rng.gen(), &random_bytes(16))],
+            2 => vec![layout_frame(rng.gen_range(3..=255), rng.gen(), b"x")],
             _ => vec![random_bytes(8), random_bytes(8)],
         };
         if zmtp_send(&mut tcp, &message).is_err() {

@@ -21,7 +21,8 @@ use zeromq::{
     ZmqMessage,
 };
 
-use crate::listener::{self, Inbound, Limits};
+use crate::listener::{self, Context, Inbound, Limits};
+use crate::session::Session;
 use crate::wire::{Codec, Header, Hello, Join, Kind, MemberInfo, Reject, Welcome, NO_ID};
 use crate::{ZmqError, ZmqStats};
 use coherence_core::wait;
@@ -59,6 +60,7 @@ pub(crate) struct Shared {
     pub rejected_malformed: AtomicU64,
     pub rejected_foreign: AtomicU64,
     pub rejected_unauthenticated: AtomicU64,
+    pub rejected_replayed: AtomicU64,
     pub rejected_oversize: AtomicU64,
     pub dropped_unauthenticated: AtomicU64,
     pub accept_errors: AtomicU64,
@@ -73,6 +75,7 @@ impl Shared {
             rejected_malformed: get(&self.rejected_malformed),
             rejected_foreign: get(&self.rejected_foreign),
             rejected_unauthenticated: get(&self.rejected_unauthenticated),
+            rejected_replayed: get(&self.rejected_replayed),
             rejected_oversize: get(&self.rejected_oversize),
             dropped_unauthenticated: get(&self.dropped_unauthenticated),
             accept_errors: get(&self.accept_errors),
@@ -90,6 +93,7 @@ impl Shared {
                 return;
             }
             Reject::Unauthenticated(reason) => (&self.rejected_unauthenticated, reason),
+            Reject::Replayed(reason) => (&self.rejected_replayed, reason),
         };
         tracing::warn!(reason, "dropped a frame");
         counter.fetch_add(1, Ordering::Relaxed);
@@ -149,13 +153,14 @@ pub(crate) async fn run(
     let (gone_tx, gone_rx) = mpsc::unbounded_channel();
     // Dropping it (when this task ends) stops accepting; each connection then ends when it
     // next hands the engine a message or its peer closes.
-    let _listener = AbortOnDrop(tokio::spawn(listener::accept(
-        tcp,
+    let context = Context::new(
+        settings.codec.clone(),
         settings.limits,
         Arc::clone(&shared),
         inbound_tx,
         gone_tx,
-    )));
+    );
+    let _listener = AbortOnDrop(tokio::spawn(listener::accept(tcp, context)));
     let (links_tx, links_rx) = mpsc::unbounded_channel();
     let mut engine = Engine::new(settings, local_addr, shared, commands, inbox, links_tx);
     if engine.start(started) {
@@ -164,11 +169,13 @@ pub(crate) async fn run(
     // Dropping the engine closes every DEALER.
 }
 
-/// Keeps a DEALER connected to `addr`, reports it up, then reports when it breaks.
+/// Keeps a DEALER connected to `addr`, with a secret runs the Noise handshake on it (within
+/// `connect_timeout` too), reports it up, then reports when it breaks.
 async fn run_link(
     target: LinkTarget,
     epoch: u64,
     addr: String,
+    codec: Codec,
     connect_timeout: Duration,
     events: mpsc::UnboundedSender<LinkEvent>,
 ) {
@@ -183,19 +190,39 @@ async fn run_link(
         let _ = events.send(LinkEvent::Down { target, epoch });
         return;
     }
-    let (send, mut recv) = dealer.split();
+    let (mut send, mut recv) = dealer.split();
+    let session = match codec.keys() {
+        None => None,
+        Some(_) => {
+            let handshake = open_session(&codec, &mut send, &mut recv);
+            match tokio::time::timeout(connect_timeout, handshake).await {
+                Ok(Ok(session)) => Some(session),
+                Ok(Err(reason)) => {
+                    tracing::warn!(%addr, reason, "no session: cannot talk to this address");
+                    let _ = events.send(LinkEvent::Down { target, epoch });
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%addr, "no answer to our Noise handshake in time");
+                    let _ = events.send(LinkEvent::Down { target, epoch });
+                    return;
+                }
+            }
+        }
+    };
     if events
         .send(LinkEvent::Up {
             target,
             epoch,
             send,
+            session,
         })
         .is_err()
     {
         return;
     }
-    // Listeners never answer on this connection; polling the receive side is what notices that
-    // the peer closed it.
+    // Listeners send nothing after the handshake; polling the receive side is what notices
+    // that the peer closed the connection.
     loop {
         tokio::select! {
             received = recv.recv() => if received.is_err() { break },
@@ -206,6 +233,35 @@ async fn run_link(
         }
     }
     let _ = events.send(LinkEvent::Down { target, epoch });
+}
+
+/// The Noise handshake as the connecting side: our first message, the listener's answer.
+async fn open_session(
+    codec: &Codec,
+    send: &mut DealerSendHalf,
+    recv: &mut zeromq::DealerRecvHalf,
+) -> Result<Session, String> {
+    let keys = codec.keys().ok_or("no secret")?;
+    let (initiator, first) = keys.initiate().map_err(|e| format!("{e:?}"))?;
+    let header = Header {
+        kind: Kind::Handshake,
+        sender: NO_ID,
+        seq: 0,
+        ack: 0,
+    };
+    send.send(ZmqMessage::from(codec.encode(header, &first)))
+        .await
+        .map_err(|e| e.to_string())?;
+    let answer = recv.recv().await.map_err(|e| e.to_string())?;
+    let answer = match answer.into_vec().as_slice() {
+        [only] => only.clone(),
+        _ => return Err("a multi-part answer to the handshake".into()),
+    };
+    let (header, payload) = codec.decode(&answer).map_err(|e| format!("{e:?}"))?;
+    if header.kind != Kind::Handshake {
+        return Err(format!("a {:?} frame for an answer", header.kind));
+    }
+    initiator.finish(&payload).map_err(|e| format!("{e:?}"))
 }
 
 /// Which DEALER a link event is about.
@@ -221,6 +277,8 @@ enum LinkEvent {
         target: LinkTarget,
         epoch: u64,
         send: DealerSendHalf,
+        /// With a secret: the session every frame on this link is sealed in.
+        session: Option<Session>,
     },
     Down {
         target: LinkTarget,
@@ -246,6 +304,7 @@ enum Link {
     Up {
         epoch: u64,
         send: DealerSendHalf,
+        session: Option<Session>,
         _task: AbortOnDrop,
     },
     Down {
@@ -261,10 +320,26 @@ impl Link {
         }
     }
 
-    /// Sends on an up link; `false` if the link broke (it is then down, to be retried).
+    /// Sends on an up link, sealed in its session with a secret; `false` if the link broke
+    /// (it is then down, to be retried). Frames are kept unsealed and sealed here, as each
+    /// connection has its own session and a reconnect resends under the new one.
     async fn transmit(&mut self, frame: Bytes, backoff: Duration) -> bool {
-        let Link::Up { send, .. } = self else {
+        let Link::Up { send, session, .. } = self else {
             return false;
+        };
+        let frame = match session {
+            None => frame,
+            Some(session) => match session.seal(&frame) {
+                Ok(sealed) => sealed,
+                Err(e) => {
+                    // Only after 2^64 frames on one connection: a new one has a new session.
+                    tracing::warn!(error = %e, "cannot seal a frame; reconnecting");
+                    *self = Link::Down {
+                        retry_at: Instant::now() + backoff,
+                    };
+                    return false;
+                }
+            },
         };
         match send.send(ZmqMessage::from(frame)).await {
             Ok(()) => true,
@@ -538,6 +613,7 @@ impl Engine {
             target,
             epoch,
             addr,
+            self.codec.clone(),
             self.lost_after,
             self.links_tx.clone(),
         ));
@@ -593,6 +669,9 @@ impl Engine {
         match header.kind {
             Kind::Hello => return self.on_hello(conn, header, &payload),
             Kind::Join if header.sender == NO_ID => return self.on_join_request(&payload).await,
+            // The listener consumes handshakes; one in a session, or without a secret, is not
+            // how this transport speaks.
+            Kind::Handshake => self.reject(Reject::Malformed("a handshake where frames belong")),
             _ => match self.conns.get(&conn).copied() {
                 None => self.reject(Reject::Malformed("frame before hello")),
                 Some(Conn::Refused) => {
@@ -726,7 +805,7 @@ impl Engine {
                 None => self.reject(Reject::Malformed("bad announcement")),
             },
             // A repeated welcome: we were admitted already.
-            Kind::Welcome | Kind::Hello | Kind::Heartbeat => {}
+            Kind::Welcome | Kind::Hello | Kind::Heartbeat | Kind::Handshake => {}
         }
         if ack_now {
             self.send_heartbeat(from).await;
@@ -979,6 +1058,7 @@ impl Engine {
                 target: LinkTarget::Peer(id),
                 epoch,
                 send,
+                session,
             } => {
                 let my_id = self.my_id();
                 let my_incarnation = self.incarnation;
@@ -994,7 +1074,12 @@ impl Engine {
                 else {
                     return;
                 };
-                peer.link = Link::Up { epoch, send, _task };
+                peer.link = Link::Up {
+                    epoch,
+                    send,
+                    session,
+                    _task,
+                };
                 peer.backoff = wait::RECONNECT_MIN;
                 let hello = Hello {
                     target: id,
@@ -1022,6 +1107,7 @@ impl Engine {
                 target: LinkTarget::Contact,
                 epoch,
                 send,
+                session,
             } => {
                 let Some(joining) = &mut self.joining else {
                     return;
@@ -1034,7 +1120,12 @@ impl Engine {
                 else {
                     return;
                 };
-                joining.link = Link::Up { epoch, send, _task };
+                joining.link = Link::Up {
+                    epoch,
+                    send,
+                    session,
+                    _task,
+                };
                 self.send_join_request().await;
             }
             LinkEvent::Down {

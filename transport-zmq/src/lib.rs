@@ -59,28 +59,52 @@
 //! # drop((node, founder));
 //! ```
 //!
-//! # Frame hygiene and threat model
+//! # Frame hygiene
 //! Every frame carries a magic, a format version, a hash of the cluster id, its kind, sender,
 //! sequencing and payload length (see the `wire` module), and is checked before it is
 //! believed. A frame that is truncated, malformed, of another cluster or version, longer
-//! than [`ZmqConfig::max_frame`] or wrongly authenticated is dropped with a `tracing` warning
-//! and counted in [`ZmqStats`]; it never stops the node.
+//! than [`ZmqConfig::max_frame`] or not from a holder of the secret is dropped with a
+//! `tracing` warning and counted in [`ZmqStats`]; it never stops the node.
 //!
-//! With a shared secret ([`ZmqConfig::secret`], see [`secret_from_env_or_file`]) every frame
-//! carries an HMAC-SHA256 over header and payload, checked in constant time. That gives
-//! integrity and authenticity against anyone who does not hold the secret: they cannot
-//! inject frames, join, impersonate a member or alter frames in transit. It does not give:
-//! - confidentiality: frames travel in clear text (use a VPN, WireGuard or an SSH tunnel);
-//! - replay protection: a captured frame of this cluster can be replayed into it. Sequence
-//!   numbers make a replayed frame on a live pair a duplicate that is dropped, but a
-//!   recorded hello or heartbeat can still be replayed, e.g. to keep a dead member looking
-//!   alive, and frames are not bound to one run of the cluster beyond the incarnations;
-//! - availability against a flood: the limits below keep a node alive and serving its members
-//!   (see "Hostile networks"), but anyone who can reach the port can still take the slots for
-//!   connections that have not authenticated yet, which delays joiners, and use bandwidth and
-//!   CPU. Keep the port firewalled.
-//! - protection from holders of the secret: every member is trusted, and so, without a
-//!   secret, is anyone who sends a well-formed hello or join request.
+//! # Sessions
+//! With a shared secret ([`ZmqConfig::secret`], see [`secret_from_env_or_file`]) every
+//! connection starts with a Noise handshake, `Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s` through
+//! the `snow` crate, in which both ends contribute a fresh X25519 ephemeral key. The pre-shared
+//! key is HKDF-SHA256 of the secret (no salt, info `coherence-zmq noise psk\0` followed by the
+//! cluster id) and the prologue is `coherence-zmq session, frame version 2`. The connecting
+//! side sends the first handshake message as the payload of a handshake frame (the only frame
+//! that crosses in clear), the listener answers with the second in a handshake frame, and from
+//! then on every frame on that connection is encrypted and authenticated with ChaCha20-Poly1305
+//! under the session's keys, with the nonce counter Noise keeps (a frame longer than a Noise
+//! message is sealed as consecutive Noise messages in one ZeroMQ message).
+//!
+//! Traffic from A to B goes only over A's DEALER to B's listener, and B answers over its own
+//! DEALER to A: so each direction of a pair has a session of its own, started by its sender,
+//! and the listener never sends anything but the handshake's answer. A reconnect starts a new
+//! session, and what was not acknowledged is sealed again in it: per-pair FIFO, resends and
+//! duplicate detection work inside sessions as they did without them.
+//!
+//! # Threat model
+//! What an attacker who can see, send and hold back packets on the network can do:
+//!
+//! | | without a secret | with a secret |
+//! |---|---|---|
+//! | eavesdrop | reads every frame: object values, members, addresses | sees that nodes talk, when, and how much (message lengths); not what |
+//! | inject | anything: join, then read and write every object | nothing is believed: the handshake needs the PSK, frames need the session keys |
+//! | replay | a recorded join is admitted again (a phantom member that delays every member's shutdown until it is reported lost), a recorded hello speaks for a live member | a recorded first handshake message is answered, but nothing recorded opens in the new session: the connection is closed at its first sealed message ([`ZmqStats::rejected_replayed`]) |
+//! | reorder, duplicate, alter | within TCP only if on the path; duplicates are dropped by sequence number | breaks the session's nonce or tag: the connection is closed and counted, the sender reconnects and resends |
+//! | drop, delay, cut | frames wait for the reconnect and resend; a member unheard for `lost_after` is reported lost | the same: Noise hides content, not availability |
+//! | connection floods | bounded: see "Hostile networks" | the same |
+//! | huge frames | closed at the frame header, before the body is read or reserved | the same |
+//!
+//! Both ways, anyone who can reach the port can take the slots for connections that have not
+//! authenticated yet (which delays joiners), and use bandwidth and CPU: keep the port
+//! firewalled. A holder of the secret is a member in all but name: it can join, read and write
+//! every object, impersonate any member in a hello, and (being able to answer handshakes) stand
+//! in the middle between members. Sessions have no forward secrecy against it: whoever obtains
+//! the secret later cannot decrypt a recorded session (its ephemeral keys are gone), but can
+//! impersonate nodes from then on. Changing the secret means restarting every node with the
+//! new one.
 //!
 //! Without a secret, anyone who reaches the port can join and then read and write every
 //! object. So a node refuses to listen on an address other than loopback without one
@@ -88,11 +112,13 @@
 //!
 //! # Hostile networks
 //! Nothing a peer sends before it authenticated makes the node allocate more than a few KiB,
-//! abort, panic or spin. A connection *authenticates* with its first message: a hello the node
-//! accepts (with a secret: one that carries the right MAC) or a join request. Until then:
+//! abort, panic or spin. A connection *authenticates* with its first frame: a hello the node
+//! accepts or a join request (with a secret: after a Noise handshake, sealed in its session).
+//! Until then:
 //! - every frame it sends, ZMTP command or message, may be at most 4 KiB; a frame header that
 //!   claims more closes the connection before any of the body is read or reserved (counted in
-//!   [`ZmqStats::rejected_oversize`]), and so does a first message that does not authenticate;
+//!   [`ZmqStats::rejected_oversize`]), and so does a first message that does not authenticate
+//!   (or, with a secret, a handshake message that does not open with the key);
 //! - it has [`ZmqConfig::handshake_timeout`] (default 5 s) to authenticate, and at most
 //!   [`ZmqConfig::max_unauthenticated`] (default 64) such connections are kept: one more closes
 //!   the oldest ([`ZmqStats::dropped_unauthenticated`]);
@@ -102,8 +128,8 @@
 //!   quarter of the descriptors they held stay free for members, joiners and the node's own
 //!   outgoing connections ([`ZmqStats::accept_errors`]).
 //!
-//! Afterwards a frame may be as long as `max_frame` plus this transport's header and MAC; one
-//! that claims more closes the connection too.
+//! Afterwards a frame may be as long as `max_frame` plus this transport's header (and, with a
+//! secret, the Noise tags); one that claims more closes the connection too.
 //!
 //! Why the node speaks ZMTP itself on its port: zmq.rs 0.7 reserves the length a frame header
 //! claims before it reads the body, and has no limit (one 103-byte message claiming 1 TiB made
@@ -137,6 +163,7 @@
 
 mod engine;
 mod listener;
+mod session;
 mod wire;
 
 use std::future::Future;
@@ -156,7 +183,8 @@ use coherence_core::wait;
 
 use crate::engine::{Command, Settings, Shared};
 use crate::listener::{Limits, MAX_ADDR_LEN};
-use crate::wire::{Codec, HEADER_LEN, MAC_LEN};
+use crate::session::sealed_len;
+use crate::wire::{Codec, HEADER_LEN};
 
 /// Environment variable that [`secret_from_env_or_file`] reads when no file is given.
 pub const SECRET_ENV: &str = "COHERENCE_SECRET";
@@ -180,7 +208,9 @@ pub struct ZmqConfig {
     pub join: Option<String>,
     /// Name of the cluster; frames of other clusters are dropped.
     pub cluster_id: String,
-    /// Shared secret; when set, every frame is authenticated with HMAC-SHA256.
+    /// Shared secret; when set, every connection starts with a Noise handshake keyed with it
+    /// and every frame is encrypted and authenticated in that connection's session (see
+    /// "Threat model").
     pub secret: Option<Vec<u8>>,
     /// Largest frame accepted or sent, in bytes (payload of [`Transport::send`]).
     pub max_frame: usize,
@@ -265,7 +295,7 @@ impl ZmqConfig {
         if self.secret.as_ref().is_some_and(Vec::is_empty) {
             return invalid("empty secret");
         }
-        if self.max_frame == 0 || self.max_frame > u32::MAX as usize - HEADER_LEN - MAC_LEN {
+        if self.max_frame == 0 || self.max_frame > u32::MAX as usize - HEADER_LEN {
             return invalid("max_frame must be between 1 byte and 4 GiB");
         }
         if self.heartbeat.is_zero() || self.lost_after < self.heartbeat * 3 {
@@ -404,8 +434,14 @@ pub struct ZmqStats {
     pub rejected_malformed: u64,
     /// Frames dropped for another magic, version or cluster id, or meant for another node.
     pub rejected_foreign: u64,
-    /// Frames dropped for a missing or wrong MAC.
+    /// Frames and connections refused for not coming from a holder of the secret: a failed
+    /// Noise handshake (another secret or cluster id), a frame where the handshake belongs,
+    /// or a frame of a node with a secret to one without.
     pub rejected_unauthenticated: u64,
+    /// Sealed messages that did not decrypt under their connection's session, each closing
+    /// its connection: replayed from an earlier session (a recorded join, say) or from
+    /// earlier in the same one, reordered, or altered on the way.
+    pub rejected_replayed: u64,
     /// Frames dropped for exceeding `max_frame`, and connections closed for a frame header
     /// that claims more than their limit (before it authenticated: a few KiB).
     pub rejected_oversize: u64,
@@ -578,6 +614,7 @@ impl ZmqTransport {
     /// Binds, then founds a cluster or joins one; returns once this node has its id.
     pub fn start(cfg: ZmqConfig) -> Result<ZmqTransport, ZmqError> {
         cfg.validate()?;
+        let largest = HEADER_LEN + cfg.max_frame;
         let settings = Settings {
             codec: Codec::new(&cfg.cluster_id, cfg.secret.as_deref(), cfg.max_frame),
             listen: cfg.listen,
@@ -589,7 +626,11 @@ impl ZmqTransport {
             limits: Limits {
                 handshake_timeout: cfg.handshake_timeout,
                 max_unauthenticated: cfg.max_unauthenticated,
-                max_message: HEADER_LEN + cfg.max_frame + MAC_LEN,
+                max_message: if cfg.secret.is_some() {
+                    sealed_len(largest)
+                } else {
+                    largest
+                },
             },
         };
         let driver = Arc::new(Driver::new()?);
@@ -644,6 +685,18 @@ impl ZmqTransport {
     /// A snapshot of this endpoint's counters.
     pub fn stats(&self) -> ZmqStats {
         self.shared.stats()
+    }
+
+    /// The current members other than this node, lowest id first: those [`Transport::send`]
+    /// accepts frames for. For monitoring and tests; a `Node` learns of changes through
+    /// [`TransportEvent::Joined`] and [`TransportEvent::Left`].
+    pub fn members(&self) -> Vec<NodeId> {
+        let members = self
+            .shared
+            .members
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        members.iter().copied().collect()
     }
 
     /// Stops at once without a goodbye, as a crash would: peers report this node lost after

@@ -6,9 +6,16 @@
 //! networks" in the crate documentation). Every node only ever *receives* on its listener, so
 //! its side of ZMTP is small: send our greeting and READY, check the peer's, then read frames.
 //!
-//! A connection is *unauthenticated* until its first message is a hello the engine accepts or
-//! a join request (both pass the codec first: cluster, version and, with a secret, the MAC).
-//! Until then every frame it sends may be at most [`FIRST_MESSAGE`] bytes, it must
+//! With a secret, the first message must be a Noise handshake message that opens with the
+//! cluster's key; the listener answers with the second handshake message, the only message it
+//! ever sends, and from then on opens every message in that connection's session (see the
+//! `session` module). A message that does not open closes the connection: it was replayed,
+//! reordered, altered or forged, and the session cannot go on after a lost message anyway.
+//!
+//! A connection is *unauthenticated* until its first frame is a hello the engine accepts or
+//! a join request (both pass the codec first: cluster and version, and with a secret they
+//! must have opened in the session). Until then every frame it sends may be at most
+//! [`FIRST_MESSAGE`] bytes, it must
 //! authenticate within `handshake_timeout`, and at most `max_unauthenticated` such connections
 //! are kept (a new one closes the oldest). A first message that does not authenticate closes
 //! the connection. Afterwards a message may be as long as the codec's largest frame. A frame
@@ -20,21 +27,23 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use coherence_core::wait;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use zeromq::{Endpoint, Host};
 
 use crate::engine::Shared;
-use crate::wire::Reject;
+use crate::session::Session;
+use crate::wire::{Codec, Header, Kind, Reject, NO_ID};
 
 /// Largest frame, command or message, a connection may send before it authenticated: a hello
-/// is 92 bytes with its MAC and a join request names one address, and READY names a socket
-/// type and at most a 255-byte identity. This bounds what a stranger makes us allocate.
+/// is 76 bytes sealed, a handshake message 88, a join request names one address, and READY
+/// names a socket type and at most a 255-byte identity. This bounds what a stranger makes us
+/// allocate.
 pub(crate) const FIRST_MESSAGE: usize = 4096;
 /// Longest address a join request can carry within [`FIRST_MESSAGE`] (checked in the config).
 pub(crate) const MAX_ADDR_LEN: usize = 1024;
@@ -59,7 +68,8 @@ const COMMAND: u8 = 0x04;
 pub(crate) struct Limits {
     pub handshake_timeout: Duration,
     pub max_unauthenticated: usize,
-    /// Largest message of an authenticated connection: header, `max_frame` and MAC.
+    /// Largest message of an authenticated connection: header and `max_frame`, sealed with a
+    /// secret.
     pub max_message: usize,
 }
 
@@ -107,7 +117,8 @@ pub(crate) async fn bind(listen: &str) -> Result<(TcpListener, String), String> 
 type Pending = Arc<Mutex<BTreeMap<u64, AbortHandle>>>;
 
 /// What every connection task shares.
-struct Context {
+pub(crate) struct Context {
+    codec: Codec,
     limits: Limits,
     shared: Arc<Shared>,
     to_engine: mpsc::Sender<Inbound>,
@@ -123,20 +134,9 @@ struct Context {
 /// oldest down to it:
 /// the table filled up at that many, so a quarter of their descriptors stay free from then on
 /// for members, joiners and our own outgoing connections.
-pub(crate) async fn accept(
-    listener: TcpListener,
-    limits: Limits,
-    shared: Arc<Shared>,
-    to_engine: mpsc::Sender<Inbound>,
-    gone: mpsc::UnboundedSender<u64>,
-) {
-    let context = Arc::new(Context {
-        limits,
-        shared,
-        to_engine,
-        gone,
-        pending: Arc::default(),
-    });
+pub(crate) async fn accept(listener: TcpListener, context: Context) {
+    let context = Arc::new(context);
+    let limits = context.limits;
     let mut limit = limits.max_unauthenticated;
     let mut next_conn = 0u64;
     loop {
@@ -224,7 +224,10 @@ impl Drop for Departure {
 }
 
 /// One accepted connection: handshake and authentication within the deadline, then messages.
-async fn serve(conn: u64, stream: TcpStream, context: Arc<Context>) {
+pub(crate) async fn serve<S>(conn: u64, stream: S, context: Arc<Context>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let _departure = Departure {
         conn,
         context: Arc::clone(&context),
@@ -234,7 +237,8 @@ async fn serve(conn: u64, stream: TcpStream, context: Arc<Context>) {
         buf: BytesMut::new(),
     };
     let deadline = Instant::now() + context.limits.handshake_timeout;
-    let first = match tokio::time::timeout_at(deadline, wire.handshake()).await {
+    let handshake = wire.handshake(&context.codec);
+    let (first, session) = match tokio::time::timeout_at(deadline, handshake).await {
         Ok(Ok(first)) => first,
         Ok(Err(end)) => return context.ended(conn, end),
         Err(_) => return context.timed_out(conn),
@@ -255,11 +259,30 @@ async fn serve(conn: u64, stream: TcpStream, context: Arc<Context>) {
         Err(_) => return context.timed_out(conn),
     }
     lock(&context.pending).remove(&conn);
-    let end = wire.messages(conn, &context).await;
+    let end = wire.messages(conn, &context, session).await;
     context.ended(conn, end);
 }
 
 impl Context {
+    /// What the accept loop and every connection need; `codec` decides whether connections
+    /// start with a Noise handshake.
+    pub(crate) fn new(
+        codec: Codec,
+        limits: Limits,
+        shared: Arc<Shared>,
+        to_engine: mpsc::Sender<Inbound>,
+        gone: mpsc::UnboundedSender<u64>,
+    ) -> Context {
+        Context {
+            codec,
+            limits,
+            shared,
+            to_engine,
+            gone,
+            pending: Arc::default(),
+        }
+    }
+
     fn ended(&self, conn: u64, end: End) {
         if let End::Refused(reject) = end {
             tracing::debug!(conn, ?reject, "closed a connection");
@@ -274,8 +297,8 @@ impl Context {
 }
 
 /// A connection's socket and what was read from it but not yet used.
-struct Wire {
-    stream: TcpStream,
+struct Wire<S> {
+    stream: S,
     buf: BytesMut,
 }
 
@@ -285,7 +308,7 @@ struct Frame {
     body: Bytes,
 }
 
-impl Wire {
+impl<S: AsyncRead + AsyncWrite + Unpin> Wire<S> {
     /// Reads until `n` bytes are buffered, `chunk` at a time at least.
     async fn fill(&mut self, n: usize, chunk: usize) -> Result<(), End> {
         while self.buf.len() < n {
@@ -335,8 +358,10 @@ impl Wire {
         })
     }
 
-    /// Greeting and READY both ways, then the first message, all at most [`FIRST_MESSAGE`].
-    async fn handshake(&mut self) -> Result<Bytes, End> {
+    /// Greeting and READY both ways, with a secret the Noise handshake, then the first frame
+    /// (opened from its session), all at most [`FIRST_MESSAGE`]. Returns the first frame and
+    /// the session to open the rest in.
+    async fn handshake(&mut self, codec: &Codec) -> Result<(Bytes, Option<Session>), End> {
         self.stream.write_all(&greeting()).await?;
         self.fill(64, FIRST_MESSAGE).await?;
         let theirs = self.buf.split_to(64);
@@ -355,6 +380,34 @@ impl Wire {
                 "no READY from a DEALER, REQ or ROUTER",
             )));
         }
+        let first = self.first_message().await?;
+        let Some(keys) = codec.keys() else {
+            return Ok((first, None));
+        };
+        let (header, payload) = codec.decode(&first).map_err(End::Refused)?;
+        if header.kind != Kind::Handshake {
+            return Err(End::Refused(Reject::Unauthenticated(
+                "a frame where the Noise handshake belongs",
+            )));
+        }
+        let (mut session, answer) = keys.respond(&payload).map_err(End::Refused)?;
+        let answer = codec.encode(
+            Header {
+                kind: Kind::Handshake,
+                sender: NO_ID,
+                seq: 0,
+                ack: 0,
+            },
+            &answer,
+        );
+        self.stream.write_all(&message(&answer)).await?;
+        let sealed = self.first_message().await?;
+        let first = session.open(&sealed).map_err(End::Refused)?;
+        Ok((first, Some(session)))
+    }
+
+    /// The next single-part message of at most [`FIRST_MESSAGE`] bytes, skipping commands.
+    async fn first_message(&mut self) -> Result<Bytes, End> {
         loop {
             let frame = self.frame(FIRST_MESSAGE, FIRST_MESSAGE).await?;
             if frame.flags & COMMAND != 0 {
@@ -367,9 +420,15 @@ impl Wire {
         }
     }
 
-    /// Hands every message to the engine until the connection ends; a multi-part message,
-    /// which this transport never sends, is read and dropped.
-    async fn messages(&mut self, conn: u64, context: &Context) -> End {
+    /// Hands every message (opened from `session`, with a secret) to the engine until the
+    /// connection ends; a multi-part message, which this transport never sends, is read and
+    /// dropped.
+    async fn messages(
+        &mut self,
+        conn: u64,
+        context: &Context,
+        mut session: Option<Session>,
+    ) -> End {
         let max = context.limits.max_message;
         let mut multipart = false;
         loop {
@@ -389,9 +448,16 @@ impl Wire {
                 }
                 continue;
             }
+            let frame = match &mut session {
+                Some(session) => match session.open(&frame.body) {
+                    Ok(frame) => frame,
+                    Err(reject) => return End::Refused(reject),
+                },
+                None => frame.body,
+            };
             let message = Inbound {
                 conn,
-                frame: frame.body,
+                frame,
                 verdict: None,
             };
             if context.to_engine.send(message).await.is_err() {
@@ -416,6 +482,20 @@ fn greeting() -> [u8; 64] {
     greeting[10] = 3;
     greeting[12..32].copy_from_slice(&null_mechanism());
     greeting
+}
+
+/// A single-part ZMTP message frame carrying `body`.
+fn message(body: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(body.len() + 9);
+    match u8::try_from(body.len()) {
+        Ok(len) => frame.extend_from_slice(&[0, len]),
+        Err(_) => {
+            frame.put_u8(LONG);
+            frame.put_u64(body.len() as u64);
+        }
+    }
+    frame.extend_from_slice(body);
+    frame
 }
 
 /// Our READY command: a short command frame naming our socket type.

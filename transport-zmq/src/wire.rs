@@ -1,13 +1,14 @@
-//! The transport's own frame format: a fixed header, the payload, and an optional MAC.
+//! The transport's own frame format: a fixed header and the payload.
 //!
-//! Every ZeroMQ message this transport sends is one single-part message laid out as
+//! Every frame is laid out as
 //!
 //! ```text
 //! offset size field
 //!      0    4 magic b"COH1"            (rejects strangers speaking ZMTP)
 //!      4    1 version                  (rejects other versions of this format)
-//!      5    1 kind                     (hello, join, welcome, announce, data, heartbeat, goodbye)
-//!      6    1 flags                    (bit 0: a MAC follows the payload)
+//!      5    1 kind                     (hello, join, welcome, announce, data, heartbeat,
+//!                                       goodbye, handshake)
+//!      6    1 flags                    (bit 0: the cluster has a secret)
 //!      7    1 reserved, 0
 //!      8    8 cluster-id hash, LE      (rejects frames of another cluster)
 //!     16    4 sender id, LE            (u32::MAX while the sender has no id yet)
@@ -15,31 +16,35 @@
 //!     28    8 acknowledgement, LE      (highest sequence number delivered from the receiver)
 //!     36    4 payload length, LE
 //!     40    n payload
-//!   40+n   32 HMAC-SHA256 over bytes 0..40+n, only with a shared secret
 //! ```
+//!
+//! Without a secret each frame is one single-part ZeroMQ message. With a secret (flag bit 0
+//! set in every frame), a connection's first message is a handshake frame whose payload is
+//! the first Noise handshake message, the listener answers with a handshake frame carrying
+//! the second, and every later message is a frame sealed in that connection's Noise session
+//! (see the `session` module): nothing of it, header included, crosses in clear.
 //!
 //! Decoding checks everything before anything is believed, and never panics: a frame that
 //! fails is a [`Reject`], which the engine counts and drops.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use coherence_core::NodeId;
-use hmac::{KeyInit, Mac};
 use sha2::{Digest, Sha256};
+
+use crate::session::Keys;
 
 /// First bytes of every frame.
 pub(crate) const MAGIC: [u8; 4] = *b"COH1";
-/// Version of this frame format; a node drops frames of any other version.
-pub(crate) const VERSION: u8 = 1;
+/// Version of this frame format; a node drops frames of any other version. Version 1 carried
+/// an HMAC instead of Noise sessions.
+pub(crate) const VERSION: u8 = 2;
 /// Size of the fixed header.
 pub(crate) const HEADER_LEN: usize = 40;
-/// Size of the HMAC-SHA256 tag.
-pub(crate) const MAC_LEN: usize = 32;
-/// Sender id of a node that has not been admitted yet (it only sends `Join`).
+/// Sender id of a node that has not been admitted yet (it only sends `Join`), and of every
+/// handshake frame (who speaks is said inside the session).
 pub(crate) const NO_ID: NodeId = NodeId::MAX;
-/// Flag bit: a MAC follows the payload.
-const FLAG_MAC: u8 = 1;
-
-type HmacSha256 = hmac::Hmac<Sha256>;
+/// Flag bit: the sender's cluster has a secret, so the frame travels in a Noise session.
+const FLAG_SECRET: u8 = 1;
 
 /// What a frame is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +63,8 @@ pub(crate) enum Kind {
     Heartbeat = 6,
     /// The sender leaves; nothing follows it.
     Goodbye = 7,
+    /// With a secret: a Noise handshake message, the only frame that crosses in clear.
+    Handshake = 8,
 }
 
 impl Kind {
@@ -70,6 +77,7 @@ impl Kind {
             5 => Kind::Data,
             6 => Kind::Heartbeat,
             7 => Kind::Goodbye,
+            8 => Kind::Handshake,
             _ => return None,
         })
     }
@@ -95,27 +103,21 @@ pub(crate) enum Reject {
     Foreign(&'static str),
     /// Longer than `max_frame`.
     Oversize(usize),
-    /// Missing or wrong MAC.
+    /// Not from a holder of the secret: no session where one is needed, a failed Noise
+    /// handshake, or a session where this node has no secret.
     Unauthenticated(&'static str),
+    /// A sealed message that did not decrypt under its connection's session: replayed from an
+    /// earlier session or from earlier in this one, reordered, or altered on the way.
+    Replayed(&'static str),
 }
 
-/// Encodes and checks frames for one cluster and secret.
-#[derive(Clone)]
+/// Encodes and checks frames for one cluster, and holds its session keys when it has a
+/// secret.
+#[derive(Debug, Clone)]
 pub(crate) struct Codec {
     cluster: u64,
-    /// Keyed once; cloned per frame, which skips the key schedule.
-    mac: Option<HmacSha256>,
+    keys: Option<Keys>,
     max_frame: usize,
-}
-
-impl std::fmt::Debug for Codec {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Codec")
-            .field("cluster", &format_args!("{:016x}", self.cluster))
-            .field("authenticated", &self.mac.is_some())
-            .field("max_frame", &self.max_frame)
-            .finish()
-    }
 }
 
 /// A stable 64-bit digest of the cluster id, so frames carry a fixed-size tag of it.
@@ -130,24 +132,27 @@ pub(crate) fn cluster_hash(cluster_id: &str) -> u64 {
 }
 
 impl Codec {
-    /// A codec for `cluster_id`; with a secret every frame is authenticated.
+    /// A codec for `cluster_id`; with a secret, frames travel in Noise sessions.
     pub(crate) fn new(cluster_id: &str, secret: Option<&[u8]>, max_frame: usize) -> Codec {
         Codec {
             cluster: cluster_hash(cluster_id),
-            // HMAC accepts keys of any length, so this cannot fail.
-            mac: secret.and_then(|key| HmacSha256::new_from_slice(key).ok()),
+            keys: secret.map(|secret| Keys::new(cluster_id, secret)),
             max_frame,
         }
     }
 
+    /// The session keys, with a secret.
+    pub(crate) fn keys(&self) -> Option<&Keys> {
+        self.keys.as_ref()
+    }
+
     /// Builds a frame. The caller keeps payloads within `max_frame`, which fits a `u32`.
     pub(crate) fn encode(&self, header: Header, payload: &[u8]) -> Bytes {
-        let mac_len = if self.mac.is_some() { MAC_LEN } else { 0 };
-        let mut out = BytesMut::with_capacity(HEADER_LEN + payload.len() + mac_len);
+        let mut out = BytesMut::with_capacity(HEADER_LEN + payload.len());
         out.put_slice(&MAGIC);
         out.put_u8(VERSION);
         out.put_u8(header.kind as u8);
-        out.put_u8(if self.mac.is_some() { FLAG_MAC } else { 0 });
+        out.put_u8(if self.keys.is_some() { FLAG_SECRET } else { 0 });
         out.put_u8(0);
         out.put_u64_le(self.cluster);
         out.put_u32_le(header.sender);
@@ -155,16 +160,13 @@ impl Codec {
         out.put_u64_le(header.ack);
         out.put_u32_le(u32::try_from(payload.len()).unwrap_or(u32::MAX));
         out.put_slice(payload);
-        if let Some(mac) = &self.mac {
-            let tag = mac.clone().chain_update(&out[..]).finalize().into_bytes();
-            out.put_slice(&tag);
-        }
         out.freeze()
     }
 
-    /// Checks a received frame and splits it into header and payload (a view, no copy).
+    /// Checks a received frame (opened from its session, with a secret) and splits it into
+    /// header and payload (a view, no copy).
     pub(crate) fn decode(&self, frame: &Bytes) -> Result<(Header, Bytes), Reject> {
-        if frame.len() > HEADER_LEN + self.max_frame + MAC_LEN {
+        if frame.len() > HEADER_LEN + self.max_frame {
             return Err(Reject::Oversize(frame.len()));
         }
         let Some(head) = frame.get(..HEADER_LEN) else {
@@ -184,16 +186,19 @@ impl Codec {
         }
         let kind = Kind::from_u8(head[5]).ok_or(Reject::Malformed("unknown kind"))?;
         let flags = head[6];
-        if flags & !FLAG_MAC != 0 || head[7] != 0 {
+        if flags & !FLAG_SECRET != 0 || head[7] != 0 {
             return Err(Reject::Malformed("unknown flags"));
         }
         let len = u32_at(36) as usize;
         if len > self.max_frame {
             return Err(Reject::Oversize(len));
         }
-        let has_mac = flags & FLAG_MAC != 0;
-        match (&self.mac, has_mac) {
-            (Some(_), false) => return Err(Reject::Unauthenticated("no MAC")),
+        match (&self.keys, flags & FLAG_SECRET != 0) {
+            (Some(_), false) => {
+                return Err(Reject::Unauthenticated(
+                    "the sender has no secret, this node has one",
+                ))
+            }
             (None, true) => {
                 return Err(Reject::Unauthenticated(
                     "the sender uses a secret, this node has none",
@@ -202,16 +207,8 @@ impl Codec {
             _ => {}
         }
         let body_end = HEADER_LEN + len;
-        let expected = body_end + if has_mac { MAC_LEN } else { 0 };
-        if frame.len() != expected {
+        if frame.len() != body_end {
             return Err(Reject::Malformed("length does not match the header"));
-        }
-        if let Some(mac) = &self.mac {
-            // verify_slice compares in constant time.
-            mac.clone()
-                .chain_update(&frame[..body_end])
-                .verify_slice(&frame[body_end..])
-                .map_err(|_| Reject::Unauthenticated("bad MAC"))?;
         }
         let header = Header {
             kind,
@@ -227,7 +224,7 @@ impl Codec {
 /// Which kinds travel in the reliable, sequenced stream of a pair, and which do not.
 fn check_sequencing(header: &Header) -> Result<(), Reject> {
     let sequenced = match header.kind {
-        Kind::Hello | Kind::Heartbeat => false,
+        Kind::Hello | Kind::Heartbeat | Kind::Handshake => false,
         Kind::Data | Kind::Goodbye | Kind::Announce | Kind::Welcome => true,
         // A joiner's own request is unsequenced; a member forwarding it sequences it.
         Kind::Join => header.sender != NO_ID,
@@ -235,10 +232,13 @@ fn check_sequencing(header: &Header) -> Result<(), Reject> {
     if sequenced != (header.seq != 0) {
         return Err(Reject::Malformed("sequence number does not fit the kind"));
     }
-    if header.sender == NO_ID && header.kind != Kind::Join {
+    if header.sender == NO_ID && !matches!(header.kind, Kind::Join | Kind::Handshake) {
         return Err(Reject::Malformed(
             "only a join may come from a node without id",
         ));
+    }
+    if header.kind == Kind::Handshake && (header.sender != NO_ID || header.ack != 0) {
+        return Err(Reject::Malformed("a handshake names nobody"));
     }
     Ok(())
 }
@@ -444,30 +444,31 @@ mod tests {
         let ours = Codec::new("lab", Some(b"k"), 16);
         let frame = ours.encode(data(1, 1), b"x");
         let other_cluster = Codec::new("other", Some(b"k"), 16).encode(data(1, 1), b"x");
-        let other_key = Codec::new("lab", Some(b"j"), 16).encode(data(1, 1), b"x");
         let no_key = Codec::new("lab", None, 16).encode(data(1, 1), b"x");
         let big = Codec::new("lab", Some(b"k"), 64).encode(data(1, 1), &[0; 17]);
         assert!(matches!(
             ours.decode(&other_cluster),
             Err(Reject::Foreign(_))
         ));
+        // Which secret a frame was sealed with is the session's business; the flag says
+        // whether the sender has one at all, both ways.
         assert!(matches!(
-            ours.decode(&other_key),
+            ours.decode(&no_key),
             Err(Reject::Unauthenticated(_))
         ));
         assert!(matches!(
-            ours.decode(&no_key),
+            Codec::new("lab", None, 16).decode(&frame),
             Err(Reject::Unauthenticated(_))
         ));
         assert!(matches!(ours.decode(&big), Err(Reject::Oversize(_))));
         for cut in 0..frame.len() {
             assert!(ours.decode(&frame.slice(..cut)).is_err(), "cut at {cut}");
         }
-        let mut flipped = frame.to_vec();
-        flipped[HEADER_LEN] ^= 1;
+        let mut longer = frame.to_vec();
+        longer.push(0);
         assert!(matches!(
-            ours.decode(&Bytes::from(flipped)),
-            Err(Reject::Unauthenticated(_))
+            ours.decode(&Bytes::from(longer)),
+            Err(Reject::Malformed(_))
         ));
     }
 
@@ -482,7 +483,18 @@ mod tests {
         };
         let data_without_seq = data(1, 0);
         let data_without_id = data(NO_ID, 1);
-        for header in [heartbeat_with_seq, data_without_seq, data_without_id] {
+        let handshake_with_id = Header {
+            kind: Kind::Handshake,
+            sender: 1,
+            seq: 0,
+            ack: 0,
+        };
+        for header in [
+            heartbeat_with_seq,
+            data_without_seq,
+            data_without_id,
+            handshake_with_id,
+        ] {
             let frame = codec.encode(header, b"");
             assert!(matches!(codec.decode(&frame), Err(Reject::Malformed(_))));
         }

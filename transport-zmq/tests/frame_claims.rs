@@ -9,12 +9,9 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
 
 use coherence_core::{Transport, TransportEvent};
-use common::{cluster, config, WAIT};
-use hmac::{KeyInit, Mac};
-use sha2::{Digest, Sha256};
+use common::{cluster, config, join_request, RawDealer, WAIT};
 use transport_zmq::{ZmqConfig, ZmqStats, ZmqTransport};
 
 const SECRET: &[u8] = b"a secret the attacker happens to have for the join";
@@ -27,7 +24,8 @@ enum Phase {
     Greeting,
     /// After READY both ways: a ZMTP peer in good standing.
     Ready,
-    /// After a join request the node accepts: an authenticated connection.
+    /// After a join request the node accepts (with a secret, in a Noise session): an
+    /// authenticated connection.
     Joined,
 }
 
@@ -41,73 +39,20 @@ fn status_kib(field: &str) -> u64 {
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
-fn cluster_hash(cluster_id: &str) -> u64 {
-    let digest = Sha256::new()
-        .chain_update(b"coherence-zmq cluster\0")
-        .chain_update(cluster_id.as_bytes())
-        .finalize();
-    u64::from_le_bytes(digest[..8].try_into().unwrap())
-}
-
-/// A join request laid out as the crate docs describe, with a MAC when there is a secret.
-fn join_request(cluster_id: &str, secret: Option<&[u8]>, nonce: u64) -> Vec<u8> {
-    // Port 9 (discard) refuses connections: the admitted member is soon reported lost.
-    let addr = b"tcp://127.0.0.1:9";
-    let mut payload = nonce.to_le_bytes().to_vec();
-    payload.extend_from_slice(&(addr.len() as u16).to_le_bytes());
-    payload.extend_from_slice(addr);
-    let mut frame = b"COH1".to_vec();
-    frame.extend_from_slice(&[1, 2, u8::from(secret.is_some()), 0]);
-    frame.extend_from_slice(&cluster_hash(cluster_id).to_le_bytes());
-    frame.extend_from_slice(&u32::MAX.to_le_bytes());
-    frame.extend_from_slice(&[0; 16]);
-    frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    frame.extend_from_slice(&payload);
-    if let Some(secret) = secret {
-        let mac = hmac::Hmac::<Sha256>::new_from_slice(secret)
-            .unwrap()
-            .chain_update(&frame)
-            .finalize()
-            .into_bytes();
-        frame.extend_from_slice(&mac);
-    }
-    frame
-}
-
 /// Speaks ZMTP 3.0 as a DEALER up to `phase`, sends a frame header claiming `claim` bytes and
 /// a few bytes of body, and returns once the node closed the connection.
 fn lie(addr: &str, phase: Phase, claim: u64, cluster_id: &str, secret: Option<&[u8]>) {
-    let mut tcp = TcpStream::connect(addr.trim_start_matches("tcp://")).unwrap();
-    tcp.set_read_timeout(Some(WAIT)).unwrap();
-    let mut greeting = [0u8; 64];
-    greeting[0] = 0xff;
-    greeting[9] = 0x7f;
-    greeting[10] = 3;
-    greeting[12..16].copy_from_slice(b"NULL");
-    tcp.write_all(&greeting).unwrap();
-    let mut theirs = [0u8; 64];
-    tcp.read_exact(&mut theirs).unwrap();
-    if !matches!(phase, Phase::Greeting) {
-        let mut ready = vec![5];
-        ready.extend_from_slice(b"READY");
-        ready.push(11);
-        ready.extend_from_slice(b"Socket-Type");
-        ready.extend_from_slice(&6u32.to_be_bytes());
-        ready.extend_from_slice(b"DEALER");
-        tcp.write_all(&[0x04, ready.len() as u8]).unwrap();
-        tcp.write_all(&ready).unwrap();
-        let mut head = [0u8; 2];
-        tcp.read_exact(&mut head).unwrap();
-        assert_eq!(head[0], 0x04, "the node's READY is a short command");
-        let mut body = vec![0; usize::from(head[1])];
-        tcp.read_exact(&mut body).unwrap();
-    }
+    let mut dealer = match phase {
+        Phase::Greeting => RawDealer::greet(addr),
+        Phase::Ready | Phase::Joined => RawDealer::connect(addr),
+    };
     if matches!(phase, Phase::Joined) {
-        let join = join_request(cluster_id, secret, rand::random());
-        tcp.write_all(&[0x02]).unwrap();
-        tcp.write_all(&(join.len() as u64).to_be_bytes()).unwrap();
-        tcp.write_all(&join).unwrap();
+        if let Some(secret) = secret {
+            dealer.handshake(cluster_id, secret);
+        }
+        dealer.send(&join_request(cluster_id, secret.is_some(), rand::random()));
     }
+    let tcp = &mut dealer.tcp;
     tcp.write_all(&[0x02]).unwrap();
     tcp.write_all(&claim.to_be_bytes()).unwrap();
     let _ = tcp.write_all(b"COH1 and then some");

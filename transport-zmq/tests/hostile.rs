@@ -10,37 +10,22 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use coherence_core::{Transport, TransportEvent};
+use common::cluster_hash;
 use common::{cluster, config, expect_quiet, next, WAIT};
 use rand::Rng;
-use sha2::{Digest, Sha256};
 use transport_zmq::{ZmqConfig, ZmqStats, ZmqTransport};
 use zeromq::{Socket, SocketSend, ZmqMessage};
 
 const MAX_FRAME: usize = 1 << 20;
 const DATA: u8 = 5;
 const HELLO: u8 = 1;
-const FLAG_MAC: u8 = 1;
+const HANDSHAKE: u8 = 8;
+const FLAG_SECRET: u8 = 1;
 
-/// The cluster tag exactly as the transport computes it (documented in the frame layout).
-fn cluster_hash(cluster_id: &str) -> u64 {
-    let digest = Sha256::new()
-        .chain_update(b"coherence-zmq cluster\0")
-        .chain_update(cluster_id.as_bytes())
-        .finalize();
-    u64::from_le_bytes(digest[..8].try_into().unwrap())
-}
-
-/// A frame laid out as the crate docs describe, with whatever fields a test wants to fake.
 fn raw_frame(kind: u8, flags: u8, cluster: u64, sender: u32, seq: u64, payload: &[u8]) -> Bytes {
-    let mut out = b"COH1".to_vec();
-    out.extend_from_slice(&[1, kind, flags, 0]);
-    out.extend_from_slice(&cluster.to_le_bytes());
-    out.extend_from_slice(&sender.to_le_bytes());
-    out.extend_from_slice(&seq.to_le_bytes());
-    out.extend_from_slice(&0u64.to_le_bytes());
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(payload);
-    Bytes::from(out)
+    Bytes::from(common::raw_frame(
+        kind, flags, cluster, sender, seq, payload,
+    ))
 }
 
 fn random_bytes(len: usize) -> Vec<u8> {
@@ -135,26 +120,32 @@ fn hostile_frames_are_counted_and_dropped_with_a_secret() {
             // short one claiming a huge payload.
             ZmqMessage::from(raw_frame(
                 DATA,
-                FLAG_MAC,
+                FLAG_SECRET,
                 ours,
                 0,
                 1,
                 &vec![0; MAX_FRAME + 1],
             )),
             ZmqMessage::from({
-                let mut lie = raw_frame(DATA, FLAG_MAC, ours, 0, 1, b"").to_vec();
+                let mut lie = raw_frame(DATA, FLAG_SECRET, ours, 0, 1, b"").to_vec();
                 lie[36..40].copy_from_slice(&u32::MAX.to_le_bytes());
                 Bytes::from(lie)
             }),
-            // Unauthenticated: no MAC at all, and a made-up MAC.
+            // Unauthenticated: a frame of a node without the secret; a frame of a node that
+            // claims one, where the Noise handshake belongs; a handshake message made up
+            // without the secret; a hello in clear, which cannot make this connection speak
+            // for node 0.
             ZmqMessage::from(raw_frame(DATA, 0, ours, 0, 1, b"forged")),
-            ZmqMessage::from({
-                let mut forged = raw_frame(DATA, FLAG_MAC, ours, 0, 1, b"forged").to_vec();
-                forged.extend_from_slice(&random_bytes(32));
-                Bytes::from(forged)
-            }),
-            // A hello without a valid MAC cannot make this connection speak for node 0.
-            ZmqMessage::from(raw_frame(HELLO, 0, ours, 0, 0, &[0; 20])),
+            ZmqMessage::from(raw_frame(DATA, FLAG_SECRET, ours, 0, 1, b"forged")),
+            ZmqMessage::from(raw_frame(
+                HANDSHAKE,
+                FLAG_SECRET,
+                ours,
+                u32::MAX,
+                0,
+                &random_bytes(48),
+            )),
+            ZmqMessage::from(raw_frame(HELLO, FLAG_SECRET, ours, 0, 0, &[0; 20])),
             // Several parts: not how this transport speaks.
             ZmqMessage::try_from(vec![Bytes::from_static(b"a"), Bytes::from_static(b"b")]).unwrap(),
         ];
@@ -163,7 +154,7 @@ fn hostile_frames_are_counted_and_dropped_with_a_secret() {
             s.rejected_malformed >= 3
                 && s.rejected_foreign >= 2
                 && s.rejected_oversize >= 2
-                && s.rejected_unauthenticated >= 3
+                && s.rejected_unauthenticated >= 4
         });
     });
     let stats = target.stats();
@@ -176,7 +167,8 @@ fn hostile_frames_are_counted_and_dropped_with_a_secret() {
             rejected_malformed: 3,
             rejected_foreign: 2,
             rejected_oversize: 2,
-            rejected_unauthenticated: 3,
+            rejected_unauthenticated: 4,
+            rejected_replayed: 0,
             // Every hostile connection was closed at its first message, none timed out.
             dropped_unauthenticated: 0,
             accept_errors: 0,

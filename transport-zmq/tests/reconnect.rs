@@ -4,83 +4,37 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use coherence_core::Transport;
-use common::{config, expect_quiet, frame, next};
+use common::{config, expect_quiet, frame, free_port, next, Proxy};
 use transport_zmq::{ZmqConfig, ZmqTransport};
-
-/// Forwards connections to `target`; `cut` shuts all current ones down.
-struct Proxy {
-    addr: SocketAddr,
-    live: Arc<Mutex<Vec<TcpStream>>>,
-}
-
-impl Proxy {
-    fn start(listener: TcpListener, target: SocketAddr) -> Proxy {
-        let addr = listener.local_addr().unwrap();
-        let live: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        let registry = Arc::clone(&live);
-        // Detached: it dies with the test process; every copy thread ends at its cut.
-        std::thread::spawn(move || {
-            for client in listener.incoming() {
-                let Ok(client) = client else { return };
-                let Ok(server) = TcpStream::connect(target) else {
-                    continue;
-                };
-                let mut live = registry.lock().unwrap();
-                live.push(client.try_clone().unwrap());
-                live.push(server.try_clone().unwrap());
-                for (from, to) in [
-                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                    (server, client),
-                ] {
-                    std::thread::spawn(move || pump(from, to));
-                }
-            }
-        });
-        Proxy { addr, live }
-    }
-
-    fn cut(&self) -> usize {
-        let mut live = self.live.lock().unwrap();
-        for stream in live.iter() {
-            let _ = stream.shutdown(Shutdown::Both);
-        }
-        let cut = live.len() / 2;
-        live.clear();
-        cut
-    }
-}
-
-fn pump(mut from: TcpStream, mut to: TcpStream) {
-    let mut buf = [0u8; 16 << 10];
-    while let Ok(n) = from.read(&mut buf) {
-        if n == 0 || to.write_all(&buf[..n]).is_err() {
-            break;
-        }
-    }
-    let _ = to.shutdown(Shutdown::Both);
-}
 
 #[test]
 fn cut_connections_lose_and_duplicate_nothing() {
-    let base = config("cuts");
+    cuts_lose_and_duplicate_nothing(None);
+}
+
+/// With a secret every new connection has a new Noise session, and what is resent after a
+/// cut is sealed again in it.
+#[test]
+fn cut_sessions_lose_and_duplicate_nothing() {
+    cuts_lose_and_duplicate_nothing(Some(b"cut secret"));
+}
+
+fn cuts_lose_and_duplicate_nothing(secret: Option<&[u8]>) {
+    let base = ZmqConfig {
+        secret: secret.map(<[u8]>::to_vec),
+        ..config("cuts")
+    };
     let founder = ZmqTransport::start(base.clone()).unwrap();
     // Node 1 listens on a port we pick, and advertises the proxy in front of it.
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let proxy_listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let proxy = Proxy::start(proxy_listener, SocketAddr::from(([127, 0, 0, 1], port)));
+    let port = free_port();
+    let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], port)));
     let node = ZmqTransport::start(ZmqConfig {
         listen: format!("tcp://127.0.0.1:{port}"),
-        advertise: Some(format!("tcp://{}", proxy.addr)),
+        advertise: Some(proxy.endpoint()),
         join: Some(founder.local_addr()),
         ..base
     })
@@ -109,4 +63,7 @@ fn cut_connections_lose_and_duplicate_nothing() {
     expect_quiet(&node, Duration::from_millis(300));
     expect_quiet(&founder, Duration::from_millis(10));
     eprintln!("{cuts} connections cut; {N} frames in order, once each");
+    if secret.is_some() {
+        assert_eq!(node.stats().rejected_replayed, 0, "{:?}", node.stats());
+    }
 }
