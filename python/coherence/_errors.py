@@ -1,7 +1,8 @@
 """The exceptions of coherence: one class per way an operation can fail.
 
-Each also derives from the built-in exception a caller would naturally catch (``Timeout`` is a
-``TimeoutError``), and carries the details as attributes (``object``, ``operation``...).
+Where a built-in exception fits, each also derives from it, so that callers catch it naturally
+(``Timeout`` is a ``TimeoutError``); each carries its details as attributes (``object``,
+``operation``...).
 """
 
 
@@ -14,39 +15,65 @@ class Timeout(CoherenceError, TimeoutError):
     vanished, or node 0 is not running). Attributes: ``operation``, ``object``, ``after``
     (seconds)."""
 
+    operation: str
+    object: str
+    after: float
+
 
 class TypeMismatch(CoherenceError, TypeError):
     """The object exists with another codec or Rust type than the one asked for.
     Attributes: ``object``, ``expected``, ``found`` (Rust type names)."""
+
+    object: str
+    expected: str
+    found: str
 
 
 class EncodeError(CoherenceError, ValueError):
     """A value could not be encoded: its codec refused it (unpicklable, not plain data for
     msgpack), or it does not fit the object's Rust type. Attributes: ``object``, ``reason``."""
 
+    object: str
+    reason: str
+
 
 class ValueTooLarge(CoherenceError, ValueError):
     """The encoded value does not fit in one frame of the transport; nothing was written.
     Attributes: ``object``, ``size``, ``limit`` (bytes)."""
+
+    object: str
+    size: int
+    limit: int
 
 
 class NameTooLong(CoherenceError, ValueError):
     """The object name is longer than the node allows; nothing was opened. Attributes:
     ``size``, ``limit`` (bytes)."""
 
+    size: int
+    limit: int
+
 
 class DecodeError(CoherenceError, ValueError):
     """A value received could not be decoded (for a pickle: its class cannot be imported
     here). Attributes: ``object``, ``reason``."""
 
+    object: str
+    reason: str
+
 
 class Stopped(CoherenceError):
     """The node was shut down; its objects no longer work. Attribute: ``node``."""
+
+    node: int
 
 
 class TransportError(CoherenceError):
     """The node's transport failed, so the node stopped: every waiting and later operation
     raises this at once. Attributes: ``node``, ``reason``."""
+
+    node: int
+    reason: str
 
 
 class InsideUpdate(CoherenceError, RuntimeError):
@@ -54,9 +81,14 @@ class InsideUpdate(CoherenceError, RuntimeError):
     would wait for the tokens the update holds. Use the function's argument instead.
     Attributes: ``operation``, ``object``."""
 
+    operation: str
+    object: str
+
 
 class SpawnError(CoherenceError):
     """The node's driver thread could not be started. Attribute: ``reason``."""
+
+    reason: str
 
 
 class StartError(CoherenceError):

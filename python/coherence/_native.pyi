@@ -2,9 +2,11 @@
 
 from os import PathLike
 from types import TracebackType
-from typing import Callable, Dict, Generic, List, Literal, Optional, Tuple, Type, TypeVar, Union
+from typing import Callable, Dict, Generic, List, Literal, Optional, Tuple, Type, TypeVar, Union, final
 
 _T = TypeVar("_T")
+
+__all__ = ["HAS_MPI", "RUST_TYPES", "DistObj", "Node"]
 
 RUST_TYPES: Tuple[str, ...]
 """The values ``Node.object(..., codec="msgpack", rust_type=...)`` accepts: Rust types, as a
@@ -15,6 +17,7 @@ HAS_MPI: bool
 
 _WritePolicy = Literal["update", "invalidate"]
 
+@final
 class Node:
     """One member of a cluster: it keeps the objects it opens coherent with every other
     member. Node 0 founds the cluster. ``with node:`` shuts it down at the end of the block."""
@@ -73,6 +76,7 @@ class Node:
         tb: Optional[TracebackType],
     ) -> bool: ...
 
+@final
 class DistObj(Generic[_T]):
     """A replicated object. ``read()`` returns a new copy each time, locally while this node
     holds a token; ``write`` and ``update`` gather every token first."""

@@ -27,7 +27,7 @@ import itertools
 import os
 import sys
 import time
-from typing import Callable, Generic, Optional, TypeVar
+from typing import Any, Callable, Generic, Optional, TypeVar
 
 from . import DistObj as _DistObj
 from . import Node, Timeout
@@ -93,8 +93,10 @@ class DistObj(Generic[T]):
     def __init__(self, initial_value: Optional[T] = None) -> None:
         index = next(_indices)
         name = f"{_PREFIX}{index}"
+        # Holds rank 0's value, which only rank 0 knows to be a T.
+        self._obj: "_DistObj[Any]"
         if _node.id == 0:
-            self._obj: _DistObj[T] = _node.object(name, initial_value)
+            self._obj = _node.object(name, initial_value)
             _created.write(index + 1)
         else:
             _wait_for_rank_0(index, name)
@@ -102,7 +104,8 @@ class DistObj(Generic[T]):
 
     def read(self) -> T:
         """The current value, as a new object the caller owns."""
-        return self._obj.read()
+        value: T = self._obj.read()
+        return value
 
     def write(self, value: T) -> None:
         """Replaces the value on every rank."""
@@ -111,7 +114,8 @@ class DistObj(Generic[T]):
     def update(self, fn: Callable[[T], T]) -> T:
         """Atomic read-modify-write: writes ``fn(current)`` and returns it; no other write
         comes in between (a ``read`` then ``write`` could lose another rank's write)."""
-        return self._obj.update(fn)
+        value: T = self._obj.update(fn)
+        return value
 
     @property
     def version(self) -> int:

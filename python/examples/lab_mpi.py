@@ -41,6 +41,6 @@ me = Participant(rank, takers=size - 1)
 me.run(lambda name, init: lab.DistObj(init if rank == 0 else None), barrier)
 
 results = comm.gather((me.seen, me.problems), root=0)
-coherent = report(results, size) if rank == 0 else None
+coherent = report(results, size) if results is not None else None
 if not comm.bcast(coherent, root=0):
     sys.exit(1)

@@ -64,7 +64,7 @@ class Participant:
             if obj.read() != expected:
                 self.problems.append(f"rank {self.rank} changed {name!r} by changing a copy it read")
 
-    def run(self, open_object: Callable[[str, Any], Any], barrier: Callable[[], None]) -> None:
+    def run(self, open_object: Callable[[str, Any], Any], barrier: Callable[[], object]) -> None:
         """The whole scenario for this rank. ``open_object(name, init)`` opens an object;
         ``barrier()`` returns once every participant, the late opener included, called it."""
         late = self.rank == self.takers

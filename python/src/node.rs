@@ -225,7 +225,8 @@ impl PyNode {
     /// The node's traffic counters: frames and protocol messages sent and received, and those
     /// rejected as malformed or as something no correct peer sends.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let stats = self.with_node(|node| Ok(node.stats())).map_err(to_py)?;
+        // Without the GIL: a `shutdown` waiting for the node goes before new readers of it.
+        let stats = wait(py, || self.with_node(|node| Ok(node.stats())))?.map_err(to_py)?;
         let dict = PyDict::new(py);
         dict.set_item("frames_sent", stats.frames_sent)?;
         dict.set_item("messages_sent", stats.messages_sent)?;
@@ -239,15 +240,16 @@ impl PyNode {
     /// the timeout) until every member acknowledged. The node's objects raise `Stopped`
     /// afterwards. Calling it again does nothing.
     fn shutdown(&self, py: Python<'_>) -> PyResult<()> {
-        let node = self
-            .node
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        match node {
-            Some(node) => wait(py, || node.shutdown())?.map_err(to_py),
-            None => Ok(()),
-        }
+        // Without the GIL: an `object()` on another thread may hold the node until it opened.
+        wait(py, || {
+            let node = self
+                .node
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+            node.map_or(Ok(()), Node::shutdown)
+        })?
+        .map_err(to_py)
     }
 
     fn __enter__(slf: Py<Self>) -> Py<Self> {

@@ -2,7 +2,6 @@
 node and MPI start and end together."""
 
 import os
-import shutil
 import subprocess
 import sys
 from typing import List
@@ -10,7 +9,7 @@ from typing import List
 import pytest
 
 import coherence
-from conftest import EXAMPLES, IN_CI, need, need_tool
+from conftest import EXAMPLES, need, need_tool
 
 
 def mpi4py_library(python: str) -> str:
