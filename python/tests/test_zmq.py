@@ -26,6 +26,16 @@ def test_two_nodes_in_one_process_share_objects(tmp_path):
         assert mine.version == 1
 
 
+def test_a_value_larger_than_a_frame_is_refused_before_anything_moves():
+    with coherence.Node.zmq(cluster_id="large") as node:
+        blob = node.object("blob", b"")
+        with pytest.raises(coherence.ValueTooLarge) as caught:
+            blob.write(bytes(65 << 20))  # ZeroMQ frames carry at most 64 MiB
+        assert caught.value.object == "blob"
+        assert caught.value.size > caught.value.limit
+        assert (blob.read(), blob.version) == (b"", 0)
+
+
 def test_bad_addresses_and_ports_in_use_are_refused():
     with pytest.raises(ValueError):
         coherence.Node.zmq("not an address")
