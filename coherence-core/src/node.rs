@@ -892,6 +892,17 @@ where
     /// Atomic read-modify-write: gathers every token, runs `f` on the current value, writes the
     /// result. No other write can come between the read and the write.
     pub fn update<R>(&self, f: impl FnOnce(&mut T) -> R) -> Result<R, Error> {
+        self.try_update(|value| Ok::<R, std::convert::Infallible>(f(value)))
+            .map(|done| done.unwrap_or_else(|never| match never {}))
+    }
+
+    /// [`DistObj::update`] with a closure that may refuse: on `Ok` the new value is written,
+    /// on `Err` nothing is (the object is released unchanged) and the closure's error is
+    /// returned inside `Ok`. The outer `Err` is the library's own failure.
+    pub fn try_update<R, E>(
+        &self,
+        f: impl FnOnce(&mut T) -> Result<R, E>,
+    ) -> Result<Result<R, E>, Error> {
         self.node.check_not_updating("update", &self.name)?;
         let (op, outcome) = self
             .node
@@ -899,7 +910,7 @@ where
         let Outcome::Granted(value) = outcome else {
             unreachable!("lock completes with Granted, got {outcome:?}")
         };
-        // Released without a write if anything below fails or `f` panics.
+        // Released without a write if anything below fails, `f` refuses or `f` panics.
         let lock = Lock {
             node: &self.node,
             op,
@@ -908,9 +919,13 @@ where
         let inside = InsideUpdate::enter(&self.node, &self.name);
         let result = f(&mut current);
         drop(inside);
+        let result = match result {
+            Ok(result) => result,
+            Err(refused) => return Ok(Err(refused)),
+        };
         let bytes = self.node.encode_value(&self.name, &current)?;
         self.cell.saw_version(lock.commit(bytes)?);
-        Ok(result)
+        Ok(Ok(result))
     }
 
     /// Number of writes applied to the value this node holds (or last held).

@@ -227,3 +227,31 @@ fn a_name_longer_than_the_limit_is_refused_at_open() {
     assert_eq!(Config::default().max_name_len, 256);
     node.shutdown().unwrap();
 }
+
+#[test]
+fn an_update_whose_closure_refuses_writes_nothing() {
+    let node = Node::start(transport_local::cluster(1).pop().unwrap(), config()).unwrap();
+    let x = node.object("x", 1u64).unwrap();
+    let refused = x
+        .try_update(|v| {
+            *v = 99;
+            Err::<(), _>("no")
+        })
+        .unwrap();
+    assert_eq!(refused, Err("no"));
+    assert_eq!(
+        (*x.read().unwrap(), x.version()),
+        (1, 0),
+        "nothing was written"
+    );
+    assert_eq!(x.try_update(|v| Ok::<_, ()>(*v + 1)).unwrap(), Ok(2));
+    // The closure's change is written only when it returns Ok.
+    x.try_update(|v| {
+        *v = 5;
+        Ok::<_, ()>(())
+    })
+    .unwrap()
+    .unwrap();
+    assert_eq!(*x.read().unwrap(), 5);
+    node.shutdown().unwrap();
+}
