@@ -18,7 +18,6 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::marker::PhantomData;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use coherence_core::{DistObj, Error, Node};
@@ -235,12 +234,6 @@ struct Handle<R: Repr> {
     obj: DistObj<R::Value>,
 }
 
-/// Carries an update's failure out of the core's `update` closure. The core releases an
-/// update's tokens without writing only when the closure unwinds (or the value fails to
-/// encode): any other return from the closure is written. Unwinding with this payload, and
-/// catching only it, is how a Python exception in the function leaves the object unchanged.
-struct Abandon(UpdateError);
-
 impl<R: Repr> Stored for Handle<R> {
     fn name(&self) -> &str {
         self.obj.name()
@@ -267,33 +260,15 @@ impl<R: Repr> Stored for Handle<R> {
 
     fn update(&self, f: &mut UpdateFn<'_>) -> Result<Py<PyAny>, UpdateError> {
         let name = self.obj.name();
-        let run = || {
-            self.obj.update(|value| {
-                let new = R::encoded(name, value)
-                    .map_err(UpdateError::Core)
-                    .and_then(|bytes| f(&bytes).map_err(UpdateError::Python))
-                    .and_then(|(new, returned)| {
-                        let new = R::from_encoded(name, new).map_err(UpdateError::Core)?;
-                        Ok((new, returned))
-                    });
-                match new {
-                    Ok((new, returned)) => {
-                        *value = new;
-                        returned
-                    }
-                    // `resume_unwind` unwinds without calling the panic hook: nothing is
-                    // printed, and the payload is caught right below.
-                    Err(e) => std::panic::resume_unwind(Box::new(Abandon(e))),
-                }
-            })
-        };
-        match std::panic::catch_unwind(AssertUnwindSafe(run)) {
-            Ok(done) => done.map_err(UpdateError::Core),
-            Err(payload) => match payload.downcast::<Abandon>() {
-                Ok(abandon) => Err(abandon.0),
-                Err(panic) => std::panic::resume_unwind(panic),
-            },
-        }
+        // A closure that fails (Python raised, or the new value does not fit the type) refuses
+        // the update: the object is released unchanged.
+        let done = self.obj.try_update(|value| {
+            let encoded = R::encoded(name, value).map_err(UpdateError::Core)?;
+            let (new, returned) = f(&encoded).map_err(UpdateError::Python)?;
+            *value = R::from_encoded(name, new).map_err(UpdateError::Core)?;
+            Ok(returned)
+        });
+        done.map_err(UpdateError::Core)?
     }
 }
 
