@@ -377,6 +377,8 @@ pub struct TwoProcesses {
     pub round_trips: Vec<RoundTrip>,
     /// Write and update latency: this process writes while the other holds a token.
     pub writes: Vec<WriteLatency>,
+    /// The same with a shared secret: every connection a Noise session, every frame sealed.
+    pub secret_writes: Vec<WriteLatency>,
 }
 
 /// Everything measured on one transport.
@@ -771,6 +773,17 @@ impl TransportReport {
                  holds a token. Ratios are to the raw zmq.rs round trip above.\n"
             );
             write_table(&mut s, &two.writes);
+            if !two.secret_writes.is_empty() {
+                let _ = writeln!(
+                    s,
+                    "### Two processes: the same with a secret (Noise sessions)\n\n\
+                     Every connection starts with a Noise handshake and every frame is \
+                     encrypted and authenticated in its session. Measured in the same run, \
+                     each policy right after its writes without a secret.\n"
+                );
+                write_table(&mut s, &two.secret_writes);
+                secret_cost_table(&mut s, &two.writes, &two.secret_writes);
+            }
         }
         if !self.errors.is_empty() {
             let _ = writeln!(s, "### Errors\n");
@@ -890,6 +903,33 @@ fn write_table(s: &mut String, writes: &[WriteLatency]) {
             l.samples,
             opt_ns(l.worst_pass_ns),
             w.vs_floor.map_or("-".into(), |r| format!("{r:.1}x"))
+        );
+    }
+    s.push('\n');
+}
+
+/// Each write's typical latency with a secret over the same write's without one.
+fn secret_cost_table(s: &mut String, open: &[WriteLatency], sealed: &[WriteLatency]) {
+    let _ = writeln!(
+        s,
+        "| policy | op | value | without | with a secret | ratio |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|");
+    for w in sealed {
+        let same = open
+            .iter()
+            .find(|o| o.policy == w.policy && o.op == w.op && o.size_bytes == w.size_bytes);
+        let Some(o) = same else { continue };
+        let (without, with) = (o.latency.typical_ns(), w.latency.typical_ns());
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {:.2}x |",
+            w.policy.name(),
+            w.op.name(),
+            size_label(w.size_bytes),
+            ns_label(without),
+            ns_label(with),
+            with / without
         );
     }
     s.push('\n');

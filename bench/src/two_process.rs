@@ -1,12 +1,14 @@
 //! ZeroMQ between two OS processes, as the acceptance targets ask: this process starts a copy
 //! of itself (the hidden `--zmq-peer-of ADDR`) and, in one run, measures the raw zmq.rs round
 //! trip between the two (a ROUTER here, a DEALER there, no library) and the write and update
-//! latency of a `Node` over `ZmqTransport` in each, with spread tokens, under both policies.
-//! The floor is measured before, between and after the two policies' writes, as the
-//! in-process floors are; the best pass counts.
+//! latency of a `Node` over `ZmqTransport` in each, with spread tokens, under both policies,
+//! without and then with a shared secret (every frame sealed in a Noise session), so that the
+//! cost of the sessions is measured in the same run. The floor is measured before, between and
+//! after the two policies' writes, as the in-process floors are; the best pass counts.
 //!
 //! The second process serves commands on its DEALER: ping frames are echoed as they are;
 //! `start`, `read`, `stop` are text and answered with `ok` or `error: ...`; `quit` ends it.
+//! `start` names the secret, or `-` for none; it is made up per run and crosses loopback only.
 //! Every wait is bounded. The second process is killed when the measurement fails or it does
 //! not quit in time, and ends itself when its stdin (a pipe from this process) closes.
 
@@ -44,10 +46,10 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 const QUIT_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Progress steps: starting the second process, the floors before each policy and at the
-/// end, the latencies.
+/// end, the latencies without and with a secret.
 pub const STEPS: u64 = (1
     + (Policy::BOTH.len() + 1) * SIZES_2P.len()
-    + Policy::BOTH.len() * SIZES_2P.len() * 2) as u64;
+    + 2 * Policy::BOTH.len() * SIZES_2P.len() * 2) as u64;
 
 /// Measures everything between two processes into `report.two_processes`; failures go to
 /// `report.errors`, with whatever could be measured kept.
@@ -58,6 +60,7 @@ pub fn measure(plan: &Plan, progress: &Progress, report: &mut TransportReport) {
         errors.push(e);
     }
     relate_to_floor(&mut two.writes, &two.round_trips);
+    relate_to_floor(&mut two.secret_writes, &two.round_trips);
     report
         .errors
         .extend(errors.into_iter().map(|e| format!("two processes: {e}")));
@@ -72,10 +75,18 @@ fn run(
 ) -> Result<(), String> {
     progress.step("zmq, two processes: starting the second process".into());
     let mut peer = Peer::start()?;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let secret = format!("bench-{}-{nanos}", std::process::id());
     for policy in Policy::BOTH {
         floors(&mut peer, plan, progress, two)?;
-        if let Err(e) = phase(&mut peer, policy, plan, progress, two) {
+        if let Err(e) = phase(&mut peer, policy, None, plan, progress, &mut two.writes) {
             errors.push(format!("{} policy: {e}", policy.name()));
+        }
+        let writes = &mut two.secret_writes;
+        if let Err(e) = phase(&mut peer, policy, Some(&secret), plan, progress, writes) {
+            errors.push(format!("{} policy with a secret: {e}", policy.name()));
         }
     }
     floors(&mut peer, plan, progress, two)?;
@@ -105,27 +116,34 @@ fn floors(
     Ok(())
 }
 
-/// One node per process with `policy`, measured, and both shut down.
+/// One node per process with `policy` and `secret`, measured into `writes`, and both shut
+/// down.
 fn phase(
     peer: &mut Peer,
     policy: Policy,
+    secret: Option<&str>,
     plan: &Plan,
     progress: &Progress,
-    two: &mut TwoProcesses,
+    writes: &mut Vec<WriteLatency>,
 ) -> Result<(), String> {
     let cluster_id = format!(
-        "bench-{}-two-processes-{}",
+        "bench-{}-two-processes-{}-{}",
         std::process::id(),
-        policy.name()
+        policy.name(),
+        if secret.is_some() { "sealed" } else { "open" }
     );
-    let transport = ZmqTransport::start(ZmqConfig::new("tcp://127.0.0.1:0", &cluster_id))
-        .map_err(|e| format!("zmq: {e}"))?;
+    let transport = ZmqTransport::start(ZmqConfig {
+        secret: secret.map(|s| s.as_bytes().to_vec()),
+        ..ZmqConfig::new("tcp://127.0.0.1:0", &cluster_id)
+    })
+    .map_err(|e| format!("zmq: {e}"))?;
     // The second process answers once its node holds a token of every object, which needs
     // this node running: the answer is awaited after this node opened them.
     peer.send_command(&format!(
-        "start {} {} {cluster_id}",
+        "start {} {} {cluster_id} {}",
         policy.name(),
-        transport.local_addr()
+        transport.local_addr(),
+        secret.unwrap_or("-")
     ))?;
     let config = Config::default().write_policy(policy.write_policy());
     let node = Node::start(transport, config).map_err(|e| e.to_string());
@@ -136,8 +154,27 @@ fn phase(
             .object(&object_name(SIZES_2P[1]), ByteBuf::of_size(SIZES_2P[1]))
             .map_err(e)?;
         peer.answer()?;
-        latencies(peer, &small, SIZES_2P[0], policy, plan, progress, two)?;
-        latencies(peer, &page, SIZES_2P[1], policy, plan, progress, two)
+        let sealed = secret.is_some();
+        latencies(
+            peer,
+            &small,
+            SIZES_2P[0],
+            policy,
+            sealed,
+            plan,
+            progress,
+            writes,
+        )?;
+        latencies(
+            peer,
+            &page,
+            SIZES_2P[1],
+            policy,
+            sealed,
+            plan,
+            progress,
+            writes,
+        )
     });
     // Both nodes leave at once (each leave waits for the other's acknowledgement), and every
     // answer is taken, so the next phase starts in step.
@@ -151,22 +188,25 @@ fn phase(
 }
 
 /// Write and update latency on `obj` while the second process holds a token.
+#[allow(clippy::too_many_arguments)] // one call site per size, all arguments distinct
 fn latencies<V: Payload>(
     peer: &mut Peer,
     obj: &DistObj<V>,
     size: usize,
     policy: Policy,
+    sealed: bool,
     plan: &Plan,
     progress: &Progress,
-    two: &mut TwoProcesses,
+    writes: &mut Vec<WriteLatency>,
 ) -> Result<(), String> {
     let read = format!("read {size}");
     for op in Op::BOTH {
         progress.step(format!(
-            "zmq, two processes: {} latency, {}, {}",
+            "zmq, two processes: {} latency, {}, {}{}",
             op.name(),
             policy.name(),
-            size_label(size)
+            size_label(size),
+            if sealed { ", with a secret" } else { "" }
         ));
         let latency = measure::spread_write_latency(obj, size, op, plan.latency, || {
             match policy {
@@ -179,7 +219,7 @@ fn latencies<V: Payload>(
         // Had it died, the writes would have waited for it to be declared lost and then
         // measured a node alone.
         peer.check_running()?;
-        two.writes.push(WriteLatency {
+        writes.push(WriteLatency {
             nodes: 2,
             policy,
             op,
@@ -517,8 +557,9 @@ fn serve_commands(addr: &str) -> Result<(), String> {
     loop {
         let text = raw.next_command()?;
         let answer = match text.split_whitespace().collect::<Vec<_>>().as_slice() {
-            ["start", policy, join, cluster_id] if follower.is_none() => {
-                start(policy, join, cluster_id).map(|f| follower = Some(f))
+            ["start", policy, join, cluster_id, secret] if follower.is_none() => {
+                let secret = (*secret != "-").then_some(*secret);
+                start(policy, join, cluster_id, secret).map(|f| follower = Some(f))
             }
             ["read", size] => read(follower.as_ref(), size),
             ["stop"] => stop(follower.take()),
@@ -534,13 +575,19 @@ fn serve_commands(addr: &str) -> Result<(), String> {
 }
 
 /// Joins the first process's cluster and takes a token of every measured object.
-fn start(policy: &str, join: &str, cluster_id: &str) -> Result<Follower, String> {
+fn start(
+    policy: &str,
+    join: &str,
+    cluster_id: &str,
+    secret: Option<&str>,
+) -> Result<Follower, String> {
     let policy = Policy::BOTH
         .into_iter()
         .find(|p| p.name() == policy)
         .ok_or_else(|| format!("unknown policy {policy:?}"))?;
     let transport = ZmqTransport::start(ZmqConfig {
         join: Some(join.to_string()),
+        secret: secret.map(|s| s.as_bytes().to_vec()),
         ..ZmqConfig::new("tcp://127.0.0.1:0", cluster_id)
     })
     .map_err(|e| format!("zmq: {e}"))?;

@@ -3,7 +3,8 @@
 //! any protocol operation that needs one exchange.
 //!
 //! `cargo run --release -p transport-zmq --example round_trip [iterations]`; with
-//! `COHERENCE_SECRET` set, every frame is authenticated (HMAC-SHA256), which shows its cost.
+//! `COHERENCE_SECRET` set, every connection starts a Noise session and every frame is
+//! encrypted and authenticated in it, which shows their cost.
 
 use std::time::{Duration, Instant};
 
@@ -19,7 +20,7 @@ fn main() {
         secret: secret_from_env_or_file(None).expect("a readable secret"),
         ..ZmqConfig::new("tcp://127.0.0.1:0", "bench")
     };
-    println!("authenticated: {}", config.secret.is_some());
+    println!("secret (Noise sessions): {}", config.secret.is_some());
     let a = ZmqTransport::start(config.clone()).expect("founder");
     let b = ZmqTransport::start(ZmqConfig {
         join: Some(a.local_addr()),

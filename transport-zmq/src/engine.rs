@@ -476,6 +476,10 @@ struct Engine {
     next_id: NodeId,
     members: BTreeMap<NodeId, Peer>,
     departed: BTreeSet<NodeId>,
+    /// Links to departed members, kept until the given time: zmq.rs only queues what we send
+    /// for a writer task, and dropping a DEALER right after a send could lose the frame (the
+    /// acknowledgement of a goodbye, whose sender then waited for it until its deadline).
+    retired: Vec<(Instant, Link)>,
     /// The listener's connections that said hello, by connection number.
     conns: HashMap<u64, Conn>,
     held: BTreeMap<NodeId, Held>,
@@ -519,6 +523,7 @@ impl Engine {
             next_id: 0,
             members: BTreeMap::new(),
             departed: BTreeSet::new(),
+            retired: Vec::new(),
             conns: HashMap::new(),
             held: BTreeMap::new(),
             held_frames: 0,
@@ -1040,9 +1045,11 @@ impl Engine {
     }
 
     fn remove_member(&mut self, id: NodeId, why: &str) {
-        if self.members.remove(&id).is_none() {
+        let Some(peer) = self.members.remove(&id) else {
             return;
-        }
+        };
+        self.retired
+            .push((Instant::now() + self.lost_after, peer.link));
         tracing::info!(node = self.my_id(), peer = id, why, "member left");
         self.shared.set_member(id, false);
         self.departed.insert(id);
@@ -1307,6 +1314,7 @@ impl Engine {
             }
         }
 
+        self.retired.retain(|(until, _)| now < *until);
         let lost_after = self.lost_after;
         let (expired, kept): (BTreeMap<NodeId, Held>, _) = std::mem::take(&mut self.held)
             .into_iter()

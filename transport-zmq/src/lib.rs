@@ -68,13 +68,13 @@
 //!
 //! # Sessions
 //! With a shared secret ([`ZmqConfig::secret`], see [`secret_from_env_or_file`]) every
-//! connection starts with a Noise handshake, `Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s` through
+//! connection starts with a Noise handshake, `Noise_NNpsk0_25519_AESGCM_BLAKE2s` through
 //! the `snow` crate, in which both ends contribute a fresh X25519 ephemeral key. The pre-shared
 //! key is HKDF-SHA256 of the secret (no salt, info `coherence-zmq noise psk\0` followed by the
 //! cluster id) and the prologue is `coherence-zmq session, frame version 2`. The connecting
 //! side sends the first handshake message as the payload of a handshake frame (the only frame
 //! that crosses in clear), the listener answers with the second in a handshake frame, and from
-//! then on every frame on that connection is encrypted and authenticated with ChaCha20-Poly1305
+//! then on every frame on that connection is encrypted and authenticated with AES-256-GCM
 //! under the session's keys, with the nonce counter Noise keeps (a frame longer than a Noise
 //! message is sealed as consecutive Noise messages in one ZeroMQ message).
 //!
@@ -162,6 +162,8 @@
 #![deny(missing_docs)]
 
 mod engine;
+#[doc(hidden)]
+pub mod fuzzing;
 mod listener;
 mod session;
 mod wire;

@@ -211,14 +211,13 @@ impl RawDealer {
         hkdf::Hkdf::<sha2::Sha256>::new(None, secret)
             .expand(&info, &mut psk)
             .unwrap();
-        let mut state =
-            snow::Builder::new("Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s".parse().unwrap())
-                .psk(0, &psk)
-                .unwrap()
-                .prologue(b"coherence-zmq session, frame version 2")
-                .unwrap()
-                .build_initiator()
-                .unwrap();
+        let mut state = snow::Builder::new("Noise_NNpsk0_25519_AESGCM_BLAKE2s".parse().unwrap())
+            .psk(0, &psk)
+            .unwrap()
+            .prologue(b"coherence-zmq session, frame version 2")
+            .unwrap()
+            .build_initiator()
+            .unwrap();
         let mut first = [0u8; 48];
         state.write_message(&[], &mut first).unwrap();
         let cluster = cluster_hash(cluster_id);
