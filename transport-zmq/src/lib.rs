@@ -137,8 +137,9 @@
 //! close one peer of a ROUTER; and its accept loop retries a failed accept at once, which spun
 //! a core while the file table was full. A node only *receives* on its port (its ROUTER never
 //! sent), so that side of ZMTP 3.0 with the NULL mechanism is small: greeting and READY both
-//! ways, then length-prefixed frames. Writing it here puts every check before the bytes are
-//! believed, and lets the engine decide which connection authenticated. The alternatives:
+//! ways, then length-prefixed frames (with a secret, one answer to the Noise handshake goes
+//! back). Writing it here puts every check before the bytes are believed, and lets the engine
+//! decide which connection authenticated. The alternatives:
 //! - a guard in front of zmq.rs that checks frame headers and forwards the bytes to the ROUTER
 //!   on an internal address adds a hop (a copy, a socket, more descriptors per connection) to
 //!   every frame, and still needs zmq.rs's accept loop not to spin on the internal side;

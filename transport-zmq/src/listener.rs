@@ -4,7 +4,8 @@
 //! zmq.rs's ROUTER reserved memory for whatever length a frame header claimed, had no limit on
 //! connections and no deadline for a handshake, and spun on a failed accept (see "Hostile
 //! networks" in the crate documentation). Every node only ever *receives* on its listener, so
-//! its side of ZMTP is small: send our greeting and READY, check the peer's, then read frames.
+//! its side of ZMTP is small: send our greeting and READY, check the peer's, then read frames
+//! (and, with a secret, answer the Noise handshake once).
 //!
 //! With a secret, the first message must be a Noise handshake message that opens with the
 //! cluster's key; the listener answers with the second handshake message, the only message it
@@ -15,9 +16,8 @@
 //! A connection is *unauthenticated* until its first frame is a hello the engine accepts or
 //! a join request (both pass the codec first: cluster and version, and with a secret they
 //! must have opened in the session). Until then every frame it sends may be at most
-//! [`FIRST_MESSAGE`] bytes, it must
-//! authenticate within `handshake_timeout`, and at most `max_unauthenticated` such connections
-//! are kept (a new one closes the oldest). A first message that does not authenticate closes
+//! [`FIRST_MESSAGE`] bytes, it must authenticate within `handshake_timeout`, and at most
+//! `max_unauthenticated` such connections are kept (a new one closes the oldest). A first message that does not authenticate closes
 //! the connection. Afterwards a message may be as long as the codec's largest frame. A frame
 //! header that claims more than its limit closes the connection before any of the body is read.
 
