@@ -107,9 +107,10 @@ struct Args {
     #[arg(long, value_name = "NAME", default_value = "coherence-demo")]
     cluster_id: String,
 
-    /// ZeroMQ: file holding the secret shared by all nodes; every frame is then
-    /// authenticated (HMAC-SHA256). Without it the environment variable COHERENCE_SECRET is
-    /// used if set, else frames are not authenticated.
+    /// ZeroMQ: file holding the secret shared by all nodes; every connection then starts with
+    /// a Noise handshake keyed by it and every frame is encrypted and authenticated. Without it
+    /// the environment variable COHERENCE_SECRET is used if set, else frames travel in clear
+    /// (allowed on loopback, or with --insecure).
     #[arg(long, value_name = "PATH")]
     secret_file: Option<PathBuf>,
 
