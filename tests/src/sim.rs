@@ -6,7 +6,7 @@
 //! Membership changes travel in the same queues: `Joined(new)` precedes the new node's first
 //! message to a member and `Left(x)` follows x's last message.
 //!
-//! After every step the simulation checks the safety rules of `DESIGN.md` section 2: token
+//! After every step the simulation checks the invariants `docs/PROTOCOL.md` lists: token
 //! conservation with one agreed total, exactly one owner token, the data rule (every readable
 //! copy and every value in flight is the latest), versions without gaps, reads and opens that
 //! return the latest value, writes only with every token, exactly one genesis node. At the end

@@ -1,6 +1,6 @@
-//! Exhaustive model checks of small configurations (DESIGN.md section 5): every interleaving
-//! that per-pair FIFO channels allow, with the safety properties checked in every state and
-//! liveness on every path. `tests::model` describes the model and its properties.
+//! Exhaustive model checks of small configurations (the invariants of `docs/PROTOCOL.md`): every
+//! interleaving that per-pair FIFO channels allow, with the safety properties checked in every
+//! state and liveness on every path. `tests::model` describes the model and its properties.
 //!
 //! To stay well under a minute in the test profile, the two-writer and genesis-leave tests drop
 //! one open from the design brief's scripts; the `#[ignore]`d `*_all_open` tests run the full
