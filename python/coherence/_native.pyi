@@ -91,7 +91,8 @@ class DistObj(Generic[_T]):
     def node(self) -> Node:
         """The node this object was opened on."""
     def read(self) -> _T:
-        """The current value, as a new object the caller owns."""
+        """The current value, as a new object the caller owns (an immutable value is shared:
+        nobody can change it)."""
     def write(self, value: _T) -> None:
         """Replaces the value once this node holds every token."""
     def update(self, fn: Callable[[_T], _T]) -> _T:

@@ -16,24 +16,251 @@
 //! type (a string for `i64`) is refused when it is written.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::marker::PhantomData;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use coherence_core::{DistObj, Error, Node};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{IntoPyDict, PyBytes};
+use pyo3::types::{
+    IntoPyDict, PyBool, PyBytes, PyComplex, PyDict, PyFloat, PyFrozenSet, PyInt, PyList, PySet,
+    PyString, PyTuple,
+};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::errors;
 
 /// The bytes of a pickle, stored as they are. Its own type, so that its type name tells pickle
-/// objects from every msgpack one.
-#[derive(Serialize, Deserialize)]
-pub struct Pickle(#[serde(with = "serde_bytes")] Vec<u8>);
+/// objects from every msgpack one. On the wire it is the bytes alone.
+pub struct Pickle {
+    bytes: Vec<u8>,
+    /// What the first read of this value made for the reads after it, so that a read hit
+    /// costs no more than the `pickle.loads` it cannot avoid.
+    made: OnceLock<Made>,
+}
+
+/// What reads of one pickle share.
+enum Made {
+    /// The decoded value itself, when nobody can change it (see [`immutable`]): every read
+    /// hands out this one object.
+    Value(Py<PyAny>),
+    /// The decoded value, plain data of this shape, never handed out: each read hands out a
+    /// copy, as good as a decoded one and many times cheaper.
+    Plain(Py<PyAny>, Shape),
+    /// Anything else: `pickle.loads` and its arguments, the pickle as `bytes`, in a tuple
+    /// made once, so that each read only runs the decode.
+    Load(Py<PyAny>, Py<PyTuple>),
+}
+
+impl Pickle {
+    fn new(bytes: Vec<u8>) -> Pickle {
+        Pickle {
+            bytes,
+            made: OnceLock::new(),
+        }
+    }
+}
+
+/// The wire form of [`Pickle`], as a derive would make it: a newtype of the bytes.
+#[derive(Serialize)]
+#[serde(rename = "Pickle")]
+struct PickleOut<'a>(#[serde(with = "serde_bytes")] &'a [u8]);
+
+/// The wire form of [`Pickle`], read.
+#[derive(Deserialize)]
+#[serde(rename = "Pickle")]
+struct PickleIn(#[serde(with = "serde_bytes")] Vec<u8>);
+
+impl Serialize for Pickle {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        PickleOut(&self.bytes).serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Pickle {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Pickle, D::Error> {
+        PickleIn::deserialize(deserializer).map(|PickleIn(bytes)| Pickle::new(bytes))
+    }
+}
+
+/// Whether no Python code can change `value`: None, bool, int, float, complex, str, bytes,
+/// and tuples and frozensets of these (exact types: a subclass may add mutable state).
+fn immutable(value: &Bound<'_, PyAny>, depth: usize) -> bool {
+    if value.is_none()
+        || value.is_exact_instance_of::<PyBool>()
+        || value.is_exact_instance_of::<PyInt>()
+        || value.is_exact_instance_of::<PyFloat>()
+        || value.is_exact_instance_of::<PyComplex>()
+        || value.is_exact_instance_of::<PyString>()
+        || value.is_exact_instance_of::<PyBytes>()
+    {
+        return true;
+    }
+    // Deeper nesting is decoded anew each time rather than checked at length.
+    depth < 4
+        && (value
+            .cast_exact::<PyTuple>()
+            .is_ok_and(|tuple| tuple.iter().all(|item| immutable(&item, depth + 1)))
+            || value
+                .cast_exact::<PyFrozenSet>()
+                .is_ok_and(|set| set.iter().all(|item| immutable(&item, depth + 1))))
+}
+
+/// How deep [`Shape::of`] follows containers; deeper values are decoded anew at each read.
+const PLAIN_DEPTH: usize = 32;
+
+/// Where the mutable parts of plain data are: [`immutable`] leaves in `dict`s, `list`s, `set`s
+/// and tuples (exact types). A copy along it is what `pickle.loads` of the value's pickle
+/// would make, without the decoding.
+enum Shape {
+    /// Immutable: shared, not copied.
+    Leaf,
+    /// A container of leaves only: a shallow copy.
+    Flat,
+    /// A `dict`: a shallow copy, then a copy of each of these values in place.
+    Dict(Vec<(Py<PyAny>, Shape)>),
+    /// A `list`: a shallow copy, then a copy of the item at each of these places.
+    List(Vec<(usize, Shape)>),
+    /// A tuple holding something mutable: a new tuple of copies.
+    Tuple(Vec<Shape>),
+}
+
+impl Shape {
+    /// The shape of `value`, or `None` if it is not plain data or meets a container twice
+    /// (`pickle` keeps a shared or cyclic container shared; a copy would not).
+    fn of(value: &Bound<'_, PyAny>) -> Option<Shape> {
+        Shape::at(value, 0, &mut HashSet::new())
+    }
+
+    fn at(value: &Bound<'_, PyAny>, depth: usize, seen: &mut HashSet<usize>) -> Option<Shape> {
+        if immutable(value, 0) {
+            return Some(Shape::Leaf);
+        }
+        if depth >= PLAIN_DEPTH || !seen.insert(value.as_ptr() as usize) {
+            return None;
+        }
+        if let Ok(dict) = value.cast_exact::<PyDict>() {
+            let mut inner = Vec::new();
+            for (key, item) in dict.iter() {
+                if !immutable(&key, 0) {
+                    return None;
+                }
+                match Shape::at(&item, depth + 1, seen)? {
+                    Shape::Leaf => {}
+                    shape => inner.push((key.unbind(), shape)),
+                }
+            }
+            Some(if inner.is_empty() {
+                Shape::Flat
+            } else {
+                Shape::Dict(inner)
+            })
+        } else if let Ok(list) = value.cast_exact::<PyList>() {
+            let mut inner = Vec::new();
+            for (at, item) in list.iter().enumerate() {
+                match Shape::at(&item, depth + 1, seen)? {
+                    Shape::Leaf => {}
+                    shape => inner.push((at, shape)),
+                }
+            }
+            Some(if inner.is_empty() {
+                Shape::Flat
+            } else {
+                Shape::List(inner)
+            })
+        } else if let Ok(tuple) = value.cast_exact::<PyTuple>() {
+            let items = tuple
+                .iter()
+                .map(|item| Shape::at(&item, depth + 1, seen))
+                .collect::<Option<Vec<_>>>()?;
+            Some(Shape::Tuple(items))
+        } else if let Ok(set) = value.cast_exact::<PySet>() {
+            set.iter()
+                .all(|item| immutable(&item, 0))
+                .then_some(Shape::Flat)
+        } else {
+            None
+        }
+    }
+
+    /// A copy of `value`, which has this shape.
+    fn copy<'py>(&self, value: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        match self {
+            Shape::Leaf => Ok(value.clone()),
+            Shape::Flat => {
+                if let Ok(dict) = value.cast_exact::<PyDict>() {
+                    Ok(dict.copy()?.into_any())
+                } else if let Ok(list) = value.cast_exact::<PyList>() {
+                    Ok(list.get_slice(0, list.len()).into_any())
+                } else {
+                    value.call_method0("copy")
+                }
+            }
+            Shape::Dict(inner) => {
+                let copy = value.cast_exact::<PyDict>()?.copy()?;
+                for (key, shape) in inner {
+                    let key = key.bind(value.py());
+                    copy.set_item(key, shape.copy(&value.get_item(key)?)?)?;
+                }
+                Ok(copy.into_any())
+            }
+            Shape::List(inner) => {
+                let list = value.cast_exact::<PyList>()?;
+                let copy = list.get_slice(0, list.len());
+                for (at, shape) in inner {
+                    copy.set_item(*at, shape.copy(&list.get_item(*at)?)?)?;
+                }
+                Ok(copy.into_any())
+            }
+            Shape::Tuple(items) => {
+                let tuple = value.cast_exact::<PyTuple>()?;
+                let copies = items
+                    .iter()
+                    .zip(tuple.iter())
+                    .map(|(shape, item)| shape.copy(&item))
+                    .collect::<PyResult<Vec<_>>>()?;
+                Ok(PyTuple::new(value.py(), copies)?.into_any())
+            }
+        }
+    }
+}
+
+/// Reads a pickle object's value: a new Python object the caller may change (a copy of plain
+/// data, else a decode), or the one shared immutable object (see [`immutable`]). Bytes `pickle.loads` refuses raise
+/// `DecodeError`.
+pub fn read_pickle(py: Python<'_>, object: &str, pickle: &Pickle) -> PyResult<Py<PyAny>> {
+    let read = match pickle.made.get() {
+        Some(Made::Value(value)) => return Ok(value.clone_ref(py)),
+        Some(Made::Plain(value, shape)) => return shape.copy(value.bind(py)).map(Bound::unbind),
+        Some(Made::Load(loads, args)) => loads.bind(py).call(args.bind(py), None),
+        None => first_read(py, pickle),
+    };
+    read.map(Bound::unbind)
+        .map_err(|cause| errors::decode(py, object, cause))
+}
+
+/// Decodes a pickle for the first time and keeps what the reads after it need.
+fn first_read<'py>(py: Python<'py>, pickle: &Pickle) -> PyResult<Bound<'py, PyAny>> {
+    let loads = PICKLE_LOADS.import(py, "pickle", "loads")?;
+    let bytes = PyBytes::new(py, &pickle.bytes);
+    let value = loads.call1((&bytes,))?;
+    let (made, value) = if immutable(&value, 0) {
+        (Made::Value(value.clone().unbind()), value)
+    } else if let Some(shape) = Shape::of(&value) {
+        // Kept, and the caller gets a copy like every later read.
+        let copy = shape.copy(&value)?;
+        (Made::Plain(value.unbind(), shape), copy)
+    } else {
+        let args = PyTuple::new(py, [bytes])?;
+        (Made::Load(loads.clone().unbind(), args.unbind()), value)
+    };
+    // Another thread may have made it first: either is right.
+    let _ = pickle.made.set(made);
+    Ok(value)
+}
 
 /// How values of an object are encoded on the Python side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,7 +355,7 @@ impl std::ops::Deref for Encoded {
 
     fn deref(&self) -> &[u8] {
         match self {
-            Encoded::Pickle(pickle) => &pickle.0,
+            Encoded::Pickle(pickle) => &pickle.bytes,
             Encoded::Msgpack(bytes) => bytes,
         }
     }
@@ -182,11 +409,11 @@ impl Repr for PickleRepr {
     type Value = Pickle;
 
     fn from_encoded(_: &str, bytes: Vec<u8>) -> Result<Pickle, Error> {
-        Ok(Pickle(bytes))
+        Ok(Pickle::new(bytes))
     }
 
     fn encoded<'v>(_: &str, value: &'v Pickle) -> Result<Cow<'v, [u8]>, Error> {
-        Ok(Cow::Borrowed(&value.0))
+        Ok(Cow::Borrowed(&value.bytes))
     }
 
     fn shared(_: &str, value: Arc<Pickle>) -> Result<Encoded, Error> {

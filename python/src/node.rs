@@ -18,7 +18,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 use transport_zmq::{ZmqConfig, ZmqError, ZmqTransport};
 
-use crate::codec::{Codec, Kind, Stored, UpdateError};
+use crate::codec::{self, Codec, Encoded, Kind, Stored, UpdateError};
 use crate::errors::{self, to_py};
 
 /// Runs `f`, which may wait, without the GIL; then handles the signals that came meanwhile,
@@ -329,13 +329,17 @@ impl PyDistObj {
         self.node.clone_ref(py)
     }
 
-    /// The current value, as a new object the caller owns.
+    /// The current value, as a new object the caller owns (an immutable value is shared:
+    /// nobody can change it).
     fn read(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
         let encoded = match self.stored.try_read().map_err(to_py)? {
             Some(encoded) => encoded,
             None => wait(py, || self.stored.read())?.map_err(to_py)?,
         };
-        self.codec.loads(py, self.stored.name(), &encoded)
+        match encoded {
+            Encoded::Pickle(pickle) => codec::read_pickle(py, self.stored.name(), &pickle),
+            Encoded::Msgpack(bytes) => self.codec.loads(py, self.stored.name(), &bytes),
+        }
     }
 
     /// Replaces the value, once this node holds every token.

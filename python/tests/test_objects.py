@@ -41,6 +41,81 @@ def test_a_changed_read_value_changes_nothing(cluster):
     assert mine.version == 0
 
 
+class Point:
+    """A class instance: reads decode it anew, as pickle.loads would."""
+
+    def __init__(self, x):
+        self.x = x
+
+    def __eq__(self, other):
+        return isinstance(other, Point) and other.x == self.x
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"rows": [1, 2], "meta": {"tags": {"a", "b"}, "pair": (1, [2])}},
+        [[1, 2], [3, 4]],
+        ([1], (2, [3])),
+        {"flat": 1, "also": "flat"},
+        [0.5] * 100,
+        {1, 2, 3},
+        [Point(1), {"p": Point(2)}],
+        bytearray(b"mutable bytes"),
+    ],
+    ids=["nested dict", "list of lists", "tuple holding lists", "flat dict", "flat list",
+         "set", "class instances", "bytearray"],
+)
+def test_every_read_is_a_value_of_its_own(cluster, value):
+    (node,) = cluster(1)
+    obj = node.object("value", value)
+    first, second = obj.read(), obj.read()
+    assert first == value and second == value
+    assert type(first) is type(value)
+
+    def change(v):
+        # Change everything reachable that can change.
+        if isinstance(v, dict):
+            for item in v.values():
+                change(item)
+            v["added"] = True
+        elif isinstance(v, (list, bytearray)):
+            for item in list(v):
+                change(item)
+            v.append(7)
+        elif isinstance(v, set):
+            v.add(99)
+        elif isinstance(v, tuple):
+            for item in v:
+                change(item)
+        elif isinstance(v, Point):
+            v.x = -1
+
+    change(first)
+    assert obj.read() == value
+    assert second == value
+
+
+def test_immutable_values_are_shared_between_reads(cluster):
+    (node,) = cluster(1)
+    for value in [42, "text", b"bytes", 1.5, (1, ("a", None)), frozenset({1, 2}), None]:
+        obj = node.object(f"immutable {value!r}", value)
+        assert obj.read() == value
+        assert obj.read() is obj.read()
+
+
+def test_reads_keep_shared_and_cyclic_parts_as_pickle_does(cluster):
+    (node,) = cluster(1)
+    inner = [1]
+    shared = node.object("shared", [inner, inner]).read()
+    assert shared == [[1], [1]] and shared[0] is shared[1]
+    cyclic = []
+    cyclic.append(cyclic)
+    again = node.object("cyclic", cyclic).read()
+    assert again[0] is again
+    assert node.object("cyclic", None).read() is not again
+
+
 def test_concurrent_updates_from_four_nodes_lose_nothing(cluster):
     nodes = cluster(4)
     objs = [node.object("hits", 0) for node in nodes]
