@@ -3,8 +3,8 @@
 //! A read needs one of an object's tokens, a write needs all of them, so the
 //! single-writer/multiple-reader invariant holds by counting. This crate holds the sans-IO
 //! protocol state machine ([`protocol`]), the wire codec ([`wire`]), the [`Transport`] trait, the
-//! driver ([`Node`]), the typed handle ([`DistObj`]) and the library's one wait policy
-//! ([`wait`]). Every protocol decision is made here. What this crate must not hold: a socket,
+//! driver ([`Node`]), the typed handle ([`DistObj`]), the library's one wait policy
+//! ([`wait`]) and the consensus that decides views ([`view`]). Every protocol decision is made here. What this crate must not hold: a socket,
 //! MPI, or any other network code; transports live in their own crates and only move frames.
 //!
 //! ```
@@ -26,6 +26,7 @@ pub mod error;
 pub mod node;
 pub mod protocol;
 pub mod transport;
+pub mod view;
 pub mod wait;
 pub mod wire;
 
