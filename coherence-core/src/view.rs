@@ -340,6 +340,27 @@ where
         }
     }
 
+    /// Promises `ballot` unless a higher one was promised (then `from` hears of that one).
+    /// The first promise of an epoch freezes this node.
+    fn promise(
+        &mut self,
+        from: NodeId,
+        epoch: Epoch,
+        ballot: Ballot,
+        node: &mut impl Recreation<R, P>,
+    ) -> bool {
+        self.highest_round = self.highest_round.max(ballot.round);
+        if let Some(promised) = self.promised.filter(|&promised| promised > ballot) {
+            self.reply(from, ViewMessage::Refused { epoch, promised }, node);
+            return false;
+        }
+        if self.promised.is_none() {
+            self.outputs.push_back(ViewOutput::Frozen);
+        }
+        self.promised = Some(ballot);
+        true
+    }
+
     fn on_prepare(
         &mut self,
         from: NodeId,
@@ -347,15 +368,9 @@ where
         ballot: Ballot,
         node: &mut impl Recreation<R, P>,
     ) {
-        self.highest_round = self.highest_round.max(ballot.round);
-        if let Some(promised) = self.promised.filter(|&promised| promised > ballot) {
-            self.reply(from, ViewMessage::Refused { epoch, promised }, node);
+        if !self.promise(from, epoch, ballot, node) {
             return;
         }
-        if self.promised.is_none() {
-            self.outputs.push_back(ViewOutput::Frozen);
-        }
-        self.promised = Some(ballot);
         let accepted = self.accepted.clone();
         let report = node.report();
         self.reply(
@@ -435,15 +450,9 @@ where
         proposal: Proposal<P>,
         node: &mut impl Recreation<R, P>,
     ) {
-        self.highest_round = self.highest_round.max(ballot.round);
-        if let Some(promised) = self.promised.filter(|&promised| promised > ballot) {
-            self.reply(from, ViewMessage::Refused { epoch, promised }, node);
+        if !self.promise(from, epoch, ballot, node) {
             return;
         }
-        if self.promised.is_none() {
-            self.outputs.push_back(ViewOutput::Frozen);
-        }
-        self.promised = Some(ballot);
         self.accepted = Some((ballot, proposal));
         self.reply(from, ViewMessage::Accepted { epoch, ballot }, node);
     }

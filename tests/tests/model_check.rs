@@ -1,13 +1,17 @@
 //! Exhaustive model checks of small configurations (the invariants of `docs/PROTOCOL.md`): every
 //! interleaving that per-pair FIFO channels allow, with the safety properties checked in every
-//! state and liveness on every path. `tests::model` describes the model and its properties.
+//! state and liveness on every path. `tests::model` describes the model and its properties;
+//! the `view_change_*` tests check the view change (`tests::view_model`), safety only.
 //!
 //! To stay well under a minute in the test profile, the two-writer and genesis-leave tests drop
 //! one open from the design brief's scripts; the `#[ignore]`d `*_all_open` tests run the full
 //! scripts (`cargo test -p tests --release --test model_check -- --ignored`).
 
+use std::collections::BTreeSet;
+
 use coherence_core::protocol::WritePolicy;
 use tests::model::{check, CoherenceModel, Step};
+use tests::view_model::{check as check_views, ViewModel};
 
 const X: &str = "x";
 
@@ -143,22 +147,43 @@ fn two_leave_concurrently() {
     check("two leave concurrently", model);
 }
 
+/// Three founders; `proposals[n]` are node n's proposals, in turn.
+fn views(proposals: Vec<Vec<BTreeSet<u32>>>, retries: u8, crash: bool) -> ViewModel {
+    ViewModel {
+        founders: 3,
+        proposals,
+        retries,
+        crash,
+    }
+}
+
+/// The three founders but `gone`.
+fn without(gone: u32) -> BTreeSet<u32> {
+    (0..3).filter(|&n| n != gone).collect()
+}
+
+fn members(nodes: &[u32]) -> BTreeSet<u32> {
+    nodes.iter().copied().collect()
+}
+
 /// The view change among three founders: nodes 0 and 1 propose to remove different members
-/// (so the proposals compete), node 0 may retry once with a higher ballot, and one node may
-/// crash at any point (node 2's crash leaves both proposals a bare majority).
+/// (so the proposals compete), and one node may crash at any point (node 2's crash leaves both
+/// proposals a bare majority).
 #[test]
 fn view_change_competing_proposers() {
-    use std::collections::BTreeSet;
-    use tests::view_model::{check, ViewModel};
+    let model = views(vec![vec![without(2)], vec![without(0)], vec![]], 0, true);
+    check_views("view change, 2 competing proposers", model);
+}
 
-    let without = |gone: u32| (0..3).filter(|&n| n != gone).collect::<BTreeSet<_>>();
-    let model = ViewModel {
-        founders: 3,
-        proposals: vec![vec![without(2)], vec![without(0)], vec![]],
-        retries: 0,
-        crash: true,
-    };
-    check("view change, 2 competing proposers", model);
+/// As [`view_change_competing_proposers`], with all three founders proposing.
+#[test]
+#[ignore = "13 million states: about 7 minutes in release"]
+fn view_change_three_competing_proposers() {
+    let proposals = vec![vec![without(2)], vec![without(0)], vec![without(1)]];
+    check_views(
+        "view change, 3 competing proposers",
+        views(proposals, 0, true),
+    );
 }
 
 /// Node 0 proposes, node 1 proposes a different membership, and node 0 retries once with a
@@ -166,52 +191,17 @@ fn view_change_competing_proposers() {
 /// accepted.
 #[test]
 fn view_change_retried_proposal() {
-    use std::collections::BTreeSet;
-    use tests::view_model::{check, ViewModel};
-
-    let without = |gone: u32| (0..3).filter(|&n| n != gone).collect::<BTreeSet<_>>();
-    let model = ViewModel {
-        founders: 3,
-        proposals: vec![vec![without(2)], vec![without(0)], vec![]],
-        retries: 1,
-        crash: false,
-    };
-    check("view change, a retried proposal", model);
-}
-
-/// As [`view_change_competing_proposers`], with all three founders proposing (no retries).
-#[test]
-#[ignore = "13 million states: about 7 minutes in release"]
-fn view_change_three_competing_proposers() {
-    use std::collections::BTreeSet;
-    use tests::view_model::{check, ViewModel};
-
-    let without = |gone: u32| (0..3).filter(|&n| n != gone).collect::<BTreeSet<_>>();
-    let model = ViewModel {
-        founders: 3,
-        proposals: vec![vec![without(2)], vec![without(0)], vec![without(1)]],
-        retries: 0,
-        crash: true,
-    };
-    check("view change, 3 competing proposers", model);
+    let model = views(vec![vec![without(2)], vec![without(0)], vec![]], 1, false);
+    check_views("view change, a retried proposal", model);
 }
 
 /// Two epochs: node 0 removes node 2, then adds it back; node 1 competes to remove node 0.
 #[test]
 fn view_change_two_epochs() {
-    use std::collections::BTreeSet;
-    use tests::view_model::{check, ViewModel};
-
-    let set = |nodes: &[u32]| nodes.iter().copied().collect::<BTreeSet<_>>();
-    let model = ViewModel {
-        founders: 3,
-        proposals: vec![
-            vec![set(&[0, 1]), set(&[0, 1, 2])],
-            vec![set(&[1, 2])],
-            vec![],
-        ],
-        retries: 0,
-        crash: false,
-    };
-    check("view change, two epochs", model);
+    let proposals = vec![
+        vec![members(&[0, 1]), members(&[0, 1, 2])],
+        vec![members(&[1, 2])],
+        vec![],
+    ];
+    check_views("view change, two epochs", views(proposals, 0, false));
 }
