@@ -100,7 +100,7 @@ fn immutable(value: &Bound<'_, PyAny>, depth: usize) -> bool {
         return true;
     }
     // Deeper nesting is decoded anew each time rather than checked at length.
-    depth < 4
+    depth < PLAIN_DEPTH
         && (value
             .cast_exact::<PyTuple>()
             .is_ok_and(|tuple| tuple.iter().all(|item| immutable(&item, depth + 1)))
@@ -109,7 +109,8 @@ fn immutable(value: &Bound<'_, PyAny>, depth: usize) -> bool {
                 .is_ok_and(|set| set.iter().all(|item| immutable(&item, depth + 1))))
 }
 
-/// How deep [`Shape::of`] follows containers; deeper values are decoded anew at each read.
+/// How deep [`immutable`] and [`Shape::of`] follow containers; deeper values are decoded
+/// anew at each read.
 const PLAIN_DEPTH: usize = 32;
 
 /// Where the mutable parts of plain data are: [`immutable`] leaves in `dict`s, `list`s, `set`s
@@ -229,8 +230,8 @@ impl Shape {
 }
 
 /// Reads a pickle object's value: a new Python object the caller may change (a copy of plain
-/// data, else a decode), or the one shared immutable object (see [`immutable`]). Bytes `pickle.loads` refuses raise
-/// `DecodeError`.
+/// data, else a decode), or the one shared immutable object (see [`immutable`]). Bytes
+/// `pickle.loads` refuses raise `DecodeError`.
 pub fn read_pickle(py: Python<'_>, object: &str, pickle: &Pickle) -> PyResult<Py<PyAny>> {
     let read = match pickle.made.get() {
         Some(Made::Value(value)) => return Ok(value.clone_ref(py)),
