@@ -15,6 +15,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::transport::NodeId;
+use crate::view::{Recreation, View};
 use crate::wire::{Access, Grant, Init, Message, Request, RequestId, Value};
 
 /// Identifies a local operation; chosen by the caller, unique per node.
@@ -48,6 +49,13 @@ pub enum Outcome {
     Granted(Value),
     /// The operation was abandoned because the node is leaving.
     Aborted,
+    /// A view change came between the operation and its end, and it did not take effect: a
+    /// granted lock lost its tokens, or a write's value is not the one the new view kept. The
+    /// caller may retry it.
+    Interrupted,
+    /// This node is not a member of the current view any more; it serves nothing until it
+    /// joins again as a new member.
+    Removed,
 }
 
 /// Why [`Protocol::handle`] refused a message. No correct peer sends one of these, so acting on
@@ -94,6 +102,27 @@ pub enum Rejected {
     /// names: the owner answers for the data.
     #[error("the owner token of {0:?} came without a value this node holds")]
     OwnerWithoutValue(Arc<str>),
+    /// Token traffic stamped with an epoch this node has not reached: a member that installs
+    /// a view tells the others before it sends anything of the new epoch, so no correct peer
+    /// sends one.
+    #[error("token traffic of epoch {epoch} reached a node in epoch {current}")]
+    FutureEpoch {
+        /// The epoch the message was stamped with.
+        epoch: u64,
+        /// This node's epoch.
+        current: u64,
+    },
+    /// A copy to keep of a value newer than the one readable here: only the holder of every
+    /// token writes, so no correct writer sends one while this node holds a token.
+    #[error("node {from} asked to keep version {version} of {object:?} while this node holds a token of it")]
+    ReplicaOfHeldObject {
+        /// The sender.
+        from: NodeId,
+        /// The object.
+        object: Arc<str>,
+        /// The copy's version.
+        version: u64,
+    },
 }
 
 /// The latest Lamport time a node accepts. Clocks advance by one per request, so honest nodes
@@ -219,6 +248,34 @@ struct Stray {
     version: Option<u64>,
 }
 
+/// A write whose value waits for copies at other members before it is applied
+/// (durability): the node keeps every token meanwhile.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Replicating {
+    op: OpId,
+    value: Value,
+    /// Members that hold a copy.
+    copies: BTreeSet<NodeId>,
+}
+
+/// What one node holds of every object when it promises a view change: for each object the
+/// newest value it has, readable or not, including a copy kept for another writer and its own
+/// write waiting for copies.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct Report {
+    /// The newest value of each object known here.
+    pub values: BTreeMap<Arc<str>, Value>,
+}
+
+/// The token recreation a view change decides: each object's value in the new epoch (the
+/// newest any reporting member held). Every member of the new view starts with one token and
+/// this value; the lowest-id member holds the owner token and the genesis role.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct Plan {
+    /// The value each object has in the new epoch; an object missing here exists nowhere.
+    pub values: BTreeMap<Arc<str>, Value>,
+}
+
 /// A local write waiting for all tokens: with bytes it is applied at once, without it locks.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct PendingWrite {
@@ -265,6 +322,10 @@ struct Object {
     unshared_write: bool,
     /// The last update this node pushed after a write (Update policy).
     pushed: Pushed,
+    /// This node's write waiting for copies (durability).
+    replicating: Option<Replicating>,
+    /// A copy of another writer's value, kept for a view change's report (never readable).
+    replica: Option<Value>,
     /// Tokens of the grant being handled, if they came for a request this node no longer has:
     /// the step sends as many back (see [`Grant::for_request`]).
     stray: Option<Stray>,
@@ -307,6 +368,13 @@ impl Object {
 pub struct Protocol {
     id: NodeId,
     policy: WritePolicy,
+    /// How many other members must hold a write's value before the write is applied.
+    durability: u32,
+    /// This node promised to take part in a view change: it acts on nothing until the next
+    /// view is installed.
+    frozen: bool,
+    /// A view without this node was installed: it serves nothing any more.
+    removed: bool,
     clock: u64,
     members: BTreeSet<NodeId>,
     objects: BTreeMap<Arc<str>, Object>,
@@ -333,6 +401,9 @@ impl Protocol {
         Protocol {
             id,
             policy,
+            durability: 0,
+            frozen: false,
+            removed: false,
             clock: 0,
             members: peers.into_iter().filter(|&p| p != id).collect(),
             objects: BTreeMap::new(),
@@ -347,6 +418,24 @@ impl Protocol {
             completions: VecDeque::new(),
             sends: VecDeque::new(),
         }
+    }
+
+    /// Makes every write wait until `copies` other members hold its value before it is
+    /// applied and returns, so a write that returned survives its writer's crash (with views).
+    /// The node keeps every token of the object meanwhile; reads there see the previous value.
+    pub fn with_durability(mut self, copies: u32) -> Self {
+        self.durability = copies;
+        self
+    }
+
+    /// Whether this node promised a view change and waits for the next view.
+    pub fn is_frozen(&self) -> bool {
+        self.frozen
+    }
+
+    /// Whether a view without this node was installed.
+    pub fn is_removed(&self) -> bool {
+        self.removed
     }
 
     /// This node's id.
@@ -406,6 +495,7 @@ impl Protocol {
         self.objects.values().any(|o| {
             o.mine.is_some()
                 || o.locked.is_some()
+                || o.replicating.is_some()
                 || !o.readers.is_empty()
                 || !o.openers.is_empty()
                 || !o.writers.is_empty()
@@ -492,13 +582,15 @@ impl Protocol {
     /// issued now, and tokens they sent for it could arrive after it closed. (A caller on
     /// another thread can start an operation while `shutdown` runs.)
     fn aborted_while_leaving(&mut self, op: OpId) -> bool {
-        if self.leaving {
-            self.completions.push_back(Event::Completed {
-                op,
-                outcome: Outcome::Aborted,
-            });
-        }
-        self.leaving
+        let outcome = if self.removed {
+            Outcome::Removed
+        } else if self.leaving {
+            Outcome::Aborted
+        } else {
+            return false;
+        };
+        self.completions.push_back(Event::Completed { op, outcome });
+        true
     }
 
     /// An object known to exist (interned, stepped, or listed).
@@ -508,16 +600,37 @@ impl Protocol {
 
     /// Ends the lock of a granted operation, writing `bytes` if given. Returns the version now
     /// held, or `None` if `op` holds no lock.
+    ///
+    /// With durability, a write is applied once enough members hold a copy: the returned
+    /// version is the one it will have, and [`Event::Completed`] with [`Outcome::Written`]
+    /// follows (or [`Outcome::Interrupted`] if a view change decided without it). A node that
+    /// froze for a view change while the lock was held writes nothing: the operation completes
+    /// as [`Outcome::Interrupted`] and `None` is returned.
     pub fn commit(&mut self, op: OpId, bytes: Option<Bytes>) -> Option<u64> {
         let name = self.find_lock(op)?;
         let o = self.objects.get_mut(&name).expect("found above");
         o.locked = None;
         let version = match bytes {
-            Some(bytes) => apply_write(o, bytes),
-            None => o.current().version,
+            Some(_) if self.frozen => {
+                self.completions.push_back(Event::Completed {
+                    op,
+                    outcome: Outcome::Interrupted,
+                });
+                None
+            }
+            Some(bytes) if self.durability > 0 => Some(start_replicating(
+                &name,
+                o,
+                op,
+                bytes,
+                &self.members,
+                &mut self.sends,
+            )),
+            Some(bytes) => Some(apply_write(o, bytes)),
+            None => Some(o.current().version),
         };
         self.step(&name);
-        Some(version)
+        version
     }
 
     fn find_lock(&self, op: OpId) -> Option<Arc<str>> {
@@ -583,6 +696,102 @@ impl Protocol {
             }
         }
         self.check_left();
+    }
+
+    // ----- views -----
+
+    /// Installs a decided view: the tokens of the previous epoch are gone, and every object
+    /// starts again from `plan` (one token and the planned value at each member, the owner
+    /// token and the genesis role at the lowest-id member). Operations the view change cut
+    /// short end as [`Outcome::Interrupted`], a waiting write whose value the plan kept as
+    /// [`Outcome::Written`]; operations still waiting are asked for again in the new epoch. A
+    /// node the view does not name is removed: everything it waits for ends as
+    /// [`Outcome::Removed`] and it serves nothing more.
+    pub fn install(&mut self, view: &View, plan: &Plan) {
+        let member = view.members.contains(&self.id);
+        let first = view.members.iter().next().copied();
+        self.members = view
+            .members
+            .iter()
+            .copied()
+            .filter(|&m| m != self.id)
+            .collect();
+        self.frozen = false;
+        self.removed = !member;
+        self.genesis = member && first == Some(self.id);
+        self.created = if self.genesis {
+            plan.values.keys().cloned().collect()
+        } else {
+            BTreeSet::new()
+        };
+        self.departing.clear();
+        self.awaiting_acks.clear();
+        let mut names: Vec<Arc<str>> = self.objects.keys().cloned().collect();
+        for name in plan.values.keys() {
+            if !self.objects.contains_key(name) {
+                self.objects.insert(Arc::clone(name), Object::default());
+                names.push(Arc::clone(name));
+            }
+        }
+        let total = view.members.len() as u32;
+        for name in &names {
+            let o = self.objects.get_mut(name).expect("listed");
+            let planned = plan.values.get(name);
+            if let Some(pending) = o.replicating.take() {
+                let outcome = if planned == Some(&pending.value) {
+                    Outcome::Written {
+                        version: pending.value.version,
+                    }
+                } else {
+                    Outcome::Interrupted
+                };
+                let op = pending.op;
+                self.completions.push_back(Event::Completed { op, outcome });
+            }
+            if let Some(op) = o.locked.take() {
+                let outcome = Outcome::Interrupted;
+                self.completions.push_back(Event::Completed { op, outcome });
+            }
+            let mut waiting = Object {
+                readers: std::mem::take(&mut o.readers),
+                openers: std::mem::take(&mut o.openers),
+                writers: std::mem::take(&mut o.writers),
+                published: o.published,
+                ..Object::default()
+            };
+            if !member {
+                let ops = waiting
+                    .readers
+                    .drain(..)
+                    .chain(waiting.openers.drain(..).map(|(op, _)| op));
+                let ops: Vec<OpId> = ops.chain(waiting.writers.drain(..).map(|w| w.op)).collect();
+                for op in ops {
+                    let outcome = Outcome::Removed;
+                    self.completions.push_back(Event::Completed { op, outcome });
+                }
+            } else if let Some(value) = planned {
+                waiting.tokens = 1;
+                waiting.total = total;
+                waiting.owner = self.genesis;
+                waiting.value = Some(value.clone());
+                waiting.valid = true;
+                waiting.interested = self.members.clone();
+            }
+            *o = waiting;
+        }
+        for name in &names {
+            self.step(name);
+        }
+    }
+
+    /// Stops acting in the current epoch: nothing is readable here until the next view.
+    fn freeze(&mut self) {
+        self.frozen = true;
+        let names: Vec<Arc<str>> = self.objects.keys().cloned().collect();
+        for name in &names {
+            self.object(name).valid = false;
+            self.step(name);
+        }
     }
 
     // ----- network input -----
@@ -669,6 +878,53 @@ impl Protocol {
                 self.check_left();
             }
             Message::Genesis { created } => self.take_genesis(created),
+            Message::Replicate { object, value } => {
+                let name = self.intern(&object);
+                let o = self.object(&name);
+                let version = value.version;
+                let held = [o.value.as_ref(), o.replica.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .map(|v| v.version)
+                    .max();
+                if held.is_none_or(|held| held < version) {
+                    o.replica = Some(value);
+                }
+                self.sends.push_back((
+                    from,
+                    Message::Replicated {
+                        object: name,
+                        version,
+                    },
+                ));
+            }
+            Message::Replicated { object, version } => {
+                let durability = self.durability as usize;
+                let Some(o) = self.objects.get_mut(&object) else {
+                    return Ok(());
+                };
+                let Some(pending) = o
+                    .replicating
+                    .as_mut()
+                    .filter(|r| r.value.version == version)
+                else {
+                    // A copy for a write that already has enough of them.
+                    return Ok(());
+                };
+                pending.copies.insert(from);
+                if pending.copies.len() >= durability {
+                    let Replicating { op, value, .. } = o.replicating.take().expect("checked");
+                    let version = value.version;
+                    o.value = Some(value);
+                    o.unshared_write = true;
+                    self.completions.push_back(Event::Completed {
+                        op,
+                        outcome: Outcome::Written { version },
+                    });
+                    self.step(&object);
+                    self.check_left();
+                }
+            }
         }
         Ok(())
     }
@@ -689,7 +945,9 @@ impl Protocol {
                 Message::Request(_)
                 | Message::Done { .. }
                 | Message::Leaving
-                | Message::LeaveAck => {}
+                | Message::LeaveAck
+                | Message::Replicate { .. }
+                | Message::Replicated { .. } => {}
             }
         }
     }
@@ -726,6 +984,19 @@ impl Protocol {
                 Err(Rejected::TimestampTooLate(request.id.ts))
             }
             Message::Grant(grant) => check_grant(self.objects.get(&grant.object), grant),
+            Message::Replicate { object, value } => match self.objects.get(object) {
+                Some(o)
+                    if o.readable()
+                        && o.value.as_ref().is_some_and(|v| v.version < value.version) =>
+                {
+                    Err(Rejected::ReplicaOfHeldObject {
+                        from,
+                        object: Arc::clone(object),
+                        version: value.version,
+                    })
+                }
+                _ => Ok(()),
+            },
             _ => Ok(()),
         }
     }
@@ -744,7 +1015,9 @@ impl Protocol {
     }
 
     fn check_left(&mut self) {
-        if self.leaving && !self.left && self.awaiting_acks.is_empty() {
+        // A write waiting for copies keeps the tokens here until it is applied.
+        let replicating = self.objects.values().any(|o| o.replicating.is_some());
+        if self.leaving && !self.left && self.awaiting_acks.is_empty() && !replicating {
             self.left = true;
             self.completions.push_back(Event::Left);
         }
@@ -757,15 +1030,19 @@ impl Protocol {
         if !self.dirty.contains(name) {
             self.dirty.push(Arc::clone(name));
         }
-        self.create_if_genesis(name);
-        loop {
-            let progressed = self.complete_local(name);
-            let reissued = self.update_own_request(name);
-            if !progressed && !reissued {
-                break;
+        // Frozen or removed, a node only withdraws readability: operations wait for the
+        // next view (or end as `Removed`).
+        if !self.frozen && !self.removed {
+            self.create_if_genesis(name);
+            loop {
+                let progressed = self.complete_local(name);
+                let reissued = self.update_own_request(name);
+                if !progressed && !reissued {
+                    break;
+                }
             }
+            self.pass_tokens_on(name);
         }
-        self.pass_tokens_on(name);
         self.finish_step();
     }
 
@@ -827,7 +1104,7 @@ impl Protocol {
             (Some(mine), first) => !mine.spent && first == Some(&mine.id),
             (None, first) => first.is_none(),
         };
-        while turn && o.tokens == o.total && o.locked.is_none() {
+        while turn && o.tokens == o.total && o.locked.is_none() && o.replicating.is_none() {
             let Some(pending) = o.writers.pop_front() else {
                 break;
             };
@@ -836,6 +1113,11 @@ impl Protocol {
                 mine.spent = true;
             }
             let outcome = match pending.bytes {
+                Some(bytes) if self.durability > 0 => {
+                    // Completes when enough copies are acknowledged.
+                    start_replicating(name, o, pending.op, bytes, &self.members, &mut self.sends);
+                    continue;
+                }
                 Some(bytes) => Outcome::Written {
                     version: apply_write(o, bytes),
                 },
@@ -849,7 +1131,8 @@ impl Protocol {
                 outcome,
             });
         }
-        if o.unshared_write && o.locked.is_none() && o.writers.is_empty() {
+        if o.unshared_write && o.locked.is_none() && o.replicating.is_none() && o.writers.is_empty()
+        {
             o.unshared_write = false;
             self.after_write(name);
         }
@@ -936,7 +1219,7 @@ impl Protocol {
         } = self;
         let o = objects.get_mut(name).expect("stepped objects exist");
         let stray = o.stray.take();
-        if o.locked.is_some() || o.tokens == 0 {
+        if o.locked.is_some() || o.replicating.is_some() || o.tokens == 0 {
             return;
         }
         // Tokens passed to a request of ours that already finished (its `Done` was still on
@@ -1059,7 +1342,12 @@ impl Protocol {
         for name in dirty.drain(..) {
             let o = self.objects.get_mut(&name).expect("dirty objects exist");
             // A request that was served within its own step never needs to leave the node.
-            if let Some(mine) = o.mine.as_mut().filter(|m| !m.announced && !m.spent) {
+            let announce = !self.frozen && !self.removed;
+            if let Some(mine) = o
+                .mine
+                .as_mut()
+                .filter(|m| announce && !m.announced && !m.spent)
+            {
                 mine.announced = true;
                 let id = mine.id;
                 let request = request_of(&name, id, o.requests.get(&id));
@@ -1083,6 +1371,42 @@ impl Protocol {
             }
         }
         self.dirty = dirty;
+    }
+}
+
+impl Recreation<Report, Plan> for Protocol {
+    /// Reports the newest value of every object and freezes.
+    fn report(&mut self) -> Report {
+        let values = self
+            .objects
+            .iter()
+            .filter_map(|(name, o)| {
+                let pending = o.replicating.as_ref().map(|r| &r.value);
+                let newest = [o.value.as_ref(), o.replica.as_ref(), pending]
+                    .into_iter()
+                    .flatten()
+                    .max_by_key(|v| v.version)?;
+                Some((Arc::clone(name), newest.clone()))
+            })
+            .collect();
+        self.freeze();
+        Report { values }
+    }
+
+    /// Each object's newest reported value. Versions grow by one per write and only the holder
+    /// of every token writes, so within an epoch one version names one value; a write that
+    /// returned is on `durability + 1` nodes, so it is in the reports unless all of them failed.
+    fn plan(&self, _view: &View, reports: &BTreeMap<NodeId, Report>) -> Plan {
+        let mut values: BTreeMap<Arc<str>, Value> = BTreeMap::new();
+        for report in reports.values() {
+            for (name, value) in &report.values {
+                let newer = values.get(name).is_none_or(|v| v.version < value.version);
+                if newer {
+                    values.insert(Arc::clone(name), value.clone());
+                }
+            }
+        }
+        Plan { values }
     }
 }
 
@@ -1190,6 +1514,44 @@ fn receive_grant(o: &mut Object, grant: Grant) {
     } else if grant.version.is_some() && grant.version == o.value.as_ref().map(|v| v.version) {
         o.valid = true;
     }
+    let newest = o.value.as_ref().map(|v| v.version);
+    if o.replica
+        .as_ref()
+        .is_some_and(|r| Some(r.version) <= newest)
+    {
+        o.replica = None;
+    }
+}
+
+/// Starts a write that waits for copies: every member is asked to keep the value, and the node
+/// keeps every token until enough of them did. Returns the version the write will have.
+fn start_replicating(
+    name: &Arc<str>,
+    o: &mut Object,
+    op: OpId,
+    bytes: Bytes,
+    members: &BTreeSet<NodeId>,
+    sends: &mut VecDeque<(NodeId, Message)>,
+) -> u64 {
+    debug_assert_eq!(o.tokens, o.total, "writes need every token");
+    let current = o.current();
+    let value = Value {
+        version: current.version + 1,
+        type_name: current.type_name,
+        bytes,
+    };
+    for &peer in members {
+        let object = Arc::clone(name);
+        let value = value.clone();
+        sends.push_back((peer, Message::Replicate { object, value }));
+    }
+    let version = value.version;
+    o.replicating = Some(Replicating {
+        op,
+        value,
+        copies: BTreeSet::new(),
+    });
+    version
 }
 
 #[cfg(test)]
@@ -1370,5 +1732,104 @@ mod tests {
             sends(&mut p0).is_empty(),
             "nothing goes to the forgotten peer"
         );
+    }
+
+    fn bytes(v: u8) -> Bytes {
+        Bytes::copy_from_slice(&[v])
+    }
+
+    /// The completions and messages so far; every message handed to its destination.
+    fn route(from: &mut Protocol, to: &mut [&mut Protocol]) -> Vec<(OpId, Outcome)> {
+        let (events, out) = outputs(from);
+        for (dest, message) in out {
+            if let Some(p) = to.iter_mut().find(|p| p.id() == dest) {
+                p.handle(from.id(), message).unwrap();
+            }
+        }
+        events
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::Completed { op, outcome } => Some((op, outcome)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_durable_write_waits_for_its_copies_and_not_for_stale_ones() {
+        let node = |id| Protocol::new(id, [0, 1, 2], WritePolicy::Invalidate).with_durability(1);
+        let (mut p0, mut p1, mut p2) = (node(0), node(1), node(2));
+        p0.open(1, "x", init());
+        let _ = outputs(&mut p0);
+        p0.write(2, "x", bytes(1));
+        assert!(
+            route(&mut p0, &mut [&mut p1, &mut p2]).is_empty(),
+            "no copy yet"
+        );
+        assert_eq!(
+            p0.token_view("x").unwrap().version,
+            Some(0),
+            "not applied yet"
+        );
+        route(&mut p1, &mut [&mut p0]);
+        assert_eq!(completions(&mut p0), [(2, Outcome::Written { version: 1 })]);
+        // The next write must not count node 2's late answer about version 1.
+        p0.write(3, "x", bytes(2));
+        let (events, copies) = outputs(&mut p0);
+        assert!(events.is_empty());
+        route(&mut p2, &mut [&mut p0]);
+        assert!(completions(&mut p0).is_empty(), "a stale copy counted");
+        for (dest, message) in copies.into_iter().filter(|(dest, _)| *dest == 1) {
+            assert_eq!(dest, 1);
+            p1.handle(0, message).unwrap();
+        }
+        route(&mut p1, &mut [&mut p0]);
+        assert_eq!(completions(&mut p0), [(3, Outcome::Written { version: 2 })]);
+    }
+
+    #[test]
+    fn a_view_change_recreates_tokens_from_the_newest_copy() {
+        let node = |id| Protocol::new(id, [0, 1, 2], WritePolicy::Update).with_durability(1);
+        let (mut p0, mut p1, mut p2) = (node(0), node(1), node(2));
+        p0.open(1, "x", init());
+        let _ = outputs(&mut p0);
+        p0.write(2, "x", bytes(7));
+        // Node 1 keeps a copy and answers; node 0 crashes before it hears the answer, and the
+        // copy to node 2 is lost.
+        route(&mut p0, &mut [&mut p1]);
+        let _ = sends(&mut p1);
+        let view = View {
+            epoch: 1,
+            members: [1, 2].into(),
+        };
+        let reports = BTreeMap::from([(1, p1.report()), (2, p2.report())]);
+        assert!(p1.is_frozen() && p2.is_frozen());
+        p2.read(3, "x");
+        assert!(sends(&mut p2).is_empty(), "a frozen node asks nobody");
+        let plan = p1.plan(&view, &reports);
+        assert_eq!(plan.values["x"].version, 1);
+        p1.install(&view, &plan);
+        p2.install(&view, &plan);
+        for p in [&p1, &p2] {
+            let v = p.token_view("x").unwrap();
+            assert_eq!(
+                (v.tokens, v.total, v.readable, v.version),
+                (1, 2, true, Some(1))
+            );
+            assert_eq!(v.owner, p.id() == 1);
+            assert_eq!(p.is_genesis(), p.id() == 1);
+        }
+        assert_eq!(p2.readable_value("x").unwrap().bytes, bytes(7));
+        assert_eq!(
+            completions(&mut p2),
+            [(3, Outcome::Read(plan.values["x"].clone()))]
+        );
+        // Node 0 learns of the view it is not in: its write took effect (the plan kept it),
+        // and removed, it serves nothing more.
+        p0.install(&view, &plan);
+        assert_eq!(completions(&mut p0), [(2, Outcome::Written { version: 1 })]);
+        p0.read(4, "x");
+        assert_eq!(completions(&mut p0), [(4, Outcome::Removed)]);
+        assert!(p0.is_removed() && !p0.is_genesis());
     }
 }

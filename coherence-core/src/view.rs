@@ -6,6 +6,10 @@
 //! both install a successor, and a decision survives the crash of its proposer (a later
 //! proposer finds it in the promises and proposes it again).
 //!
+//! A proposal also waits for the promise of every current member it keeps, so that no member
+//! of the new view still acts in the old epoch once the new one may be decided; a member that
+//! does not answer can only be left out (the proposer retries without it).
+//!
 //! The decision carries more than the members: a [`Proposal`]'s `plan` is made by the
 //! proposer from the reports of the majority that promised (for the token protocol: what each
 //! member holds of every object, from which the new epoch recreates the tokens). A member that
@@ -404,7 +408,12 @@ where
             return;
         };
         promises.insert(from, (accepted, report));
-        if promises.len() < majority {
+        // Every member that stays must have promised too: then none of them still serves
+        // the old epoch once the new one is decided (only removed members may, and they can
+        // no longer complete a write that needs copies).
+        let current = &self.current.members;
+        let staying = proposing.members.iter().filter(|m| current.contains(m));
+        if promises.len() < majority || !staying.clone().all(|m| promises.contains_key(m)) {
             return;
         }
         // A proposal some member accepted may have been decided: only it may be proposed.

@@ -123,6 +123,22 @@ pub enum Message {
         /// Every object created so far.
         created: BTreeSet<Arc<str>>,
     },
+    /// A writer that holds every token asks the receiver to keep a copy of the value it is
+    /// about to write (the write returns once enough members have one, so it survives the
+    /// writer's crash). The copy counts only when views recreate tokens; it is not readable.
+    Replicate {
+        /// The object's name.
+        object: Arc<str>,
+        /// The value of the pending write.
+        value: Value,
+    },
+    /// Answer to [`Message::Replicate`]: the sender holds this version (or a newer one).
+    Replicated {
+        /// The object's name.
+        object: Arc<str>,
+        /// The version held.
+        version: u64,
+    },
 }
 
 const TAG_REQUEST: u8 = 0;
@@ -131,6 +147,8 @@ const TAG_DONE: u8 = 2;
 const TAG_LEAVING: u8 = 3;
 const TAG_LEAVE_ACK: u8 = 4;
 const TAG_GENESIS: u8 = 5;
+const TAG_REPLICATE: u8 = 6;
+const TAG_REPLICATED: u8 = 7;
 
 const ACCESS_READ: u8 = 0;
 const ACCESS_WRITE: u8 = 1;
@@ -217,6 +235,10 @@ fn size_bound(message: &Message) -> usize {
         Message::Done { object, .. } => object.len(),
         Message::Leaving | Message::LeaveAck => 0,
         Message::Genesis { created } => created.iter().map(|name| name.len() + 8).sum(),
+        Message::Replicate { object, value } => {
+            object.len() + value.type_name.len() + value.bytes.len()
+        }
+        Message::Replicated { object, .. } => object.len(),
     };
     MESSAGE_FIXED_BOUND + payload
 }
@@ -309,12 +331,7 @@ fn encode_message(w: &mut Vec<u8>, message: &Message) {
             uint(w, g.total.into());
             optional_uint(w, g.version);
             match &g.value {
-                Some(value) => {
-                    array_len(w, 3);
-                    uint(w, value.version);
-                    text(w, &value.type_name);
-                    binary(w, &value.bytes);
-                }
+                Some(value) => write_value(w, value),
                 None => rmp::encode::write_nil(w).expect("writing to a Vec"),
             }
             rmp::encode::write_bool(w, g.for_request).expect("writing to a Vec");
@@ -342,7 +359,26 @@ fn encode_message(w: &mut Vec<u8>, message: &Message) {
                 text(w, name);
             }
         }
+        Message::Replicate { object, value } => {
+            array_len(w, 3);
+            uint(w, TAG_REPLICATE.into());
+            text(w, object);
+            write_value(w, value);
+        }
+        Message::Replicated { object, version } => {
+            array_len(w, 3);
+            uint(w, TAG_REPLICATED.into());
+            text(w, object);
+            uint(w, *version);
+        }
     }
+}
+
+fn write_value(w: &mut Vec<u8>, value: &Value) {
+    array_len(w, 3);
+    uint(w, value.version);
+    text(w, &value.type_name);
+    binary(w, &value.bytes);
 }
 
 /// Decodes a frame made by [`encode`]. Value bytes are slices of `frame`, not copies.
@@ -501,6 +537,15 @@ impl<'a> Decoder<'a> {
         Ok(())
     }
 
+    fn value(&mut self) -> Result<Value, DecodeError> {
+        self.fields(3, "a value")?;
+        Ok(Value {
+            version: self.uint("a value's version")?,
+            type_name: self.text("a type name")?,
+            bytes: self.binary("a value's bytes")?,
+        })
+    }
+
     fn message(&mut self) -> Result<Message, DecodeError> {
         let len = self.array_len("a message")?;
         let tag_at = self.rest;
@@ -511,6 +556,7 @@ impl<'a> Decoder<'a> {
             TAG_DONE => 4,
             TAG_LEAVING | TAG_LEAVE_ACK => 1,
             TAG_GENESIS => 2,
+            TAG_REPLICATE | TAG_REPLICATED => 3,
             other => {
                 self.rest = tag_at;
                 return Err(self.malformed(format!("unknown message tag {other}")));
@@ -555,14 +601,7 @@ impl<'a> Decoder<'a> {
                 owner: self.bool("an owner flag")?,
                 total: self.uint("a token total")?,
                 version: self.optional_uint("a version")?,
-                value: self.optional(|d| {
-                    d.fields(3, "a value")?;
-                    Ok(Value {
-                        version: d.uint("a value's version")?,
-                        type_name: d.text("a type name")?,
-                        bytes: d.binary("a value's bytes")?,
-                    })
-                })?,
+                value: self.optional(Decoder::value)?,
                 for_request: self.bool("a for-request flag")?,
             }),
             TAG_DONE => Message::Done {
@@ -574,6 +613,14 @@ impl<'a> Decoder<'a> {
             },
             TAG_LEAVING => Message::Leaving,
             TAG_LEAVE_ACK => Message::LeaveAck,
+            TAG_REPLICATE => Message::Replicate {
+                object: self.text("an object name")?,
+                value: self.value()?,
+            },
+            TAG_REPLICATED => Message::Replicated {
+                object: self.text("an object name")?,
+                version: self.uint("a version")?,
+            },
             _ => {
                 let count = self.array_len("a list of object names")?;
                 let mut created = BTreeSet::new();
@@ -645,6 +692,18 @@ mod tests {
             },
             Message::Genesis {
                 created: BTreeSet::new(),
+            },
+            Message::Replicate {
+                object: "x".into(),
+                value: Value {
+                    version: 6,
+                    type_name: "i64".into(),
+                    bytes: Bytes::from_static(b"\x07"),
+                },
+            },
+            Message::Replicated {
+                object: "x".into(),
+                version: 6,
             },
         ]
     }

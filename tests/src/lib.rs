@@ -1,8 +1,10 @@
-//! Cross-crate test support: the deterministic simulation, the stateright models (the token
-//! protocol's and the view change's) and the transport conformance suite ([`conformance`]: every scenario written once, run by thread
-//! clusters and by one process per rank).
+//! Cross-crate test support: the deterministic simulations (the token protocol's, and members
+//! with views under crashes), the stateright models (the token protocol's and the view
+//! change's) and the transport conformance suite ([`conformance`]: every scenario written once,
+//! run by thread clusters and by one process per rank).
 
 pub mod conformance;
+pub mod fault_sim;
 pub mod model;
 pub mod sim;
 pub mod view_model;

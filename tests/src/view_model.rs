@@ -209,14 +209,16 @@ impl Model for ViewModel {
                 })
             }),
             Property::always(
-                "plans come from a majority of the view before",
+                "plans come from a majority of the view before, and every member that stays",
                 |_, s: &State| {
                     s.installs.iter().all(|(_, view, plan)| {
                         let Some(before) = s.views.get(&(view.epoch - 1)) else {
                             return false;
                         };
+                        let staying = view.members.intersection(before);
                         plan.keys().all(|reporter| before.contains(reporter))
                             && plan.len() > before.len() / 2
+                            && staying.into_iter().all(|m| plan.contains_key(m))
                     })
                 },
             ),

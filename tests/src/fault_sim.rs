@@ -1,0 +1,771 @@
+//! Deterministic simulation of [`Member`]s (token protocol plus views) under crashes and view
+//! changes, with a seeded scheduler.
+//!
+//! The network is one FIFO queue per ordered pair of nodes; every step delivers the head of a
+//! random queue to a live node, starts or finishes an operation, crashes a node, or lets a node
+//! propose the next view. A crashed node never acts again: what it sent may still arrive
+//! (a random prefix of each of its queues survives), and what is sent to it stays in flight,
+//! where its tokens still count. The failure detector is perfect here (a proposal removes
+//! exactly the crashed members it knows of); proposals race, stall when their proposer
+//! crashes, and are retried by frozen members.
+//!
+//! Checked after every step:
+//! - at most one node that may write each object (holds every token, is live, not frozen, not
+//!   removed), across all epochs;
+//! - in the newest epoch, once nobody in it is frozen: tokens add up to one agreed total with
+//!   one owner token, counting the members that have not installed the view yet with the
+//!   tokens the plan gives them, and token messages of that epoch in flight (if a crash lost
+//!   some in flight: never more than the total, never two owner tokens);
+//! - on every installation: no write that returned before is missing from the plan (with
+//!   durability at least the number of crashes).
+//!
+//! At the end, operations stop, the last view change is driven to its end and every queue to
+//! live nodes drains: every operation at a live node has completed, every live node is in the
+//! same view of exactly the live nodes, and each object's history (every operation, the
+//! crashed nodes' unfinished ones included) is linearizable, checked with stateright's
+//! `LinearizabilityTester`.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fmt::Display;
+
+use bytes::Bytes;
+use coherence_core::member::{Envelope, Member, MemberOutput, Traffic};
+use coherence_core::protocol::{Event, OpId, Outcome, Plan, Protocol, WritePolicy};
+use coherence_core::view::{Epoch, View};
+use coherence_core::wire::{Init, Message};
+use coherence_core::NodeId;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::conformance::linearizability::{check, Entry, Op, Ret, Verdict};
+
+/// The type name every simulated object is opened with.
+const TYPE_NAME: &str = "i64";
+
+/// One seed's cluster and workload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FaultConfig {
+    /// Founding members, ids `0..nodes`.
+    pub nodes: u32,
+    /// Objects, all opened by every node before the faults begin.
+    pub objects: usize,
+    /// The write policy.
+    pub policy: WritePolicy,
+    /// Copies a write waits for: with at least `crashes`, no write that returned is lost.
+    pub durability: u32,
+    /// Crashes that may happen (a minority).
+    pub crashes: u32,
+    /// Operations started in all.
+    pub ops: usize,
+}
+
+impl FaultConfig {
+    /// The configuration seed `seed` runs: 3 to 5 nodes, 1 or 2 objects, either policy, up to
+    /// a minority of crashes, durability equal to that minority.
+    pub fn for_seed(seed: u64) -> FaultConfig {
+        let mut rng = StdRng::seed_from_u64(seed ^ 0xfa17_5eed);
+        let nodes = rng.gen_range(3..=5);
+        let minority = (nodes - 1) / 2;
+        FaultConfig {
+            nodes,
+            objects: rng.gen_range(1..=2),
+            policy: if rng.gen_bool(0.5) {
+                WritePolicy::Update
+            } else {
+                WritePolicy::Invalidate
+            },
+            durability: minority,
+            crashes: rng.gen_range(0..=minority),
+            ops: rng.gen_range(16..=40),
+        }
+    }
+}
+
+/// What one seed did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FaultReport {
+    /// Scheduler steps.
+    pub steps: u64,
+    /// Operations that returned a result.
+    pub completed: u64,
+    /// Operations that a view change interrupted.
+    pub interrupted: u64,
+    /// Nodes crashed.
+    pub crashes: u64,
+    /// View installations (counted per node).
+    pub installs: u64,
+    /// Token messages dropped by fencing.
+    pub fenced: u64,
+}
+
+impl FaultReport {
+    /// Adds another seed's counts.
+    pub fn add(&mut self, other: &FaultReport) {
+        self.steps += other.steps;
+        self.completed += other.completed;
+        self.interrupted += other.interrupted;
+        self.crashes += other.crashes;
+        self.installs += other.installs;
+        self.fenced += other.fenced;
+    }
+}
+
+/// Runs seed `seed` with [`FaultConfig::for_seed`].
+pub fn run_fault_seed(seed: u64) -> Result<FaultReport, String> {
+    FaultSim::new(seed, FaultConfig::for_seed(seed)).run()
+}
+
+/// Replays seed `seed`, printing every step.
+pub fn trace_fault_seed(seed: u64) -> Result<FaultReport, String> {
+    FaultSim::new(seed, FaultConfig::for_seed(seed))
+        .with_trace()
+        .run()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Read,
+    Write(i64),
+    /// Lock, then commit this value.
+    Swap(i64),
+}
+
+#[derive(Debug, Clone)]
+struct OpRecord {
+    node: NodeId,
+    object: usize,
+    kind: Kind,
+    /// A swap's lock was granted with this value; it commits in a later step.
+    granted: Option<i64>,
+    /// The granted swap committed; it returns when its value has its copies.
+    committed: bool,
+    finished: bool,
+}
+
+impl OpRecord {
+    fn awaits_commit(&self) -> bool {
+        self.granted.is_some() && !self.committed && !self.finished
+    }
+}
+
+/// The simulation of one seed.
+pub struct FaultSim {
+    seed: u64,
+    cfg: FaultConfig,
+    rng: StdRng,
+    nodes: Vec<Member>,
+    alive: Vec<bool>,
+    net: BTreeMap<(NodeId, NodeId), VecDeque<Envelope>>,
+    ops: BTreeMap<OpId, OpRecord>,
+    next_op: OpId,
+    next_value: i64,
+    started: usize,
+    /// Per object, the history in the checker's terms (thread = operation id).
+    history: Vec<Vec<Entry>>,
+    /// Every decided view and its plan, by epoch.
+    decided: BTreeMap<Epoch, (View, Plan)>,
+    /// The node whose write returned last.
+    last_writer: Option<NodeId>,
+    /// A write returned in the last step.
+    just_wrote: bool,
+    /// Epochs in which a crash lost tokens in flight: their tokens only never exceed the
+    /// total.
+    lossy: BTreeSet<Epoch>,
+    /// Per object, writes that returned: (epoch of the writer, version, value).
+    returned: Vec<Vec<(Epoch, u64, i64)>>,
+    report: FaultReport,
+    trace: bool,
+}
+
+impl FaultSim {
+    /// A cluster of `cfg.nodes` founding members that have opened every object.
+    pub fn new(seed: u64, cfg: FaultConfig) -> FaultSim {
+        let members: BTreeSet<NodeId> = (0..cfg.nodes).collect();
+        let view = View {
+            epoch: 0,
+            members: members.clone(),
+        };
+        let nodes = members
+            .iter()
+            .map(|&id| {
+                let protocol = Protocol::new(id, [], cfg.policy).with_durability(cfg.durability);
+                Member::new(protocol, view.clone())
+            })
+            .collect();
+        FaultSim {
+            seed,
+            rng: StdRng::seed_from_u64(seed),
+            alive: vec![true; cfg.nodes as usize],
+            nodes,
+            net: BTreeMap::new(),
+            ops: BTreeMap::new(),
+            next_op: 1,
+            next_value: 1,
+            started: 0,
+            history: vec![Vec::new(); cfg.objects],
+            decided: BTreeMap::from([(0, (view, Plan::default()))]),
+            returned: vec![Vec::new(); cfg.objects],
+            lossy: BTreeSet::new(),
+            last_writer: None,
+            just_wrote: false,
+            report: FaultReport::default(),
+            trace: false,
+            cfg,
+        }
+    }
+
+    /// Prints every step (for replaying one seed).
+    pub fn with_trace(mut self) -> Self {
+        self.trace = true;
+        self
+    }
+
+    /// Runs the seed: setup, random steps with faults, then the drain and the final checks.
+    pub fn run(mut self) -> Result<FaultReport, String> {
+        self.setup()?;
+        while self.started < self.cfg.ops {
+            self.random_step()?;
+            self.check_budget()?;
+        }
+        self.drain()?;
+        self.final_checks()?;
+        Ok(self.report)
+    }
+
+    fn fail(&self, what: impl Display) -> String {
+        format!(
+            "fault seed {} ({:?}), step {}: {what}",
+            self.seed, self.cfg, self.report.steps
+        )
+    }
+
+    fn check_budget(&self) -> Result<(), String> {
+        if self.report.steps > 200_000 {
+            return Err(self.fail("no end after 200000 steps"));
+        }
+        Ok(())
+    }
+
+    fn name(object: usize) -> String {
+        format!("o{object}")
+    }
+
+    /// Every node opens every object (node 0, the genesis, first), and every queue drains:
+    /// the faults start from a cluster where every object exists with value 0.
+    fn setup(&mut self) -> Result<(), String> {
+        for node in 0..self.cfg.nodes {
+            for object in 0..self.cfg.objects {
+                let op = self.next_op;
+                self.next_op += 1;
+                let init = Init {
+                    type_name: TYPE_NAME.into(),
+                    bytes: Bytes::copy_from_slice(&0i64.to_le_bytes()),
+                };
+                self.nodes[node as usize].operate(|p| p.open(op, &Self::name(object), init));
+                self.after(node)?;
+            }
+        }
+        while self.deliver_any()? {}
+        Ok(())
+    }
+
+    fn random_step(&mut self) -> Result<(), String> {
+        self.report.steps += 1;
+        let roll = self.rng.gen_range(0..100);
+        // Right after a write returned, a crash of its writer is likelier: its copies and
+        // pushes may still be on the way.
+        let just_wrote = std::mem::take(&mut self.just_wrote);
+        if just_wrote && roll < 20 {
+            self.crash()?;
+        } else if roll < 62 {
+            if !self.deliver_random()? {
+                self.start_op()?;
+            }
+        } else if roll < 82 {
+            self.start_op()?;
+        } else if roll < 90 {
+            self.commit_one()?;
+        } else if roll < 93 {
+            self.crash()?;
+        } else {
+            self.propose_random()?;
+        }
+        self.check_invariants()
+    }
+
+    fn live(&self) -> Vec<NodeId> {
+        (0..self.cfg.nodes)
+            .filter(|&n| self.alive[n as usize])
+            .collect()
+    }
+
+    /// Starts a read, write or swap at a random live node that has no operation running.
+    fn start_op(&mut self) -> Result<(), String> {
+        let idle: Vec<NodeId> = self
+            .live()
+            .into_iter()
+            .filter(|&n| !self.ops.values().any(|r| r.node == n && !r.finished))
+            .collect();
+        if idle.is_empty() {
+            return Ok(());
+        }
+        let node = idle[self.rng.gen_range(0..idle.len())];
+        let object = self.rng.gen_range(0..self.cfg.objects);
+        let kind = match self.rng.gen_range(0..3) {
+            0 => Kind::Read,
+            1 => Kind::Write(self.fresh_value()),
+            _ => Kind::Swap(self.fresh_value()),
+        };
+        let op = self.next_op;
+        self.next_op += 1;
+        self.started += 1;
+        self.trace_line(|| format!("node {node} starts {kind:?} on o{object} as op {op}"));
+        self.ops.insert(
+            op,
+            OpRecord {
+                node,
+                object,
+                kind,
+                granted: None,
+                committed: false,
+                finished: false,
+            },
+        );
+        let thread = op as u32;
+        self.history[object].push(Entry::Invoke(
+            thread,
+            match kind {
+                Kind::Read => Op::Read,
+                Kind::Write(v) => Op::Write(v),
+                Kind::Swap(v) => Op::Swap(v),
+            },
+        ));
+        let name = Self::name(object);
+        self.nodes[node as usize].operate(|p| match kind {
+            Kind::Read => p.read(op, &name),
+            Kind::Write(v) => p.write(op, &name, bytes_of(v)),
+            Kind::Swap(_) => p.lock(op, &name),
+        });
+        self.after(node)
+    }
+
+    fn fresh_value(&mut self) -> i64 {
+        self.next_value += 1;
+        self.next_value
+    }
+
+    /// A granted swap at a live node commits its value.
+    fn commit_one(&mut self) -> Result<(), String> {
+        let granted: Vec<OpId> = self
+            .ops
+            .iter()
+            .filter(|(_, r)| r.awaits_commit() && self.alive[r.node as usize])
+            .map(|(&op, _)| op)
+            .collect();
+        if granted.is_empty() {
+            return Ok(());
+        }
+        let op = granted[self.rng.gen_range(0..granted.len())];
+        let record = self.ops[&op].clone();
+        let Kind::Swap(value) = record.kind else {
+            return Err(self.fail("only swaps are granted"));
+        };
+        self.trace_line(|| format!("node {} commits op {op}", record.node));
+        self.ops.get_mut(&op).expect("known").committed = true;
+        // With durability the swap completes with `Written` (or `Interrupted`) as an event;
+        // without, at once.
+        let version =
+            self.nodes[record.node as usize].operate(|p| p.commit(op, Some(bytes_of(value))));
+        if let (0, Some(version), Some(old)) = (self.cfg.durability, version, record.granted) {
+            self.finish(op, Ret::Swapped(old), Some(version))?;
+        }
+        self.after(record.node)
+    }
+
+    /// Crashes a random live node, if the seed still allows a crash.
+    fn crash(&mut self) -> Result<(), String> {
+        if self.report.crashes >= u64::from(self.cfg.crashes) {
+            return Ok(());
+        }
+        // Half the crashes hit the node that last returned a write, likely before its copies
+        // or pushes have all left: the case durability is for.
+        let live = self.live();
+        let node = match self.last_writer.filter(|&w| self.alive[w as usize]) {
+            Some(writer) if self.rng.gen_bool(0.5) => writer,
+            _ => live[self.rng.gen_range(0..live.len())],
+        };
+        self.trace_line(|| format!("node {node} crashes"));
+        self.alive[node as usize] = false;
+        self.report.crashes += 1;
+        // Of what it sent, a random prefix of each queue is still delivered.
+        let queues: Vec<(NodeId, NodeId)> = self
+            .net
+            .keys()
+            .filter(|(from, _)| *from == node)
+            .copied()
+            .collect();
+        for key in queues {
+            let keep = {
+                let len = self.net[&key].len();
+                self.rng.gen_range(0..=len)
+            };
+            if let Some(queue) = self.net.get_mut(&key) {
+                for lost in queue.drain(keep..) {
+                    if matches!(lost.traffic, Traffic::Token(Message::Grant(_))) {
+                        self.lossy.insert(lost.epoch);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A random live member proposes a view without the crashed members it has, if it has
+    /// any or is frozen (retrying a stalled view change).
+    fn propose_random(&mut self) -> Result<(), String> {
+        let live = self.live();
+        let node = live[self.rng.gen_range(0..live.len())];
+        self.propose(node)
+    }
+
+    fn propose(&mut self, node: NodeId) -> Result<(), String> {
+        let member = &self.nodes[node as usize];
+        if member.protocol().is_removed() {
+            return Ok(());
+        }
+        let view = member.view();
+        let keep: BTreeSet<NodeId> = view
+            .members
+            .iter()
+            .copied()
+            .filter(|&m| self.alive[m as usize])
+            .collect();
+        if keep.len() == view.members.len() && !member.protocol().is_frozen() {
+            return Ok(());
+        }
+        self.trace_line(|| format!("node {node} proposes {keep:?} after epoch {}", view.epoch));
+        self.nodes[node as usize].propose(keep);
+        self.after(node)
+    }
+
+    fn deliver_random(&mut self) -> Result<bool, String> {
+        let ready: Vec<(NodeId, NodeId)> = self
+            .net
+            .iter()
+            .filter(|((_, to), q)| !q.is_empty() && self.alive[*to as usize])
+            .map(|(k, _)| *k)
+            .collect();
+        if ready.is_empty() {
+            return Ok(false);
+        }
+        let (from, to) = ready[self.rng.gen_range(0..ready.len())];
+        self.deliver(from, to)?;
+        Ok(true)
+    }
+
+    fn deliver_any(&mut self) -> Result<bool, String> {
+        let ready = self
+            .net
+            .iter()
+            .find(|((_, to), q)| !q.is_empty() && self.alive[*to as usize])
+            .map(|(k, _)| *k);
+        match ready {
+            Some((from, to)) => {
+                self.deliver(from, to)?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    fn deliver(&mut self, from: NodeId, to: NodeId) -> Result<(), String> {
+        let envelope = self
+            .net
+            .get_mut(&(from, to))
+            .and_then(VecDeque::pop_front)
+            .ok_or_else(|| self.fail("delivery from an empty queue"))?;
+        self.trace_line(|| format!("{from} -> {to}: {envelope:?}"));
+        let fenced = self.nodes[to as usize].fenced();
+        self.nodes[to as usize]
+            .handle(from, envelope.clone())
+            .map_err(|e| self.fail(format!("node {to} refused {envelope:?} from {from}: {e}")))?;
+        self.report.fenced += self.nodes[to as usize].fenced() - fenced;
+        self.after(to)
+    }
+
+    /// Acts on a node's outputs: messages go in flight, completions are recorded and checked.
+    fn after(&mut self, node: NodeId) -> Result<(), String> {
+        while let Some(output) = self.nodes[node as usize].poll_output() {
+            match output {
+                MemberOutput::Send { to, envelope } => {
+                    self.net.entry((node, to)).or_default().push_back(envelope);
+                }
+                MemberOutput::Event(Event::Completed { op, outcome }) => {
+                    self.completed(node, op, outcome)?;
+                }
+                MemberOutput::Event(_) => {}
+                MemberOutput::Installed { view, plan } => {
+                    self.report.installs += 1;
+                    self.installed(node, view, plan)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn completed(&mut self, node: NodeId, op: OpId, outcome: Outcome) -> Result<(), String> {
+        let Some(record) = self.ops.get(&op).cloned() else {
+            // The setup's opens.
+            return match outcome {
+                Outcome::Opened(_) => Ok(()),
+                other => Err(self.fail(format!("setup op {op} at node {node} ended {other:?}"))),
+            };
+        };
+        if record.finished {
+            return Err(self.fail(format!("op {op} completed twice: {outcome:?}")));
+        }
+        match (record.kind, outcome) {
+            (_, Outcome::Interrupted) => {
+                // It did not take effect; in the history it stays unfinished, which allows
+                // that too.
+                self.report.interrupted += 1;
+                self.ops.get_mut(&op).expect("known").finished = true;
+            }
+            (Kind::Read, Outcome::Read(value)) => {
+                self.finish(op, Ret::Read(value_of(&value.bytes)), None)?;
+            }
+            (Kind::Write(_), Outcome::Written { version }) => {
+                self.finish(op, Ret::Written, Some(version))?;
+            }
+            (Kind::Swap(_), Outcome::Granted(value)) if record.granted.is_none() => {
+                self.ops.get_mut(&op).expect("known").granted = Some(value_of(&value.bytes));
+            }
+            (Kind::Swap(_), Outcome::Written { version }) => {
+                let Some(old) = record.granted else {
+                    return Err(self.fail(format!("swap {op} written before it was granted")));
+                };
+                self.finish(op, Ret::Swapped(old), Some(version))?;
+            }
+            (kind, outcome) => {
+                return Err(self.fail(format!(
+                    "op {op} ({kind:?}) at node {node} ended {outcome:?}"
+                )))
+            }
+        }
+        Ok(())
+    }
+
+    /// Records that `op` returned `ret`; a write also records its version.
+    fn finish(&mut self, op: OpId, ret: Ret, version: Option<u64>) -> Result<(), String> {
+        let record = self.ops.get_mut(&op).expect("known");
+        record.finished = true;
+        let record = record.clone();
+        self.report.completed += 1;
+        self.trace_line(|| format!("op {op} returns {ret:?}"));
+        self.history[record.object].push(Entry::Return(op as u32, ret));
+        if let (Some(version), Kind::Write(v) | Kind::Swap(v)) = (version, record.kind) {
+            let epoch = self.nodes[record.node as usize].view().epoch;
+            self.returned[record.object].push((epoch, version, v));
+            self.last_writer = Some(record.node);
+            self.just_wrote = true;
+        }
+        Ok(())
+    }
+
+    /// A node installed `view`: the same view and plan as every other node that installed
+    /// this epoch, and no write that returned in an earlier epoch is missing from the plan.
+    fn installed(&mut self, node: NodeId, view: View, plan: Plan) -> Result<(), String> {
+        self.trace_line(|| format!("node {node} installs {view:?}"));
+        if let Some((decided, decided_plan)) = self.decided.get(&view.epoch) {
+            if *decided != view || *decided_plan != plan {
+                return Err(self.fail(format!(
+                    "node {node} installed {view:?} but epoch {} was decided as {decided:?}",
+                    view.epoch
+                )));
+            }
+            return Ok(());
+        }
+        for object in 0..self.cfg.objects {
+            let planned = plan.values.get(Self::name(object).as_str());
+            for &(epoch, version, value) in &self.returned[object] {
+                if epoch >= view.epoch {
+                    continue;
+                }
+                let kept = planned.is_some_and(|p| {
+                    p.version > version || (p.version == version && value_of(&p.bytes) == value)
+                });
+                if !kept {
+                    return Err(self.fail(format!(
+                        "epoch {} lost the write of {value} (version {version}, returned in \
+                         epoch {epoch}) to o{object}: the plan has {planned:?}",
+                        view.epoch
+                    )));
+                }
+            }
+        }
+        self.decided.insert(view.epoch, (view, plan));
+        Ok(())
+    }
+
+    fn check_invariants(&self) -> Result<(), String> {
+        for object in 0..self.cfg.objects {
+            let name = Self::name(object);
+            // One node that may write, across every epoch.
+            let writers: Vec<NodeId> = self
+                .live()
+                .into_iter()
+                .filter(|&n| {
+                    let p = self.nodes[n as usize].protocol();
+                    !p.is_frozen()
+                        && !p.is_removed()
+                        && p.token_view(&name)
+                            .is_some_and(|v| v.tokens > 0 && v.tokens == v.total)
+                })
+                .collect();
+            if writers.len() > 1 {
+                return Err(self.fail(format!("o{object} has writers {writers:?}")));
+            }
+            self.check_conservation(object)?;
+        }
+        Ok(())
+    }
+
+    /// Tokens of the newest decided epoch add up, once nobody in it is frozen.
+    fn check_conservation(&self, object: usize) -> Result<(), String> {
+        let name = Self::name(object);
+        let (&epoch, (view, plan)) = self.decided.last_key_value().expect("epoch 0");
+        let first = view.members.iter().next().copied();
+        let (mut tokens, mut owners, mut totals) = (0u32, 0u32, BTreeSet::new());
+        for &m in &view.members {
+            let member = &self.nodes[m as usize];
+            if member.view().epoch == epoch {
+                if member.protocol().is_frozen() {
+                    return Ok(());
+                }
+                if let Some(v) = member.protocol().token_view(&name).filter(|v| v.tokens > 0) {
+                    tokens += v.tokens;
+                    owners += u32::from(v.owner);
+                    totals.insert(v.total);
+                }
+            } else if plan.values.contains_key(name.as_str()) {
+                tokens += 1;
+                owners += u32::from(first == Some(m));
+                totals.insert(view.members.len() as u32);
+            }
+        }
+        for queue in self.net.values() {
+            for envelope in queue.iter().filter(|e| e.epoch == epoch) {
+                if let Traffic::Token(Message::Grant(g)) = &envelope.traffic {
+                    if *g.object == *name {
+                        tokens += g.count;
+                        owners += u32::from(g.owner);
+                        totals.insert(g.total);
+                    }
+                }
+            }
+        }
+        let agreed = if self.lossy.contains(&epoch) {
+            totals.len() <= 1 && totals.first().is_none_or(|&t| t >= tokens) && owners <= 1
+        } else {
+            totals.len() <= 1
+                && totals.first().is_none_or(|&t| t == tokens)
+                && owners == u32::from(tokens > 0)
+        };
+        if !agreed {
+            return Err(self.fail(format!(
+                "o{object} in epoch {epoch}: {tokens} tokens, {owners} owner tokens, totals {totals:?}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Ends the run: no new operations; granted swaps commit; the lowest live node drives the
+    /// view change to its end; every queue to a live node drains.
+    fn drain(&mut self) -> Result<(), String> {
+        for _ in 0..10_000 {
+            self.report.steps += 1;
+            let granted: Vec<OpId> = self
+                .ops
+                .iter()
+                .filter(|(_, r)| r.awaits_commit() && self.alive[r.node as usize])
+                .map(|(&op, _)| op)
+                .collect();
+            if !granted.is_empty() {
+                self.commit_one()?;
+            } else if self.deliver_any()? {
+            } else if let Some(node) = self.live().into_iter().find(|&n| self.needs_view(n)) {
+                self.propose(node)?;
+            } else {
+                return Ok(());
+            }
+            self.check_invariants()?;
+        }
+        Err(self.fail("the cluster does not settle"))
+    }
+
+    /// Whether `node` waits for a view change: it is frozen or its view names a crashed node.
+    fn needs_view(&self, node: NodeId) -> bool {
+        let member = &self.nodes[node as usize];
+        !member.protocol().is_removed()
+            && (member.protocol().is_frozen()
+                || member
+                    .view()
+                    .members
+                    .iter()
+                    .any(|&m| !self.alive[m as usize]))
+    }
+
+    fn final_checks(&mut self) -> Result<(), String> {
+        let live: BTreeSet<NodeId> = self.live().into_iter().collect();
+        for &node in &live {
+            let member = &self.nodes[node as usize];
+            if member.view().members != live {
+                return Err(self.fail(format!(
+                    "node {node} ends in {:?}, the live nodes are {live:?}",
+                    member.view()
+                )));
+            }
+            if member.protocol().is_busy() {
+                return Err(self.fail(format!("node {node} still has operations waiting")));
+            }
+        }
+        if let Some((op, r)) = self
+            .ops
+            .iter()
+            .find(|(_, r)| !r.finished && self.alive[r.node as usize])
+        {
+            return Err(self.fail(format!(
+                "op {op} at live node {} never ended: {r:?}",
+                r.node
+            )));
+        }
+        for object in 0..self.cfg.objects {
+            match check(0, &self.history[object]) {
+                Verdict::Linearizable => {}
+                verdict => {
+                    return Err(self.fail(format!(
+                        "o{object}: {verdict:?}, history {:?}",
+                        self.history[object]
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn trace_line(&self, line: impl FnOnce() -> String) {
+        if self.trace {
+            println!("[{}] {}", self.report.steps, line());
+        }
+    }
+}
+
+fn bytes_of(value: i64) -> Bytes {
+    Bytes::copy_from_slice(&value.to_le_bytes())
+}
+
+fn value_of(bytes: &[u8]) -> i64 {
+    let mut raw = [0u8; 8];
+    raw.copy_from_slice(&bytes[..8]);
+    i64::from_le_bytes(raw)
+}

@@ -1,0 +1,84 @@
+//! Members with views under crashes: a sweep over thousands of seeds and a single-seed tracer.
+//! See `tests::fault_sim`.
+
+use std::time::Instant;
+
+use tests::fault_sim::{run_fault_seed, trace_fault_seed, FaultConfig, FaultReport, FaultSim};
+
+fn env_u64(name: &str) -> Option<u64> {
+    let value = std::env::var(name).ok()?;
+    Some(
+        value
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={value} is not a number")),
+    )
+}
+
+fn sweep(seeds: impl Iterator<Item = u64>) -> (FaultReport, Vec<String>) {
+    let mut total = FaultReport::default();
+    let mut failures = Vec::new();
+    for seed in seeds {
+        match run_fault_seed(seed) {
+            Ok(report) => total.add(&report),
+            Err(error) => failures.push(format!(
+                "{error}\n  rerun: FAULT_SEED={seed} cargo test -p tests --test fault_simulation \
+                 single_fault_seed -- --ignored --nocapture"
+            )),
+        }
+    }
+    (total, failures)
+}
+
+/// Seeds `0..FAULT_SEEDS` (default 5000): 3 to 5 nodes, up to a minority crashed, durability
+/// equal to that minority, both policies; split over two threads.
+#[test]
+fn many_fault_seeds() {
+    let seeds = env_u64("FAULT_SEEDS").unwrap_or(5000);
+    assert!(seeds > 0, "FAULT_SEEDS=0 would check nothing");
+    let start = Instant::now();
+    let (even, odd) = std::thread::scope(|s| {
+        let odd = s.spawn(|| sweep((1..seeds).step_by(2)));
+        let even = sweep((0..seeds).step_by(2));
+        (even, odd.join().expect("the sweep thread panicked"))
+    });
+    let mut total = even.0;
+    total.add(&odd.0);
+    let failures: Vec<String> = even.1.into_iter().chain(odd.1).collect();
+    println!("{seeds} fault seeds in {:.1?}: {total:?}", start.elapsed());
+    assert!(
+        failures.is_empty(),
+        "{} of {seeds} seeds failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    assert!(
+        total.crashes > 0 && total.installs > 0 && total.interrupted > 0 && total.fenced > 0,
+        "the sweep exercised no fault: {total:?}"
+    );
+}
+
+/// Replays seed `FAULT_SEED`, printing every step.
+#[test]
+#[ignore = "replays one seed: FAULT_SEED=N cargo test -p tests --test fault_simulation single_fault_seed -- --ignored --nocapture"]
+fn single_fault_seed() {
+    let seed = env_u64("FAULT_SEED").expect("set FAULT_SEED");
+    let report = trace_fault_seed(seed).unwrap_or_else(|e| panic!("{e}"));
+    println!("{report:?}");
+}
+
+/// The check bites: without durability, a writer that crashes right after its write returned
+/// can take the write with it, and some seed finds it.
+#[test]
+fn without_durability_returned_writes_are_lost() {
+    let lost = (0..2000)
+        .filter_map(|seed| {
+            let mut cfg = FaultConfig::for_seed(seed);
+            cfg.crashes = (cfg.nodes - 1) / 2;
+            cfg.durability = 0;
+            FaultSim::new(seed, cfg).run().err()
+        })
+        .filter(|error| error.contains("lost the write"))
+        .count();
+    assert!(lost > 0, "no seed lost a returned write without durability");
+    println!("{lost} of 2000 seeds lost a returned write without durability");
+}
