@@ -9,10 +9,15 @@
 //! per-pair FIFO, every member has installed a view before it hears anything of that view's
 //! epoch, so token traffic from a newer epoch is refused ([`Rejected::FutureEpoch`]).
 //!
-//! Who proposes, and when, is the driver's choice (a failure detector suspects a member, a node
-//! asks to join): [`Member::propose`] is an input like any other. A proposal that stalls
-//! (a member it keeps does not answer) is retried with [`Member::propose`], with fewer members
-//! if need be.
+//! Membership changes come in as inputs: the transport reports a node asking to join
+//! ([`Member::admit`]) or a member it lost ([`Member::suspect`]), the user leaves
+//! ([`Member::leave`]). [`Member::wanted`] says which view this member should propose now, if
+//! any: the *coordinator* (the lowest-id member not suspected) proposes the current members
+//! without the suspected ones and with the joiners, and a leaving member proposes the view
+//! without itself. The driver calls [`Member::propose_wanted`] after such an input and again
+//! on a timer, which retries a proposal that stalled (its proposer crashed, or a member it
+//! keeps did not answer and is suspected meanwhile). A node that joins starts as an outsider
+//! ([`Member::joining`]) and becomes a member when a decision that names it arrives.
 
 use std::collections::{BTreeSet, VecDeque};
 
@@ -71,6 +76,14 @@ pub struct Member {
     views: Views<Report, Plan>,
     /// Token messages dropped because they belonged to an epoch that was over here.
     fenced: u64,
+    /// Nodes the transport reported lost: no view takes them (back) in. Kept after they are
+    /// removed: a joiner lost before the view that takes it in was decided is removed by the
+    /// next one. (Ids are never reused: a node that comes back joins with a new id.)
+    suspected: BTreeSet<NodeId>,
+    /// Nodes the transport reported as asking to join: the next view takes them in.
+    joiners: BTreeSet<NodeId>,
+    /// This member asked to leave: it proposes the view without itself until one is decided.
+    leaving: bool,
     outputs: VecDeque<MemberOutput>,
 }
 
@@ -88,7 +101,92 @@ impl Member {
             views: Views::new(id, view),
             protocol,
             fenced: 0,
+            suspected: BTreeSet::new(),
+            joiners: BTreeSet::new(),
+            leaving: false,
             outputs: VecDeque::new(),
+        }
+    }
+
+    /// A node joining a running cluster: it is no member (its operations wait) until the
+    /// members decide a view that takes it in, which they do once their transports report it
+    /// ([`Member::admit`]).
+    pub fn joining(protocol: Protocol) -> Self {
+        let id = protocol.id();
+        Member {
+            views: Views::outsider(id),
+            ..Member::new(
+                protocol,
+                View {
+                    epoch: 0,
+                    members: BTreeSet::new(),
+                },
+            )
+        }
+    }
+
+    /// `node` asks to join: the next view the coordinator proposes takes it in.
+    pub fn admit(&mut self, node: NodeId) {
+        if node != self.protocol.id() && !self.view().members.contains(&node) {
+            self.joiners.insert(node);
+        }
+    }
+
+    /// The transport lost `node`: the next view leaves it out (a joiner that is lost is no
+    /// longer taken in). Its requests are forgotten at once, so no token goes there.
+    pub fn suspect(&mut self, node: NodeId) {
+        if node == self.protocol.id() {
+            return;
+        }
+        self.joiners.remove(&node);
+        self.suspected.insert(node);
+        self.operate(|p| p.peer_left(node));
+    }
+
+    /// Leaves: this member proposes the view without itself (its report hands its values
+    /// on) until it is removed, which [`MemberOutput::Installed`] without it tells.
+    pub fn leave(&mut self) {
+        self.leaving = true;
+    }
+
+    /// Whether this member asked to leave.
+    pub fn is_leaving(&self) -> bool {
+        self.leaving
+    }
+
+    /// The members this node should propose as the next view now, if any: the coordinator's
+    /// view without suspected members and with the joiners when either differs from the
+    /// current view or a view change is under way (it may have stalled); a leaving member's
+    /// view without itself.
+    pub fn wanted(&self) -> Option<BTreeSet<NodeId>> {
+        let id = self.protocol.id();
+        let view = self.view();
+        if self.views.is_outsider() || self.protocol.is_removed() || !view.members.contains(&id) {
+            return None;
+        }
+        let mut next: BTreeSet<NodeId> = view
+            .members
+            .difference(&self.suspected)
+            .chain(&self.joiners)
+            .copied()
+            .collect();
+        if self.leaving {
+            next.remove(&id);
+            return Some(next);
+        }
+        let coordinator = view.members.difference(&self.suspected).next() == Some(&id);
+        let change = next != view.members || self.protocol.is_frozen();
+        (coordinator && change).then_some(next)
+    }
+
+    /// Proposes [`Member::wanted`], if anything; returns whether it did.
+    pub fn propose_wanted(&mut self) -> bool {
+        match self.wanted() {
+            Some(members) => {
+                self.propose(members);
+                true
+            }
+            None => false,
         }
     }
 
@@ -116,6 +214,7 @@ impl Member {
     }
 
     /// Proposes `members` as the next view (see [`Views::propose`]); this member freezes.
+    /// [`Member::propose_wanted`] chooses the members by the rules above.
     pub fn propose(&mut self, members: BTreeSet<NodeId>) {
         self.views.propose(members, &mut self.protocol);
         self.take_view_outputs();
@@ -192,6 +291,7 @@ impl Member {
                         };
                         self.send_view(to, decided);
                     }
+                    self.joiners.retain(|n| !view.members.contains(n));
                     self.protocol.install(&view, &plan);
                     self.take_protocol_outputs();
                     self.outputs

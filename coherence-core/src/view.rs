@@ -194,6 +194,8 @@ pub struct Views<R, P> {
     /// The highest round seen in this epoch, so a new ballot goes above it.
     highest_round: u64,
     proposing: Option<Proposing<R, P>>,
+    /// Not a member of any view yet: waits for a decision that takes it in.
+    outsider: bool,
     outputs: VecDeque<ViewOutput<R, P>>,
 }
 
@@ -213,8 +215,27 @@ where
             accepted: None,
             highest_round: 0,
             proposing: None,
+            outsider: false,
             outputs: VecDeque::new(),
         }
+    }
+
+    /// A node `id` that asked to join a running cluster: it takes part in nothing until a
+    /// decision that names it reaches it, and installs that view whatever its epoch.
+    pub fn outsider(id: NodeId) -> Self {
+        let nobody = View {
+            epoch: 0,
+            members: BTreeSet::new(),
+        };
+        Views {
+            outsider: true,
+            ..Views::new(id, nobody)
+        }
+    }
+
+    /// Whether this node still waits for the view that takes it in.
+    pub fn is_outsider(&self) -> bool {
+        self.outsider
     }
 
     /// The view installed here.
@@ -268,6 +289,16 @@ where
         message: ViewMessage<R, P>,
         node: &mut impl Recreation<R, P>,
     ) {
+        if self.outsider {
+            if let ViewMessage::Decided { epoch, proposal } = message {
+                if proposal.members.contains(&self.id) {
+                    self.outsider = false;
+                    self.current.epoch = epoch;
+                    self.install(proposal);
+                }
+            }
+            return;
+        }
         let epoch = match &message {
             ViewMessage::Prepare { epoch, .. }
             | ViewMessage::Promise { epoch, .. }
@@ -287,8 +318,15 @@ where
             return;
         }
         // Older: fenced. Newer: this node missed a decision; whoever is ahead answers its next
-        // message with the decision it needs (above). Strangers take no part.
-        if epoch != self.current.epoch || !self.current.members.contains(&from) {
+        // message with the decision it needs (above). Strangers take no part, except that a
+        // node the decision took in passes it on like any member of the new view.
+        let known = match &message {
+            ViewMessage::Decided { proposal, .. } => {
+                self.current.members.contains(&from) || proposal.members.contains(&from)
+            }
+            _ => self.current.members.contains(&from),
+        };
+        if epoch != self.current.epoch || !known {
             return;
         }
         match message {

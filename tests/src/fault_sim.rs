@@ -1,13 +1,16 @@
-//! Deterministic simulation of [`Member`]s (token protocol plus views) under crashes and view
-//! changes, with a seeded scheduler.
+//! Deterministic simulation of [`Member`]s (token protocol plus views) under crashes, joins,
+//! leaves and view changes, with a seeded scheduler.
 //!
 //! The network is one FIFO queue per ordered pair of nodes; every step delivers the head of a
-//! random queue to a live node, starts or finishes an operation, crashes a node, or lets a node
-//! propose the next view. A crashed node never acts again: what it sent may still arrive
-//! (a random prefix of each of its queues survives), and what is sent to it stays in flight,
-//! where its tokens still count. The failure detector is perfect here (a proposal removes
-//! exactly the crashed members it knows of); proposals race, stall when their proposer
-//! crashes, and are retried by frozen members.
+//! random queue to a live node, starts or finishes an operation, crashes a node, lets a node
+//! hear what its transport reports (a node lost, a node asking to join), fires a node's retry
+//! timer, lets a new node ask to join or a member leave. A crashed node never acts again: what
+//! it sent may still arrive (a random prefix of each of its queues survives), and what is sent
+//! to it stays in flight, where its tokens still count. Membership goes through the members'
+//! own rules ([`Member::wanted`]): every live node hears of a crash in its own time, the
+//! coordinator proposes, proposals race and stall when a proposer crashes, and timers retry.
+//! Crashes stop at the seed's budget, and never leave the newest view (or that view without
+//! its leaving members) without a live majority.
 //!
 //! Checked after every step:
 //! - at most one node that may write each object (holds every token, is live, not frozen, not
@@ -148,6 +151,15 @@ impl OpRecord {
     }
 }
 
+/// What a node's transport tells it about another node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reported {
+    /// The node is lost (silent too long).
+    Lost(NodeId),
+    /// The node asks to join.
+    Joining(NodeId),
+}
+
 /// The simulation of one seed.
 pub struct FaultSim {
     seed: u64,
@@ -168,6 +180,10 @@ pub struct FaultSim {
     last_writer: Option<NodeId>,
     /// A write returned in the last step.
     just_wrote: bool,
+    /// Per node, what its transport has yet to report, in order.
+    reports: Vec<VecDeque<Reported>>,
+    joins: u32,
+    leaves: u32,
     /// Epochs in which a crash lost tokens in flight: their tokens only never exceed the
     /// total.
     lossy: BTreeSet<Epoch>,
@@ -208,6 +224,9 @@ impl FaultSim {
             lossy: BTreeSet::new(),
             last_writer: None,
             just_wrote: false,
+            reports: vec![VecDeque::new(); cfg.nodes as usize],
+            joins: 0,
+            leaves: 0,
             report: FaultReport::default(),
             trace: false,
             cfg,
@@ -241,7 +260,7 @@ impl FaultSim {
 
     fn check_budget(&self) -> Result<(), String> {
         if self.report.steps > 200_000 {
-            return Err(self.fail("no end after 200000 steps"));
+            return Err(self.fail(format!("no end after 200000 steps: {}", self.summary())));
         }
         Ok(())
     }
@@ -277,32 +296,49 @@ impl FaultSim {
         let just_wrote = std::mem::take(&mut self.just_wrote);
         if just_wrote && roll < 20 {
             self.crash()?;
-        } else if roll < 62 {
+        } else if roll < 60 {
             if !self.deliver_random()? {
                 self.start_op()?;
             }
-        } else if roll < 82 {
+        } else if roll < 78 {
             self.start_op()?;
-        } else if roll < 90 {
+        } else if roll < 85 {
             self.commit_one()?;
-        } else if roll < 93 {
+        } else if roll < 88 {
             self.crash()?;
+        } else if roll < 94 {
+            self.report_random()?;
+        } else if roll < 96 {
+            self.tick_random()?;
+        } else if roll < 98 {
+            self.join()?;
         } else {
-            self.propose_random()?;
+            self.leave()?;
         }
         self.check_invariants()
     }
 
     fn live(&self) -> Vec<NodeId> {
-        (0..self.cfg.nodes)
+        (0..self.nodes.len() as NodeId)
             .filter(|&n| self.alive[n as usize])
+            .collect()
+    }
+
+    /// Live nodes that are members of their view (not joining, not removed).
+    fn serving(&self) -> Vec<NodeId> {
+        self.live()
+            .into_iter()
+            .filter(|&n| {
+                let member = &self.nodes[n as usize];
+                member.view().members.contains(&n) && !member.protocol().is_removed()
+            })
             .collect()
     }
 
     /// Starts a read, write or swap at a random live node that has no operation running.
     fn start_op(&mut self) -> Result<(), String> {
         let idle: Vec<NodeId> = self
-            .live()
+            .serving()
             .into_iter()
             .filter(|&n| !self.ops.values().any(|r| r.node == n && !r.finished))
             .collect();
@@ -387,6 +423,9 @@ impl FaultSim {
         if self.report.crashes >= u64::from(self.cfg.crashes) {
             return Ok(());
         }
+        if !self.crash_survivable() {
+            return Ok(());
+        }
         // Half the crashes hit the node that last returned a write, likely before its copies
         // or pushes have all left: the case durability is for.
         let live = self.live();
@@ -397,6 +436,10 @@ impl FaultSim {
         self.trace_line(|| format!("node {node} crashes"));
         self.alive[node as usize] = false;
         self.report.crashes += 1;
+        // Every other node's transport reports it lost, each in its own time.
+        for observer in self.live() {
+            self.reports[observer as usize].push_back(Reported::Lost(node));
+        }
         // Of what it sent, a random prefix of each queue is still delivered.
         let queues: Vec<(NodeId, NodeId)> = self
             .net
@@ -420,32 +463,113 @@ impl FaultSim {
         Ok(())
     }
 
-    /// A random live member proposes a view without the crashed members it has, if it has
-    /// any or is frozen (retrying a stalled view change).
-    fn propose_random(&mut self) -> Result<(), String> {
-        let live = self.live();
-        let node = live[self.rng.gen_range(0..live.len())];
-        self.propose(node)
+    /// Whether one more crash leaves a live majority of the newest view, and of that view
+    /// without the members leaving: otherwise nothing could be decided any more (a cluster
+    /// shrunk to two members survives no crash).
+    fn crash_survivable(&self) -> bool {
+        let (_, (view, _)) = self.decided.last_key_value().expect("epoch 0");
+        let staying = View {
+            epoch: view.epoch + 1,
+            members: view
+                .members
+                .iter()
+                .copied()
+                .filter(|&m| !self.nodes[m as usize].is_leaving())
+                .collect(),
+        };
+        let survives = |v: &View| {
+            let live = v
+                .members
+                .iter()
+                .filter(|&&m| self.alive[m as usize])
+                .count();
+            live > v.majority()
+        };
+        survives(view) && survives(&staying)
     }
 
-    fn propose(&mut self, node: NodeId) -> Result<(), String> {
-        let member = &self.nodes[node as usize];
-        if member.protocol().is_removed() {
+    /// A random live node hears the oldest thing its transport has to report (a node lost or
+    /// asking to join), and proposes what it wants then.
+    fn report_random(&mut self) -> Result<(), String> {
+        let ready: Vec<NodeId> = self
+            .live()
+            .into_iter()
+            .filter(|&n| !self.reports[n as usize].is_empty())
+            .collect();
+        if ready.is_empty() {
             return Ok(());
         }
-        let view = member.view();
-        let keep: BTreeSet<NodeId> = view
+        let node = ready[self.rng.gen_range(0..ready.len())];
+        self.hear_report(node)
+    }
+
+    fn hear_report(&mut self, node: NodeId) -> Result<(), String> {
+        let Some(reported) = self.reports[node as usize].pop_front() else {
+            return Ok(());
+        };
+        self.trace_line(|| format!("node {node} hears {reported:?}"));
+        match reported {
+            Reported::Lost(lost) => self.nodes[node as usize].suspect(lost),
+            Reported::Joining(joiner) => self.nodes[node as usize].admit(joiner),
+        }
+        self.after(node)?;
+        self.propose_wanted(node)
+    }
+
+    /// A random live node's retry timer fires.
+    fn tick_random(&mut self) -> Result<(), String> {
+        let live = self.live();
+        let node = live[self.rng.gen_range(0..live.len())];
+        self.propose_wanted(node)
+    }
+
+    fn propose_wanted(&mut self, node: NodeId) -> Result<(), String> {
+        let wanted = self.nodes[node as usize].wanted();
+        if let Some(members) = wanted {
+            self.trace_line(|| format!("node {node} proposes {members:?}"));
+            self.nodes[node as usize].propose(members);
+        }
+        self.after(node)
+    }
+
+    /// A new node asks to join; every serving member's transport reports it in its time.
+    fn join(&mut self) -> Result<(), String> {
+        if self.joins >= 2 {
+            return Ok(());
+        }
+        self.joins += 1;
+        let id = self.nodes.len() as NodeId;
+        self.trace_line(|| format!("node {id} asks to join"));
+        let protocol = Protocol::new(id, [], self.cfg.policy).with_durability(self.cfg.durability);
+        self.nodes.push(Member::joining(protocol));
+        self.alive.push(true);
+        self.reports.push(VecDeque::new());
+        for observer in self.serving() {
+            self.reports[observer as usize].push_back(Reported::Joining(id));
+        }
+        Ok(())
+    }
+
+    /// A random serving member leaves, if a live majority of its view stays.
+    fn leave(&mut self) -> Result<(), String> {
+        if self.leaves >= 1 {
+            return Ok(());
+        }
+        let serving = self.serving();
+        let node = serving[self.rng.gen_range(0..serving.len())];
+        let view = self.nodes[node as usize].view().clone();
+        let live_members = view
             .members
             .iter()
-            .copied()
-            .filter(|&m| self.alive[m as usize])
-            .collect();
-        if keep.len() == view.members.len() && !member.protocol().is_frozen() {
+            .filter(|&&m| self.alive[m as usize])
+            .count();
+        if live_members <= view.majority() || self.nodes[node as usize].is_leaving() {
             return Ok(());
         }
-        self.trace_line(|| format!("node {node} proposes {keep:?} after epoch {}", view.epoch));
-        self.nodes[node as usize].propose(keep);
-        self.after(node)
+        self.leaves += 1;
+        self.trace_line(|| format!("node {node} leaves"));
+        self.nodes[node as usize].leave();
+        self.propose_wanted(node)
     }
 
     fn deliver_random(&mut self) -> Result<bool, String> {
@@ -525,7 +649,7 @@ impl FaultSim {
             return Err(self.fail(format!("op {op} completed twice: {outcome:?}")));
         }
         match (record.kind, outcome) {
-            (_, Outcome::Interrupted) => {
+            (_, Outcome::Interrupted | Outcome::Removed) => {
                 // It did not take effect; in the history it stays unfinished, which allows
                 // that too.
                 self.report.interrupted += 1;
@@ -679,10 +803,10 @@ impl FaultSim {
         Ok(())
     }
 
-    /// Ends the run: no new operations; granted swaps commit; the lowest live node drives the
-    /// view change to its end; every queue to a live node drains.
+    /// Ends the run: no new operations; granted swaps commit; every message to a live node and
+    /// every transport report is delivered; retry timers fire until no node wants a view.
     fn drain(&mut self) -> Result<(), String> {
-        for _ in 0..10_000 {
+        for _ in 0..20_000 {
             self.report.steps += 1;
             let granted: Vec<OpId> = self
                 .ops
@@ -690,11 +814,21 @@ impl FaultSim {
                 .filter(|(_, r)| r.awaits_commit() && self.alive[r.node as usize])
                 .map(|(&op, _)| op)
                 .collect();
+            let reporting = self
+                .live()
+                .into_iter()
+                .find(|&n| !self.reports[n as usize].is_empty());
             if !granted.is_empty() {
                 self.commit_one()?;
             } else if self.deliver_any()? {
-            } else if let Some(node) = self.live().into_iter().find(|&n| self.needs_view(n)) {
-                self.propose(node)?;
+            } else if let Some(node) = reporting {
+                self.hear_report(node)?;
+            } else if let Some(node) = self
+                .live()
+                .into_iter()
+                .find(|&n| self.nodes[n as usize].wanted().is_some())
+            {
+                self.propose_wanted(node)?;
             } else {
                 return Ok(());
             }
@@ -703,25 +837,17 @@ impl FaultSim {
         Err(self.fail("the cluster does not settle"))
     }
 
-    /// Whether `node` waits for a view change: it is frozen or its view names a crashed node.
-    fn needs_view(&self, node: NodeId) -> bool {
-        let member = &self.nodes[node as usize];
-        !member.protocol().is_removed()
-            && (member.protocol().is_frozen()
-                || member
-                    .view()
-                    .members
-                    .iter()
-                    .any(|&m| !self.alive[m as usize]))
-    }
-
     fn final_checks(&mut self) -> Result<(), String> {
-        let live: BTreeSet<NodeId> = self.live().into_iter().collect();
-        for &node in &live {
+        let serving: BTreeSet<NodeId> = self
+            .live()
+            .into_iter()
+            .filter(|&n| !self.nodes[n as usize].protocol().is_removed())
+            .collect();
+        for &node in &serving {
             let member = &self.nodes[node as usize];
-            if member.view().members != live {
+            if member.view().members != serving {
                 return Err(self.fail(format!(
-                    "node {node} ends in {:?}, the live nodes are {live:?}",
+                    "node {node} ends in {:?}, the live members are {serving:?}",
                     member.view()
                 )));
             }
@@ -751,6 +877,28 @@ impl FaultSim {
             }
         }
         Ok(())
+    }
+
+    /// Each node's state in a few words, for failures.
+    fn summary(&self) -> String {
+        let nodes: Vec<String> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(n, m)| {
+                format!(
+                    "node {n}: alive {}, view {:?}, frozen {}, removed {}, leaving {}, wants {:?}, busy {}",
+                    self.alive[n],
+                    m.view(),
+                    m.protocol().is_frozen(),
+                    m.protocol().is_removed(),
+                    m.is_leaving(),
+                    m.wanted(),
+                    m.protocol().is_busy()
+                )
+            })
+            .collect();
+        nodes.join("; ")
     }
 
     fn trace_line(&self, line: impl FnOnce() -> String) {
