@@ -11,8 +11,10 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use coherence_core::protocol::{Event, OpId, Output, Protocol};
-use coherence_core::wire::{self, Init, Message};
+use coherence_core::member::{Member, MemberOutput};
+use coherence_core::protocol::{Event, OpId, Protocol};
+use coherence_core::view::View;
+use coherence_core::wire::{self, Envelope, Init, Traffic};
 use coherence_core::NodeId;
 
 use crate::report::{Policy, WriteCpu};
@@ -21,19 +23,26 @@ const OBJECT: &str = "bench/write-cpu";
 const WRITER: usize = 0;
 const PEER: usize = 1;
 
-/// Two protocols and the frames in flight between them.
+/// Two members (token protocol and views, as a node runs them) and the frames in flight
+/// between them.
 struct Pair {
-    nodes: [Protocol; 2],
+    nodes: [Member; 2],
     in_flight: VecDeque<(usize, usize, Bytes)>,
-    inbox: Vec<Message>,
-    outbox: Vec<(NodeId, Message)>,
+    inbox: Vec<Traffic>,
+    outbox: Vec<(NodeId, Envelope)>,
     completed: Vec<OpId>,
 }
 
 impl Pair {
     fn new(policy: Policy) -> Result<Pair, String> {
-        let nodes =
-            [WRITER, PEER].map(|id| Protocol::new(id as NodeId, [0, 1], policy.write_policy()));
+        let view = View {
+            epoch: 0,
+            members: [0, 1].into(),
+        };
+        let nodes = [WRITER, PEER].map(|id| {
+            let protocol = Protocol::new(id as NodeId, [], policy.write_policy());
+            Member::new(protocol, view.clone())
+        });
         let mut pair = Pair {
             nodes,
             in_flight: VecDeque::new(),
@@ -46,7 +55,8 @@ impl Pair {
             bytes: encode(&0u64)?,
         };
         for node in [WRITER, PEER] {
-            pair.nodes[node].open(node as OpId, OBJECT, init.clone());
+            let init = init.clone();
+            pair.nodes[node].operate(|p| p.open(node as OpId, OBJECT, init));
             pair.flush(node);
         }
         pair.settle()?;
@@ -58,13 +68,14 @@ impl Pair {
     fn flush(&mut self, node: usize) {
         while let Some(output) = self.nodes[node].poll_output() {
             match output {
-                Output::Event(Event::Completed { op, .. }) => self.completed.push(op),
-                Output::Event(_) => {}
-                Output::Send { to, message } => self.outbox.push((to, message)),
+                MemberOutput::Event(Event::Completed { op, .. }) => self.completed.push(op),
+                MemberOutput::Event(_) | MemberOutput::Installed { .. } => {}
+                MemberOutput::Send { to, envelope } => self.outbox.push((to, envelope)),
             }
         }
         for batch in wire::batches_by_destination(&mut self.outbox) {
-            let frame = wire::encode(batch.iter().map(|(_, message)| message));
+            let epoch = batch[0].1.epoch;
+            let frame = wire::encode(epoch, batch.iter().map(|(_, e)| &e.traffic));
             self.in_flight
                 .push_back((node, batch[0].0 as usize, Bytes::from(frame)));
         }
@@ -76,12 +87,12 @@ impl Pair {
         let Some((from, to, frame)) = self.in_flight.pop_front() else {
             return Ok(false);
         };
-        let receiver = &self.nodes[to];
-        wire::decode_into(frame, &mut self.inbox, |name| receiver.shared_name(name))
+        let receiver = self.nodes[to].protocol();
+        let epoch = wire::decode_into(frame, &mut self.inbox, |name| receiver.shared_name(name))
             .map_err(|e| format!("write CPU: a frame did not decode: {e}"))?;
-        for message in self.inbox.drain(..) {
+        for traffic in self.inbox.drain(..) {
             self.nodes[to]
-                .handle(from as NodeId, message)
+                .handle(from as NodeId, Envelope { epoch, traffic })
                 .map_err(|e| format!("write CPU: a message was rejected: {e}"))?;
         }
         self.flush(to);
@@ -98,7 +109,7 @@ impl Pair {
     /// with operation `op`, taking one back. Under Update it already holds the pushed one.
     fn spread_tokens(&mut self, policy: Policy, op: OpId) -> Result<(), String> {
         if policy == Policy::Invalidate {
-            self.nodes[PEER].read(op, OBJECT);
+            self.nodes[PEER].operate(|p| p.read(op, OBJECT));
             self.flush(PEER);
             self.until_completed(op)?;
             self.settle()?;
@@ -109,7 +120,7 @@ impl Pair {
     /// The writer writes `value` with operation `op`; returns once the write completed and
     /// its last frame is on the wire, the peer's handling of it still to come.
     fn write(&mut self, op: OpId, value: Bytes) -> Result<(), String> {
-        self.nodes[WRITER].write(op, OBJECT, value);
+        self.nodes[WRITER].operate(|p| p.write(op, OBJECT, value));
         self.flush(WRITER);
         self.until_completed(op)
     }
@@ -201,6 +212,7 @@ mod tests {
             let mut pair = Pair::new(policy).unwrap();
             let peer_tokens = |pair: &Pair| {
                 pair.nodes[PEER]
+                    .protocol()
                     .token_view(OBJECT)
                     .map_or(0, |view| view.tokens)
             };

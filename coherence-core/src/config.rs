@@ -24,7 +24,22 @@ pub struct Config {
     /// every message about its object, so an unbounded one would make every operation on it
     /// as slow as copying it. Default [`DEFAULT_MAX_NAME_LEN`].
     pub max_name_len: usize,
+    /// How many other members must hold a write's value before the write returns, so that a
+    /// write that returned survives the crash of its writer (of up to that many members in
+    /// all). Never more than the other members there are. `None` (the default) chooses by
+    /// transport: 1 where members fail one by one (processes over ZeroMQ), 0 where they fail
+    /// together (threads of one process, ranks of one MPI job: see
+    /// [`crate::Transport::members_fail_together`]), where a copy would only cost time.
+    pub durability: Option<u32>,
+    /// How long a member waits for a view change it proposed (or froze for) before it
+    /// proposes again: the proposer may have crashed, or a member it keeps may not answer.
+    /// Default [`DEFAULT_VIEW_RETRY`].
+    pub view_retry: Duration,
 }
+
+/// Default of [`Config::view_retry`]: a view change takes a few round trips (milliseconds over
+/// TCP); retrying much sooner would only make proposals compete.
+pub const DEFAULT_VIEW_RETRY: Duration = Duration::from_millis(200);
 
 /// Default of [`Config::max_name_len`]: room for any path-like name people use, while a
 /// name stays a small share of a message.
@@ -38,6 +53,8 @@ impl Default for Config {
             poll_interval: crate::wait::DRIVER_BLOCK,
             spin: crate::wait::CALLER_POLL,
             max_name_len: DEFAULT_MAX_NAME_LEN,
+            durability: None,
+            view_retry: DEFAULT_VIEW_RETRY,
         }
     }
 }
@@ -52,6 +69,12 @@ impl Config {
     /// Sets the write policy.
     pub fn write_policy(mut self, policy: WritePolicy) -> Self {
         self.write_policy = policy;
+        self
+    }
+
+    /// Sets how many other members hold a write's value before it returns.
+    pub fn durability(mut self, copies: u32) -> Self {
+        self.durability = Some(copies);
         self
     }
 

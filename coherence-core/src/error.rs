@@ -89,4 +89,17 @@ pub enum Error {
     /// The node's driver thread could not be started.
     #[error("cannot start the driver thread: {0}")]
     Spawn(String),
+    /// The other members decided a view without this node (it was cut off or stalled while
+    /// they went on). It serves nothing more; start a new node to join again.
+    #[error("node {0} was removed from the cluster")]
+    Removed(u32),
+    /// A view change came while this `update` held the object, and its write did not take
+    /// effect: nothing was written; the update may be tried again.
+    #[error("{operation} on {object:?} was interrupted by a view change and did not take effect")]
+    Interrupted {
+        /// The operation.
+        operation: &'static str,
+        /// The object.
+        object: String,
+    },
 }

@@ -23,29 +23,8 @@ use std::collections::{BTreeSet, VecDeque};
 
 use crate::protocol::{Event, Output, Plan, Protocol, Rejected, Report};
 use crate::transport::NodeId;
-use crate::view::{Epoch, Proposal, View, ViewMessage, ViewOutput, Views};
-use crate::wire::Message;
-
-/// A message of the view change, carrying reports and the token recreation plan.
-pub type ViewChange = ViewMessage<Report, Plan>;
-
-/// What one member sends another.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Traffic {
-    /// Token protocol, valid only within the sender's epoch.
-    Token(Message),
-    /// View change, which names its own epoch.
-    View(ViewChange),
-}
-
-/// A message stamped with the epoch its sender was in when it sent it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Envelope {
-    /// The sender's epoch.
-    pub epoch: Epoch,
-    /// The message.
-    pub traffic: Traffic,
-}
+use crate::view::{Proposal, View, ViewMessage, ViewOutput, Views};
+use crate::wire::{Envelope, Traffic, ViewChange};
 
 /// One output of [`Member::poll_output`], in the order the driver must act on them.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -149,6 +128,15 @@ impl Member {
         self.leaving = true;
     }
 
+    /// Whether the transport lost every other member of the current view.
+    pub fn others_lost(&self) -> bool {
+        let id = self.protocol.id();
+        self.view()
+            .members
+            .iter()
+            .all(|m| *m == id || self.suspected.contains(m))
+    }
+
     /// Whether this member asked to leave.
     pub fn is_leaving(&self) -> bool {
         self.leaving
@@ -157,11 +145,18 @@ impl Member {
     /// The members this node should propose as the next view now, if any: the coordinator's
     /// view without suspected members and with the joiners when either differs from the
     /// current view or a view change is under way (it may have stalled); a leaving member's
-    /// view without itself.
+    /// view without itself, unless it is frozen for another member's proposal and not the
+    /// coordinator. Nothing while fewer than a majority of the view are unsuspected:
+    /// no decision could be reached, and proposing would freeze this member for nothing.
     pub fn wanted(&self) -> Option<BTreeSet<NodeId>> {
         let id = self.protocol.id();
         let view = self.view();
         if self.views.is_outsider() || self.protocol.is_removed() || !view.members.contains(&id) {
+            return None;
+        }
+        // Without a majority that may answer, a proposal could only freeze this member.
+        let reachable = view.members.difference(&self.suspected).count();
+        if reachable < view.majority() {
             return None;
         }
         let mut next: BTreeSet<NodeId> = view
@@ -170,11 +165,13 @@ impl Member {
             .chain(&self.joiners)
             .copied()
             .collect();
-        if self.leaving {
-            next.remove(&id);
-            return Some(next);
-        }
         let coordinator = view.members.difference(&self.suspected).next() == Some(&id);
+        if self.leaving {
+            // Frozen for another member's proposal, wait for it (the coordinator retries a
+            // stalled one): competing proposals only delay each other.
+            next.remove(&id);
+            return (coordinator || !self.protocol.is_frozen()).then_some(next);
+        }
         let change = next != view.members || self.protocol.is_frozen();
         (coordinator && change).then_some(next)
     }

@@ -1,5 +1,5 @@
-//! The driver and the public handles: [`Node`] owns one transport and one [`Protocol`];
-//! [`DistObj`] is a typed handle on one object.
+//! The driver and the public handles: [`Node`] owns one transport and one [`Member`] (the
+//! token protocol and the views); [`DistObj`] is a typed handle on one object.
 //!
 //! The protocol state sits behind one mutex. Every step applies the protocol's events
 //! (readability, completions) before its messages are sent, and sends happen under the mutex,
@@ -16,6 +16,11 @@
 //!
 //! A transport that fails, or is closed under the node, stops it: every waiting and later
 //! operation returns [`Error::Transport`] at once.
+//!
+//! Membership: the transport's [`TransportEvent::Joined`] and [`TransportEvent::Left`] become
+//! the member's [`Member::admit`] and [`Member::suspect`]; the member proposes the next view
+//! when its rules say so, and the driver retries every [`Config::view_retry`] while one is
+//! wanted. `shutdown` is a view change that removes this node.
 
 use std::collections::BTreeMap;
 use std::marker::PhantomData;
@@ -32,10 +37,12 @@ use serde::Serialize;
 use crate::cell::{self, Cell};
 use crate::config::Config;
 use crate::error::Error;
-use crate::protocol::{Event, OpId, Outcome, Output, Protocol};
+use crate::member::{Member, MemberOutput};
+use crate::protocol::{Event, OpId, Outcome, Protocol};
 use crate::transport::{NodeId, Transport, TransportError, TransportEvent};
+use crate::view::View;
 use crate::wait::{Budget, Poller, DRIVER_NAP, DRIVER_YIELDS_FOR};
-use crate::wire::{self, Init, Message};
+use crate::wire::{self, Envelope, Init, Traffic};
 
 /// Counters of one node's traffic.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -51,6 +58,10 @@ pub struct NodeStats {
     /// Decoded messages dropped because no correct peer sends them (see
     /// [`crate::protocol::Rejected`]).
     pub messages_rejected: u64,
+    /// Token messages dropped because their epoch was over here (fencing).
+    pub messages_fenced: u64,
+    /// The epoch of the view installed here.
+    pub epoch: u64,
 }
 
 #[derive(Default)]
@@ -64,15 +75,20 @@ struct Counters {
 
 /// Everything behind the mutex.
 struct Core {
-    protocol: Protocol,
+    member: Member,
+    /// When this node last proposed a view, so a stalled proposal is retried.
+    proposed_at: Option<Instant>,
+    /// Proposals since the last view was installed: each retry waits twice as long, so
+    /// proposals that carry large reports are not cut short by the next one.
+    proposals: u32,
     /// Operations in progress and their callers: one per waiting thread, so a short list.
     waiters: Vec<(OpId, Arc<Waiter>)>,
     cells: BTreeMap<Arc<str>, Arc<Cell>>,
     left: Option<Sender<()>>,
     /// This step's messages, grouped by destination; kept to reuse its buffer.
-    outbox: Vec<(NodeId, Message)>,
+    outbox: Vec<(NodeId, Envelope)>,
     /// The messages of the frame being handled; kept to reuse its buffer.
-    inbox: Vec<Message>,
+    inbox: Vec<Traffic>,
 }
 
 /// Where a waiting caller's outcome lands. Each thread has one and reuses it for every
@@ -177,6 +193,8 @@ struct Inner {
     failure: std::sync::OnceLock<TransportError>,
     /// Tells the driver thread to exit (after the leave completed or timed out).
     halt: AtomicBool,
+    /// The other members removed this node.
+    removed: AtomicBool,
     next_op: AtomicU64,
     counters: Counters,
     /// Held by whoever takes frames from the transport and handles them: the driver, or a
@@ -231,6 +249,9 @@ impl Inner {
 
     /// Why operations fail once the node stopped: the transport's failure, or a shutdown.
     fn stopped_error(&self) -> Error {
+        if self.removed.load(Ordering::Acquire) {
+            return Error::Removed(self.id);
+        }
         match self.failure.get() {
             Some(cause) => Error::Transport {
                 node: self.id,
@@ -281,26 +302,63 @@ impl Inner {
 
     /// Runs one protocol input, then applies its events and sends its messages.
     fn step(&self, core: &mut Core, input: impl FnOnce(&mut Protocol)) {
-        input(&mut core.protocol);
+        core.member.operate(input);
         self.flush(core);
+    }
+
+    /// Proposes the view the member wants, if any (see [`Member::wanted`]).
+    fn propose_wanted(&self, core: &mut Core) {
+        if core.member.propose_wanted() {
+            core.proposed_at = Some(Instant::now());
+            core.proposals = core.proposals.saturating_add(1);
+            tracing::info!(node = self.id, view = ?core.member.view(), "view change proposed");
+        }
+        self.flush(core);
+    }
+
+    /// A view was installed here: a member that was removed without leaving stops.
+    fn installed(&self, view: &View, left: &mut Option<Sender<()>>) {
+        tracing::info!(node = self.id, ?view, "view installed");
+        if view.members.contains(&self.id) {
+            return;
+        }
+        if let Some(done) = left.take() {
+            let _ = done.send(());
+        } else if !self.stopped.load(Ordering::Acquire) {
+            tracing::error!(
+                node = self.id,
+                ?view,
+                "removed from the cluster: the node stops"
+            );
+            self.removed.store(true, Ordering::Release);
+            self.stopped.store(true, Ordering::Release);
+        }
     }
 
     fn flush(&self, core: &mut Core) {
         let Core {
-            protocol,
+            member,
             waiters,
             cells,
             left,
             outbox,
+            proposals,
             ..
         } = core;
+        let installed = &mut false;
         // Events come before the messages of the same step: a caller sees the value its
         // operation read or wrote before anything leaves, and messages stay in order.
-        while let Some(output) = protocol.poll_output() {
+        while let Some(output) = member.poll_output() {
             let event = match output {
-                Output::Event(event) => event,
-                Output::Send { to, message } => {
-                    outbox.push((to, message));
+                MemberOutput::Event(event) => event,
+                MemberOutput::Send { to, envelope } => {
+                    outbox.push((to, envelope));
+                    continue;
+                }
+                MemberOutput::Installed { view, .. } => {
+                    self.installed(&view, left);
+                    *proposals = 0;
+                    *installed = true;
                     continue;
                 }
             };
@@ -319,25 +377,21 @@ impl Inner {
                         waiters.swap_remove(at).1.deliver(outcome);
                     }
                 }
-                Event::Left => {
-                    if let Some(done) = left.take() {
-                        let _ = done.send(());
-                    }
-                }
+                // The node leaves by a view change (above), never by the token protocol's own
+                // leave.
+                Event::Left => {}
             }
         }
         let mut refused = Vec::new();
         let runs = wire::batches_by_destination(outbox)
             .flat_map(|batch| wire::frame_runs(batch, self.max_frame));
         for batch in runs {
-            let to = batch[0].0;
-            for (_, message) in batch {
-                tracing::trace!(node = self.id, to, msg = ?message, "send");
+            let (to, epoch) = (batch[0].0, batch[0].1.epoch);
+            for (_, envelope) in batch {
+                tracing::trace!(node = self.id, to, epoch, msg = ?envelope.traffic, "send");
             }
-            match self
-                .transport
-                .send(to, wire::encode(batch.iter().map(|(_, message)| message)))
-            {
+            let frame = wire::encode(epoch, batch.iter().map(|(_, e)| &e.traffic));
+            match self.transport.send(to, frame) {
                 Ok(()) => {
                     self.counters.frames_sent.fetch_add(1, Ordering::Relaxed);
                     self.counters
@@ -353,18 +407,29 @@ impl Inner {
                 // carried stays here.
                 Err(TransportError::UnknownPeer(_)) => {
                     tracing::debug!(node = self.id, to, "frame not sent: the peer is gone");
-                    refused.push((to, batch.iter().map(|(_, m)| m.clone()).collect::<Vec<_>>()));
+                    let tokens = batch.iter().filter_map(|(_, e)| match &e.traffic {
+                        Traffic::Token(message) => Some(message.clone()),
+                        Traffic::View(_) => None,
+                    });
+                    refused.push((to, tokens.collect::<Vec<_>>()));
                 }
                 Err(e) => tracing::warn!(node = self.id, to, error = %e, "frame not sent"),
             }
         }
         outbox.clear();
+        if *installed {
+            // What the new view leaves to do (a leaver still in it, joiners still out).
+            self.propose_wanted(core);
+        }
         if refused.is_empty() {
             return;
         }
         for (to, messages) in refused {
-            core.protocol.send_failed(to, messages);
+            // The transport dropped `to`: as good as its `Left`.
+            core.member.suspect(to);
+            core.member.operate(|p| p.send_failed(to, messages));
         }
+        self.leave_if_alone(core);
         // What the returned tokens now allow (each refusal forgets a peer, so this ends).
         self.flush(core);
     }
@@ -421,7 +486,11 @@ impl Inner {
                 let mut core = self.lock();
                 core.waiters.retain(|(id, _)| *id != op);
                 let mut cancelled = false;
-                self.step(&mut core, |p| cancelled = p.cancel(op));
+                self.step(&mut core, |p| {
+                    // A write waiting for its copies cannot be called back: it may still take
+                    // effect, which a timeout allows.
+                    cancelled = p.cancel(op) || p.completes_later(op);
+                });
                 drop(core);
                 if cancelled && failed() {
                     tracing::warn!(node = self.id, operation, object, "transport failed");
@@ -440,7 +509,11 @@ impl Inner {
             }
         };
         match outcome {
-            Outcome::Aborted => Err(self.stopped_error()),
+            Outcome::Aborted | Outcome::Removed => Err(self.stopped_error()),
+            Outcome::Interrupted => Err(Error::Interrupted {
+                operation,
+                object: object.to_string(),
+            }),
             outcome => Ok(outcome),
         }
     }
@@ -528,6 +601,7 @@ impl Inner {
         let mut seen_episode = 0;
         let mut busy_since = Instant::now();
         let mut poller = Poller::new(Budget::of_process());
+        let mut next_view_check = Instant::now();
         while !self.halt.load(Ordering::Acquire) && self.failure.get().is_none() {
             if self.pollers.load(Ordering::SeqCst) > 0 {
                 poller.release();
@@ -553,7 +627,9 @@ impl Inner {
                     break;
                 }
                 let mut core = self.lock();
-                self.step(&mut core, Protocol::leave);
+                core.member.leave();
+                self.propose_wanted(&mut core);
+                self.leave_if_alone(&mut core);
                 leave_started = true;
                 continue;
             }
@@ -565,6 +641,10 @@ impl Inner {
                 poller.release();
                 self.config.poll_interval
             };
+            if Instant::now() >= next_view_check {
+                next_view_check = Instant::now() + self.config.view_retry / 4;
+                self.retry_view();
+            }
             match self.transport.recv(wait) {
                 Ok(Some(event)) => {
                     self.handle_event(event);
@@ -601,23 +681,53 @@ impl Inner {
         self.driver_parked.store(false, Ordering::SeqCst);
     }
 
+    /// Proposes again a view that is still wanted after [`Config::view_retry`]; a leaving
+    /// node whose every other member is lost leaves without a view change.
+    fn retry_view(&self) {
+        let mut core = self.lock();
+        // Twice as long after each attempt (up to 32 times), and a little longer the higher
+        // the id, so that two proposers that keep colliding drift apart.
+        let backoff = self.config.view_retry * (1 << core.proposals.min(5))
+            + self.config.view_retry / 16 * (self.id % 8);
+        let due = core.proposed_at.is_none_or(|at| at.elapsed() >= backoff);
+        if due && core.member.wanted().is_some() {
+            self.propose_wanted(&mut core);
+        }
+        self.leave_if_alone(&mut core);
+    }
+
+    /// A leaving member that lost every other member cannot have a view decided (no
+    /// majority answers); nobody is left to hand anything to, so it just goes.
+    fn leave_if_alone(&self, core: &mut Core) {
+        if core.member.is_leaving() && core.member.others_lost() {
+            if let Some(done) = core.left.take() {
+                tracing::info!(node = self.id, "every other member is lost: leaving alone");
+                let _ = done.send(());
+            }
+        }
+    }
+
     fn handle_event(&self, event: TransportEvent) {
         let mut core = self.lock();
         match event {
             TransportEvent::Frame { from, bytes } => {
                 let mut inbox = std::mem::take(&mut core.inbox);
-                let protocol = &core.protocol;
+                let protocol = core.member.protocol();
                 match wire::decode_into(Bytes::from(bytes), &mut inbox, |name| {
                     protocol.shared_name(name)
                 }) {
-                    Ok(()) => {
+                    Ok(epoch) => {
                         self.counters
                             .frames_received
                             .fetch_add(1, Ordering::Relaxed);
-                        for message in inbox.drain(..) {
-                            tracing::trace!(node = self.id, from, msg = ?message, "receive");
-                            let mut handled = Ok(());
-                            self.step(&mut core, |p| handled = p.handle(from, message));
+                        for traffic in inbox.drain(..) {
+                            tracing::trace!(node = self.id, from, epoch, msg = ?traffic, "receive");
+                            let fenced = core.member.fenced();
+                            let handled = core.member.handle(from, Envelope { epoch, traffic });
+                            self.flush(&mut core);
+                            if core.member.fenced() > fenced {
+                                tracing::debug!(node = self.id, from, epoch, "message fenced");
+                            }
                             if let Err(e) = handled {
                                 self.counters
                                     .messages_rejected
@@ -636,12 +746,15 @@ impl Inner {
                 core.inbox = inbox;
             }
             TransportEvent::Joined(peer) => {
-                tracing::debug!(node = self.id, peer, "peer joined");
-                self.step(&mut core, |p| p.peer_joined(peer));
+                tracing::info!(node = self.id, peer, "node asks to join");
+                core.member.admit(peer);
+                self.propose_wanted(&mut core);
             }
             TransportEvent::Left(peer) => {
-                tracing::debug!(node = self.id, peer, "peer left");
-                self.step(&mut core, |p| p.peer_left(peer));
+                tracing::info!(node = self.id, peer, "peer lost or gone");
+                core.member.suspect(peer);
+                self.propose_wanted(&mut core);
+                self.leave_if_alone(&mut core);
             }
         }
     }
@@ -668,8 +781,23 @@ impl Node {
     /// Joins the cluster `transport` belongs to and starts the driver thread.
     pub fn start<T: Transport>(transport: T, config: Config) -> Result<Node, Error> {
         let id = transport.local_id();
-        let protocol = Protocol::new(id, transport.peers(), config.write_policy);
-        tracing::debug!(node = id, peers = ?protocol.members(), "node starting");
+        let durability = config
+            .durability
+            .unwrap_or(if transport.members_fail_together() {
+                0
+            } else {
+                1
+            });
+        let protocol = Protocol::new(id, [], config.write_policy).with_durability(durability);
+        let member = if transport.joins_running_cluster() {
+            Member::joining(protocol)
+        } else {
+            let mut members: std::collections::BTreeSet<NodeId> =
+                transport.peers().into_iter().collect();
+            members.insert(id);
+            Member::new(protocol, View { epoch: 0, members })
+        };
+        tracing::debug!(node = id, view = ?member.view(), durability, "node starting");
         let max_frame = transport.max_frame();
         Budget::of_process().share_with(transport.colocated_processes());
         let inner = Arc::new(Inner {
@@ -678,7 +806,9 @@ impl Node {
             transport: Arc::new(transport),
             max_frame,
             core: Mutex::new(Core {
-                protocol,
+                member,
+                proposed_at: None,
+                proposals: 0,
                 waiters: Vec::new(),
                 cells: BTreeMap::new(),
                 left: None,
@@ -688,6 +818,7 @@ impl Node {
             stopped: AtomicBool::new(false),
             failure: std::sync::OnceLock::new(),
             halt: AtomicBool::new(false),
+            removed: AtomicBool::new(false),
             next_op: AtomicU64::new(0),
             counters: Counters::default(),
             receive_turn: Mutex::new(()),
@@ -716,12 +847,15 @@ impl Node {
     /// Traffic counters.
     pub fn stats(&self) -> NodeStats {
         let c = &self.inner.counters;
+        let core = self.inner.lock();
         NodeStats {
             frames_sent: c.frames_sent.load(Ordering::Relaxed),
             messages_sent: c.messages_sent.load(Ordering::Relaxed),
             frames_received: c.frames_received.load(Ordering::Relaxed),
             frames_rejected: c.frames_rejected.load(Ordering::Relaxed),
             messages_rejected: c.messages_rejected.load(Ordering::Relaxed),
+            messages_fenced: core.member.fenced(),
+            epoch: core.member.view().epoch,
         }
     }
 
@@ -875,18 +1009,29 @@ where
         self.cell.read(&self.name)
     }
 
-    /// Replaces the value once this node holds every token.
+    /// Replaces the value once this node holds every token (and, with
+    /// [`Config::durability`], once enough other members hold it too). A view change that
+    /// interrupts the write before it took effect makes it start again.
     pub fn write(&self, value: T) -> Result<(), Error> {
         self.node.check_not_updating("write", &self.name)?;
         let bytes = self.node.encode_value(&self.name, &value)?;
-        let outcome = self
-            .node
-            .run_op("write", &self.name, |p, op| p.write(op, &self.name, bytes))?;
-        let Outcome::Written { version } = outcome else {
-            unreachable!("write completes with Written, got {outcome:?}")
-        };
-        self.cell.saw_version(version);
-        Ok(())
+        let started = Instant::now();
+        loop {
+            let outcome = self.node.run_op("write", &self.name, |p, op| {
+                p.write(op, &self.name, bytes.clone())
+            });
+            match outcome {
+                Ok(Outcome::Written { version }) => {
+                    self.cell.saw_version(version);
+                    return Ok(());
+                }
+                Err(Error::Interrupted { .. }) if started.elapsed() < self.node.config.timeout => {
+                    tracing::debug!(node = self.node.id, object = %self.name, "write retried");
+                }
+                Err(e) => return Err(e),
+                Ok(outcome) => unreachable!("write completes with Written, got {outcome:?}"),
+            }
+        }
     }
 
     /// Atomic read-modify-write: gathers every token, runs `f` on the current value, writes the
@@ -913,6 +1058,7 @@ where
         // Released without a write if anything below fails, `f` refuses or `f` panics.
         let lock = Lock {
             node: &self.node,
+            object: &self.name,
             op,
         };
         let mut current: T = cell::decode(&self.name, &value.bytes)?;
@@ -938,19 +1084,49 @@ where
 /// failed), it releases the object unchanged.
 struct Lock<'a> {
     node: &'a Inner,
+    object: &'a str,
     op: OpId,
 }
 
 impl Lock<'_> {
-    /// Writes `bytes` and releases the object; fails if the node stopped meanwhile.
+    /// Writes `bytes` and releases the object, waiting for the copies the durability asks
+    /// for; fails if the node stopped meanwhile, or a view change interrupted the update.
     fn commit(self, bytes: Bytes) -> Result<u64, Error> {
-        let node = self.node;
-        let op = self.op;
+        let (node, object, op) = (self.node, self.object, self.op);
         std::mem::forget(self);
+        let waiter = Waiter::of_this_thread();
+        waiter.reset();
         let mut version = None;
-        let mut core = node.lock();
-        node.step(&mut core, |p| version = p.commit(op, Some(bytes)));
-        version.ok_or(Error::Stopped(node.id))
+        let mut replicating = false;
+        {
+            let mut core = node.lock();
+            core.waiters.push((op, Arc::clone(&waiter)));
+            node.step(&mut core, |p| {
+                version = p.commit(op, Some(bytes));
+                replicating = p.completes_later(op);
+            });
+            if !replicating {
+                core.waiters.retain(|(id, _)| *id != op);
+            }
+        }
+        if replicating {
+            return match node.wait("update", object, op, &waiter)? {
+                Outcome::Written { version } => Ok(version),
+                outcome => unreachable!("a commit completes with Written, got {outcome:?}"),
+            };
+        }
+        // No lock any more: the node stopped, or a view change took the tokens (and told a
+        // waiter that was already gone, or this one).
+        match version {
+            Some(version) => Ok(version),
+            None => {
+                node.check_running()?;
+                Err(Error::Interrupted {
+                    operation: "update",
+                    object: object.to_string(),
+                })
+            }
+        }
     }
 }
 

@@ -256,6 +256,8 @@ struct Replicating {
     value: Value,
     /// Members that hold a copy.
     copies: BTreeSet<NodeId>,
+    /// Copies the write waits for: the durability, or the other members if fewer.
+    needed: usize,
 }
 
 /// What one node holds of every object when it promises a view change: for each object the
@@ -265,15 +267,25 @@ struct Replicating {
 pub struct Report {
     /// The newest value of each object known here.
     pub values: BTreeMap<Arc<str>, Value>,
+    /// Objects this node holds every token of for an `update` (locked, or its write waiting
+    /// to be applied): it keeps them in the next epoch, so the update goes on.
+    pub held: BTreeSet<Arc<str>>,
 }
 
 /// The token recreation a view change decides: each object's value in the new epoch (the
-/// newest any reporting member held). Every member of the new view starts with one token and
-/// this value; the lowest-id member holds the owner token and the genesis role.
+/// newest any reporting member held), and who gets its tokens: one each to the staying
+/// members that had the object (they use it; a member that never opened it, or a joiner, may
+/// not be running yet, and a token there would wait for it), the lowest of them with the owner
+/// token; an object a staying member held for an `update` wholly to that member, so the update
+/// goes on; an object only removed members had, wholly to the lowest staying member. The
+/// lowest-id member takes the genesis role. Every member learns every value, so a later read
+/// request names the version it has and the owner sends no data.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub struct Plan {
     /// The value each object has in the new epoch; an object missing here exists nowhere.
     pub values: BTreeMap<Arc<str>, Value>,
+    /// Who gets one token of each object (the first one also the owner token).
+    pub tokens: BTreeMap<Arc<str>, BTreeSet<NodeId>>,
 }
 
 /// A local write waiting for all tokens: with bytes it is applied at once, without it locks.
@@ -318,6 +330,9 @@ struct Object {
     writers: VecDeque<PendingWrite>,
     /// A granted write holds the object until [`Protocol::commit`].
     locked: Option<OpId>,
+    /// The lock was committed while this node was frozen: its write waits, first in line,
+    /// for the next epoch, and the object is still held for it.
+    committed_frozen: bool,
     /// A write was applied that the write policy has not acted on yet.
     unshared_write: bool,
     /// The last update this node pushed after a write (Update policy).
@@ -420,12 +435,28 @@ impl Protocol {
         }
     }
 
-    /// Makes every write wait until `copies` other members hold its value before it is
-    /// applied and returns, so a write that returned survives its writer's crash (with views).
-    /// The node keeps every token of the object meanwhile; reads there see the previous value.
+    /// Makes every write wait until `copies` other members (or every other member, if fewer)
+    /// hold its value before it is applied and returns, so a write that returned survives its
+    /// writer's crash (with views). The node keeps every token of the object meanwhile; reads
+    /// there see the previous value.
     pub fn with_durability(mut self, copies: u32) -> Self {
         self.durability = copies;
         self
+    }
+
+    /// Copies a write waits for now: the durability, or the other members if fewer (a copy
+    /// needs a member to hold it; with none, nothing could survive this node anyway).
+    fn copies_needed(&self) -> usize {
+        (self.durability as usize).min(self.members.len())
+    }
+
+    /// Whether `op` is a write still to be applied (waiting for copies, or committed while
+    /// frozen): it completes with an event.
+    pub fn completes_later(&self, op: OpId) -> bool {
+        self.objects.values().any(|o| {
+            o.replicating.as_ref().is_some_and(|r| r.op == op)
+                || o.writers.iter().any(|w| w.op == op && w.bytes.is_some())
+        })
     }
 
     /// Whether this node promised a view change and waits for the next view.
@@ -601,29 +632,32 @@ impl Protocol {
     /// Ends the lock of a granted operation, writing `bytes` if given. Returns the version now
     /// held, or `None` if `op` holds no lock.
     ///
-    /// With durability, a write is applied once enough members hold a copy: the returned
-    /// version is the one it will have, and [`Event::Completed`] with [`Outcome::Written`]
-    /// follows (or [`Outcome::Interrupted`] if a view change decided without it). A node that
-    /// froze for a view change while the lock was held writes nothing: the operation completes
-    /// as [`Outcome::Interrupted`] and `None` is returned.
+    /// With durability, a write is applied once enough members hold a copy, and a node that
+    /// froze for a view change while the lock was held applies it in the next epoch: then the
+    /// returned version is the one it will have, and [`Event::Completed`] with
+    /// [`Outcome::Written`] follows ([`Protocol::completes_later`] tells). A view change keeps
+    /// a lock with its holder.
     pub fn commit(&mut self, op: OpId, bytes: Option<Bytes>) -> Option<u64> {
         let name = self.find_lock(op)?;
+        let needed = self.copies_needed();
         let o = self.objects.get_mut(&name).expect("found above");
         o.locked = None;
         let version = match bytes {
-            Some(_) if self.frozen => {
-                self.completions.push_back(Event::Completed {
-                    op,
-                    outcome: Outcome::Interrupted,
-                });
-                None
+            Some(bytes) if self.frozen => {
+                // Applied in the next epoch, where the plan leaves the object with this node
+                // (it reported it held); first in line, so nothing comes in between.
+                let version = o.current().version + 1;
+                let bytes = Some(bytes);
+                o.writers.push_front(PendingWrite { op, bytes });
+                o.committed_frozen = true;
+                Some(version)
             }
-            Some(bytes) if self.durability > 0 => Some(start_replicating(
+            Some(bytes) if needed > 0 => Some(start_replicating(
                 &name,
                 o,
                 op,
                 bytes,
-                &self.members,
+                (&self.members, needed),
                 &mut self.sends,
             )),
             Some(bytes) => Some(apply_write(o, bytes)),
@@ -733,7 +767,6 @@ impl Protocol {
                 names.push(Arc::clone(name));
             }
         }
-        let total = view.members.len() as u32;
         for name in &names {
             let o = self.objects.get_mut(name).expect("listed");
             let planned = plan.values.get(name);
@@ -748,8 +781,16 @@ impl Protocol {
                 let op = pending.op;
                 self.completions.push_back(Event::Completed { op, outcome });
             }
-            if let Some(op) = o.locked.take() {
-                let outcome = Outcome::Interrupted;
+            let receivers = plan.tokens.get(name);
+            let receives = member && receivers.is_some_and(|r| r.contains(&self.id));
+            let keeps = receives && receivers.is_some_and(|r| r.len() == 1);
+            let lock = o.locked.take();
+            if let Some(op) = lock.filter(|_| !keeps) {
+                let outcome = if member {
+                    Outcome::Interrupted
+                } else {
+                    Outcome::Removed
+                };
                 self.completions.push_back(Event::Completed { op, outcome });
             }
             let mut waiting = Object {
@@ -757,6 +798,7 @@ impl Protocol {
                 openers: std::mem::take(&mut o.openers),
                 writers: std::mem::take(&mut o.writers),
                 published: o.published,
+                locked: lock.filter(|_| keeps),
                 ..Object::default()
             };
             if !member {
@@ -770,12 +812,18 @@ impl Protocol {
                     self.completions.push_back(Event::Completed { op, outcome });
                 }
             } else if let Some(value) = planned {
-                waiting.tokens = 1;
-                waiting.total = total;
-                waiting.owner = self.genesis;
                 waiting.value = Some(value.clone());
-                waiting.valid = true;
-                waiting.interested = self.members.clone();
+                if let Some(receivers) = receivers.filter(|_| receives) {
+                    waiting.tokens = 1;
+                    waiting.total = receivers.len() as u32;
+                    waiting.owner = receivers.iter().next() == Some(&self.id);
+                    waiting.valid = true;
+                    waiting.interested = receivers
+                        .iter()
+                        .copied()
+                        .filter(|&n| n != self.id)
+                        .collect();
+                }
             }
             *o = waiting;
         }
@@ -899,7 +947,6 @@ impl Protocol {
                 ));
             }
             Message::Replicated { object, version } => {
-                let durability = self.durability as usize;
                 let Some(o) = self.objects.get_mut(&object) else {
                     return Ok(());
                 };
@@ -912,7 +959,7 @@ impl Protocol {
                     return Ok(());
                 };
                 pending.copies.insert(from);
-                if pending.copies.len() >= durability {
+                if pending.copies.len() >= pending.needed {
                     let Replicating { op, value, .. } = o.replicating.take().expect("checked");
                     let version = value.version;
                     o.value = Some(value);
@@ -1078,6 +1125,7 @@ impl Protocol {
     /// A node holding every token applies its queued writes at once; the tokens go on to other
     /// requests in the same step, so that overtakes by at most one batch.
     fn complete_local(&mut self, name: &Arc<str>) -> bool {
+        let needed = self.copies_needed();
         let o = self.objects.get_mut(name).expect("stepped objects exist");
         if !o.readable() {
             return false;
@@ -1113,9 +1161,10 @@ impl Protocol {
                 mine.spent = true;
             }
             let outcome = match pending.bytes {
-                Some(bytes) if self.durability > 0 => {
+                Some(bytes) if needed > 0 => {
                     // Completes when enough copies are acknowledged.
-                    start_replicating(name, o, pending.op, bytes, &self.members, &mut self.sends);
+                    let copies = (&self.members, needed);
+                    start_replicating(name, o, pending.op, bytes, copies, &mut self.sends);
                     continue;
                 }
                 Some(bytes) => Outcome::Written {
@@ -1389,24 +1438,58 @@ impl Recreation<Report, Plan> for Protocol {
                 Some((Arc::clone(name), newest.clone()))
             })
             .collect();
+        let held = self
+            .objects
+            .iter()
+            .filter(|(_, o)| o.locked.is_some() || o.committed_frozen)
+            .map(|(name, _)| Arc::clone(name))
+            .collect();
         self.freeze();
-        Report { values }
+        Report { values, held }
     }
 
     /// Each object's newest reported value. Versions grow by one per write and only the holder
     /// of every token writes, so within an epoch one version names one value; a write that
     /// returned is on `durability + 1` nodes, so it is in the reports unless all of them failed.
-    fn plan(&self, _view: &View, reports: &BTreeMap<NodeId, Report>) -> Plan {
+    fn plan(
+        &self,
+        _view: &View,
+        members: &BTreeSet<NodeId>,
+        reports: &BTreeMap<NodeId, Report>,
+    ) -> Plan {
         let mut values: BTreeMap<Arc<str>, Value> = BTreeMap::new();
-        for report in reports.values() {
+        let mut users: BTreeMap<Arc<str>, BTreeSet<NodeId>> = BTreeMap::new();
+        let mut held: BTreeMap<Arc<str>, NodeId> = BTreeMap::new();
+        for (&reporter, report) in reports {
+            let stays = members.contains(&reporter);
             for (name, value) in &report.values {
                 let newer = values.get(name).is_none_or(|v| v.version < value.version);
                 if newer {
                     values.insert(Arc::clone(name), value.clone());
                 }
+                if stays {
+                    users.entry(Arc::clone(name)).or_default().insert(reporter);
+                }
+            }
+            if stays {
+                for name in &report.held {
+                    held.insert(Arc::clone(name), reporter);
+                }
             }
         }
-        Plan { values }
+        let first = members.iter().next().copied();
+        let tokens = values
+            .keys()
+            .filter_map(|name| {
+                let to = match (held.get(name), users.remove(name)) {
+                    (Some(&holder), _) => BTreeSet::from([holder]),
+                    (None, Some(users)) => users,
+                    (None, None) => BTreeSet::from([first?]),
+                };
+                Some((Arc::clone(name), to))
+            })
+            .collect();
+        Plan { values, tokens }
     }
 }
 
@@ -1530,7 +1613,7 @@ fn start_replicating(
     o: &mut Object,
     op: OpId,
     bytes: Bytes,
-    members: &BTreeSet<NodeId>,
+    (members, needed): (&BTreeSet<NodeId>, usize),
     sends: &mut VecDeque<(NodeId, Message)>,
 ) -> u64 {
     debug_assert_eq!(o.tokens, o.total, "writes need every token");
@@ -1550,6 +1633,7 @@ fn start_replicating(
         op,
         value,
         copies: BTreeSet::new(),
+        needed,
     });
     version
 }
@@ -1806,19 +1890,22 @@ mod tests {
         assert!(p1.is_frozen() && p2.is_frozen());
         p2.read(3, "x");
         assert!(sends(&mut p2).is_empty(), "a frozen node asks nobody");
-        let plan = p1.plan(&view, &reports);
+        let plan = p1.plan(&view, &view.members, &reports);
         assert_eq!(plan.values["x"].version, 1);
         p1.install(&view, &plan);
         p2.install(&view, &plan);
-        for p in [&p1, &p2] {
-            let v = p.token_view("x").unwrap();
-            assert_eq!(
-                (v.tokens, v.total, v.readable, v.version),
-                (1, 2, true, Some(1))
-            );
-            assert_eq!(v.owner, p.id() == 1);
-            assert_eq!(p.is_genesis(), p.id() == 1);
-        }
+        // Node 1 had the object: every token is its. Node 2 never opened it: it knows the
+        // value, and asks for a token in the new epoch.
+        let v1 = p1.token_view("x").unwrap();
+        assert_eq!(
+            (v1.tokens, v1.total, v1.owner, v1.readable),
+            (1, 1, true, true)
+        );
+        assert_eq!(v1.version, Some(1));
+        assert!(p1.is_genesis() && !p2.is_genesis());
+        assert_eq!(p2.token_view("x").unwrap().tokens, 0);
+        assert!(route(&mut p2, &mut [&mut p1]).is_empty());
+        route(&mut p1, &mut [&mut p2]);
         assert_eq!(p2.readable_value("x").unwrap().bytes, bytes(7));
         assert_eq!(
             completions(&mut p2),

@@ -83,6 +83,20 @@ pub trait Transport: Send + Sync + 'static {
         1
     }
 
+    /// Whether this node joins a cluster that already runs (rather than founding one with
+    /// the peers it knows at start): it becomes a member when the members' view change takes
+    /// it in, which they start when their transports report it [`TransportEvent::Joined`].
+    fn joins_running_cluster(&self) -> bool {
+        false
+    }
+
+    /// Whether the members of this cluster fail together (threads of one process, ranks of
+    /// one MPI job, which ends when one rank dies): then no write needs copies to survive a
+    /// crash, and [`crate::Config::durability`] defaults to 0.
+    fn members_fail_together(&self) -> bool {
+        false
+    }
+
     /// Waits up to `timeout` for the next event; `Ok(None)` when none came in time.
     fn recv(&self, timeout: Duration) -> Result<Option<TransportEvent>, TransportError>;
 
@@ -113,6 +127,14 @@ macro_rules! forward_transport {
 
             fn colocated_processes(&self) -> usize {
                 (**self).colocated_processes()
+            }
+
+            fn joins_running_cluster(&self) -> bool {
+                (**self).joins_running_cluster()
+            }
+
+            fn members_fail_together(&self) -> bool {
+                (**self).members_fail_together()
             }
 
             fn recv(&self, timeout: Duration) -> Result<Option<TransportEvent>, TransportError> {

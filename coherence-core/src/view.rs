@@ -148,8 +148,9 @@ pub enum ViewOutput<R, P> {
 pub trait Recreation<R, P> {
     /// This node's report; from now on it does not act in the current epoch.
     fn report(&mut self) -> R;
-    /// The plan for the view after `view`, from the reports of a majority of its members.
-    fn plan(&self, view: &View, reports: &BTreeMap<NodeId, R>) -> P;
+    /// The plan for the view after `view`, whose members will be `members`, from the reports
+    /// of a majority of `view`'s members.
+    fn plan(&self, view: &View, members: &BTreeSet<NodeId>, reports: &BTreeMap<NodeId, R>) -> P;
 }
 
 /// A proposal accepted, with the ballot it was accepted in.
@@ -467,7 +468,7 @@ where
                 .collect();
             Proposal {
                 members: proposing.members.clone(),
-                plan: node.plan(&self.current, &reports),
+                plan: node.plan(&self.current, &proposing.members, &reports),
             }
         });
         proposing.phase = Phase::Accepting {
@@ -571,7 +572,12 @@ mod tests {
             self.0
         }
 
-        fn plan(&self, _: &View, reports: &BTreeMap<NodeId, NodeId>) -> Vec<NodeId> {
+        fn plan(
+            &self,
+            _: &View,
+            _: &BTreeSet<NodeId>,
+            reports: &BTreeMap<NodeId, NodeId>,
+        ) -> Vec<NodeId> {
             reports.values().copied().collect()
         }
     }

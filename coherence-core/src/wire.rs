@@ -1,10 +1,12 @@
 //! Wire messages and their versioned codec.
 //!
-//! A frame is one protocol-version byte followed by a MessagePack array of [`Message`]s. The
-//! driver batches everything one step sends to the same peer into one frame. Each message is a
-//! MessagePack array: an integer tag (`TAG_*`), then the message's fields in declaration order,
-//! with [`RequestId`]s flattened, [`Init`] and [`Value`] as nested arrays, absent options as nil
-//! and value bytes as MessagePack binary.
+//! A frame is one protocol-version byte, the sender's epoch (a MessagePack integer: every
+//! message in the frame belongs to it, see [`crate::member`]) and a MessagePack array of
+//! [`Traffic`]. The driver batches everything one step sends to the same peer in one epoch into
+//! one frame. Each message is a MessagePack array: an integer tag (`TAG_*`), then the message's
+//! fields in declaration order, with [`RequestId`]s and [`Ballot`]s flattened, [`Init`],
+//! [`Value`] and proposals as nested arrays, reports and plans as arrays of name-value pairs,
+//! absent options as nil and value bytes as MessagePack binary.
 //!
 //! The codec is written by hand over `rmp` (the MessagePack layer rmp-serde is built on) rather
 //! than derived with serde: every write crosses the wire twice, and rmp-serde's derived decoding
@@ -12,15 +14,38 @@
 //! then a generic visitor per field) against about 150 here. User values stay serde +
 //! rmp-serde. A decoded value's bytes share the frame's buffer instead of being copied.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::protocol::{Plan, Report};
 use crate::transport::NodeId;
+use crate::view::{Ballot, Epoch, Proposal, ViewMessage};
 
 /// Version of the wire format; a frame with another version is rejected.
-pub const PROTOCOL_VERSION: u8 = 3;
+pub const PROTOCOL_VERSION: u8 = 4;
+
+/// A message of the view change, carrying reports and the token recreation plan.
+pub type ViewChange = ViewMessage<Report, Plan>;
+
+/// What one member sends another.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Traffic {
+    /// Token protocol, valid only within the sender's epoch.
+    Token(Message),
+    /// View change, which names its own epoch.
+    View(ViewChange),
+}
+
+/// A message stamped with the epoch its sender was in when it sent it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Envelope {
+    /// The sender's epoch.
+    pub epoch: Epoch,
+    /// The message.
+    pub traffic: Traffic,
+}
 
 /// Identifies one request: its Lamport timestamp, then its node. Lower sorts first and has
 /// priority, so every node orders the same requests the same way.
@@ -149,6 +174,12 @@ const TAG_LEAVE_ACK: u8 = 4;
 const TAG_GENESIS: u8 = 5;
 const TAG_REPLICATE: u8 = 6;
 const TAG_REPLICATED: u8 = 7;
+const TAG_PREPARE: u8 = 8;
+const TAG_PROMISE: u8 = 9;
+const TAG_ACCEPT: u8 = 10;
+const TAG_ACCEPTED: u8 = 11;
+const TAG_REFUSED: u8 = 12;
+const TAG_DECIDED: u8 = 13;
 
 const ACCESS_READ: u8 = 0;
 const ACCESS_WRITE: u8 = 1;
@@ -175,30 +206,34 @@ pub enum DecodeError {
     },
 }
 
-/// Encodes messages into one frame.
-pub fn encode<'a, I>(messages: I) -> Vec<u8>
+/// Encodes messages of `epoch` into one frame.
+pub fn encode<'a, I>(epoch: Epoch, messages: I) -> Vec<u8>
 where
-    I: IntoIterator<Item = &'a Message>,
+    I: IntoIterator<Item = &'a Traffic>,
     I::IntoIter: ExactSizeIterator,
 {
     let messages = messages.into_iter();
     // Room for a small frame, so it is not regrown byte by byte.
     let mut w = Vec::with_capacity(128);
     w.push(PROTOCOL_VERSION);
+    uint(&mut w, epoch);
     array_len(&mut w, messages.len());
     for message in messages {
-        encode_message(&mut w, message);
+        match message {
+            Traffic::Token(message) => encode_message(&mut w, message),
+            Traffic::View(message) => encode_view(&mut w, message),
+        }
     }
     w
 }
 
 /// Sorts `outbox` by destination and yields one batch per destination, each in the order it
-/// was produced (the sort is stable): each batch is one frame, so per-pair order holds.
+/// was produced (the sort is stable): per-pair order holds.
 pub fn batches_by_destination(
-    outbox: &mut [(NodeId, Message)],
-) -> impl Iterator<Item = &[(NodeId, Message)]> {
+    outbox: &mut [(NodeId, Envelope)],
+) -> impl Iterator<Item = &[(NodeId, Envelope)]> {
     outbox.sort_by_key(|(to, _)| *to);
-    let outbox: &[(NodeId, Message)] = outbox;
+    let outbox: &[(NodeId, Envelope)] = outbox;
     outbox.chunk_by(|a, b| a.0 == b.0)
 }
 
@@ -217,8 +252,49 @@ pub fn max_value_len(max_frame: usize, object: &str, type_name: &str) -> usize {
     )
 }
 
-/// An upper bound on `message`'s encoded size.
-fn size_bound(message: &Message) -> usize {
+/// An upper bound on the encoded size of `values` (a report's or a plan's).
+fn values_bound(values: &BTreeMap<Arc<str>, Value>) -> usize {
+    values
+        .iter()
+        .map(|(name, v)| MESSAGE_FIXED_BOUND + name.len() + v.type_name.len() + v.bytes.len())
+        .sum()
+}
+
+/// An upper bound on the encoded size of a view change message.
+fn view_size_bound(message: &ViewChange) -> usize {
+    let names = |names: &mut dyn Iterator<Item = &Arc<str>>| -> usize {
+        names.map(|name| name.len() + 16).sum()
+    };
+    let proposal_bound = |p: &Proposal<Plan>| {
+        p.members.len() * 9
+            + values_bound(&p.plan.values)
+            + names(&mut p.plan.tokens.keys())
+            + p.plan.tokens.values().map(|r| r.len() * 9).sum::<usize>()
+    };
+    MESSAGE_FIXED_BOUND
+        + match message {
+            ViewMessage::Promise {
+                accepted, report, ..
+            } => {
+                accepted.as_ref().map_or(0, |(_, p)| proposal_bound(p))
+                    + values_bound(&report.values)
+                    + names(&mut report.held.iter())
+            }
+            ViewMessage::Accept { proposal, .. } | ViewMessage::Decided { proposal, .. } => {
+                proposal_bound(proposal)
+            }
+            ViewMessage::Prepare { .. }
+            | ViewMessage::Accepted { .. }
+            | ViewMessage::Refused { .. } => 0,
+        }
+}
+
+/// An upper bound on `traffic`'s encoded size.
+fn size_bound(traffic: &Traffic) -> usize {
+    let message = match traffic {
+        Traffic::Token(message) => message,
+        Traffic::View(message) => return view_size_bound(message),
+    };
     let payload = match message {
         Message::Request(r) => {
             r.object.len()
@@ -243,13 +319,14 @@ fn size_bound(message: &Message) -> usize {
     MESSAGE_FIXED_BOUND + payload
 }
 
-/// Splits one destination's messages, in order, into runs that each encode to at most
-/// `max_frame` bytes: the whole batch unless large values are on the way (a leave hands every
-/// object to one heir in one step). A message too large on its own gets a run of its own.
+/// Splits one destination's messages, in order, into runs of one epoch that each encode to at
+/// most `max_frame` bytes: the whole batch unless large values are on the way (a view change
+/// reports every object) or a view was installed within the step. A message too large on its
+/// own gets a run of its own.
 pub fn frame_runs(
-    batch: &[(NodeId, Message)],
+    batch: &[(NodeId, Envelope)],
     max_frame: usize,
-) -> impl Iterator<Item = &[(NodeId, Message)]> {
+) -> impl Iterator<Item = &[(NodeId, Envelope)]> {
     let mut rest = batch;
     std::iter::from_fn(move || {
         if rest.is_empty() {
@@ -257,9 +334,10 @@ pub fn frame_runs(
         }
         let mut size = FRAME_HEADER_BOUND;
         let mut end = 0;
-        while let Some((_, message)) = rest.get(end) {
-            let next = size_bound(message);
-            if end > 0 && size.saturating_add(next) > max_frame {
+        while let Some((_, envelope)) = rest.get(end) {
+            let next = size_bound(&envelope.traffic);
+            let same_epoch = envelope.epoch == rest[0].1.epoch;
+            if end > 0 && (!same_epoch || size.saturating_add(next) > max_frame) {
                 break;
             }
             size = size.saturating_add(next);
@@ -381,21 +459,124 @@ fn write_value(w: &mut Vec<u8>, value: &Value) {
     binary(w, &value.bytes);
 }
 
-/// Decodes a frame made by [`encode`]. Value bytes are slices of `frame`, not copies.
-pub fn decode(frame: Bytes) -> Result<Vec<Message>, DecodeError> {
+fn write_values(w: &mut Vec<u8>, values: &BTreeMap<Arc<str>, Value>) {
+    array_len(w, values.len());
+    for (name, value) in values {
+        array_len(w, 2);
+        text(w, name);
+        write_value(w, value);
+    }
+}
+
+fn write_proposal(w: &mut Vec<u8>, proposal: &Proposal<Plan>) {
+    array_len(w, 3);
+    array_len(w, proposal.members.len());
+    for &member in &proposal.members {
+        uint(w, member.into());
+    }
+    write_values(w, &proposal.plan.values);
+    array_len(w, proposal.plan.tokens.len());
+    for (name, receivers) in &proposal.plan.tokens {
+        array_len(w, 2);
+        text(w, name);
+        array_len(w, receivers.len());
+        for &receiver in receivers {
+            uint(w, receiver.into());
+        }
+    }
+}
+
+fn write_report(w: &mut Vec<u8>, report: &Report) {
+    array_len(w, 2);
+    write_values(w, &report.values);
+    array_len(w, report.held.len());
+    for name in &report.held {
+        text(w, name);
+    }
+}
+
+/// A view message: its tag, its epoch, its ballot flattened (round, node) where it has one,
+/// then its other fields.
+fn encode_view(w: &mut Vec<u8>, message: &ViewChange) {
+    let ballot = |w: &mut Vec<u8>, b: &Ballot| {
+        uint(w, b.round);
+        uint(w, b.node.into());
+    };
+    match message {
+        ViewMessage::Prepare { epoch, ballot: b } => {
+            array_len(w, 4);
+            uint(w, TAG_PREPARE.into());
+            uint(w, *epoch);
+            ballot(w, b);
+        }
+        ViewMessage::Promise {
+            epoch,
+            ballot: b,
+            accepted,
+            report,
+        } => {
+            array_len(w, 6);
+            uint(w, TAG_PROMISE.into());
+            uint(w, *epoch);
+            ballot(w, b);
+            match accepted {
+                Some((accepted, proposal)) => {
+                    array_len(w, 3);
+                    ballot(w, accepted);
+                    write_proposal(w, proposal);
+                }
+                None => rmp::encode::write_nil(w).expect("writing to a Vec"),
+            }
+            write_report(w, report);
+        }
+        ViewMessage::Accept {
+            epoch,
+            ballot: b,
+            proposal,
+        } => {
+            array_len(w, 5);
+            uint(w, TAG_ACCEPT.into());
+            uint(w, *epoch);
+            ballot(w, b);
+            write_proposal(w, proposal);
+        }
+        ViewMessage::Accepted { epoch, ballot: b } => {
+            array_len(w, 4);
+            uint(w, TAG_ACCEPTED.into());
+            uint(w, *epoch);
+            ballot(w, b);
+        }
+        ViewMessage::Refused { epoch, promised } => {
+            array_len(w, 4);
+            uint(w, TAG_REFUSED.into());
+            uint(w, *epoch);
+            ballot(w, promised);
+        }
+        ViewMessage::Decided { epoch, proposal } => {
+            array_len(w, 3);
+            uint(w, TAG_DECIDED.into());
+            uint(w, *epoch);
+            write_proposal(w, proposal);
+        }
+    }
+}
+
+/// Decodes a frame made by [`encode`]: its epoch and messages. Value bytes are slices of
+/// `frame`, not copies.
+pub fn decode(frame: Bytes) -> Result<(Epoch, Vec<Traffic>), DecodeError> {
     let mut messages = Vec::new();
-    decode_into(frame, &mut messages, |_| None)?;
-    Ok(messages)
+    let epoch = decode_into(frame, &mut messages, |_| None)?;
+    Ok((epoch, messages))
 }
 
 /// [`decode`] into `messages` (cleared first, so a caller can reuse one buffer), taking object
 /// names from `known` where it has them: a name this node already uses is shared, not
-/// allocated again. On error `messages` is left empty.
+/// allocated again. Returns the frame's epoch. On error `messages` is left empty.
 pub fn decode_into(
     frame: Bytes,
-    messages: &mut Vec<Message>,
+    messages: &mut Vec<Traffic>,
     known: impl Fn(&str) -> Option<Arc<str>>,
-) -> Result<(), DecodeError> {
+) -> Result<Epoch, DecodeError> {
     messages.clear();
     let (&version, _) = frame.split_first().ok_or(DecodeError::Empty)?;
     if version != PROTOCOL_VERSION {
@@ -406,7 +587,9 @@ pub fn decode_into(
         frame: &frame,
         known: &known,
     };
-    let decoded = d.messages(messages);
+    let decoded = d
+        .uint("the frame's epoch")
+        .and_then(|epoch| d.messages(messages).map(|()| epoch));
     if decoded.is_err() {
         messages.clear();
     }
@@ -422,12 +605,12 @@ struct Decoder<'a> {
 }
 
 impl<'a> Decoder<'a> {
-    fn messages(&mut self, messages: &mut Vec<Message>) -> Result<(), DecodeError> {
+    fn messages(&mut self, messages: &mut Vec<Traffic>) -> Result<(), DecodeError> {
         let count = self.array_len("the message list")?;
         // Every message takes at least two bytes, so a forged count cannot reserve much.
         messages.reserve((count as usize).min(self.rest.len() / 2));
         for _ in 0..count {
-            messages.push(self.message()?);
+            messages.push(self.traffic()?);
         }
         if !self.rest.is_empty() {
             return Err(self.malformed("bytes after the last message".into()));
@@ -546,6 +729,132 @@ impl<'a> Decoder<'a> {
         })
     }
 
+    /// A list whose count says `count` items, each at least `min_item` bytes long: a forged
+    /// count fails at the frame's end before anything large is reserved.
+    fn list<T>(
+        &mut self,
+        what: &str,
+        min_item: usize,
+        mut item: impl FnMut(&mut Self) -> Result<T, DecodeError>,
+    ) -> Result<Vec<T>, DecodeError> {
+        let count = self.array_len(what)? as usize;
+        let mut items = Vec::with_capacity(count.min(self.rest.len() / min_item.max(1)));
+        for _ in 0..count {
+            items.push(item(self)?);
+        }
+        Ok(items)
+    }
+
+    fn values(&mut self, what: &str) -> Result<BTreeMap<Arc<str>, Value>, DecodeError> {
+        let pairs = self.list(what, 6, |d| {
+            d.fields(2, "a name and value")?;
+            Ok((d.text("an object name")?, d.value()?))
+        })?;
+        Ok(pairs.into_iter().collect())
+    }
+
+    fn ballot(&mut self) -> Result<Ballot, DecodeError> {
+        Ok(Ballot {
+            round: self.uint("a ballot's round")?,
+            node: self.uint("a ballot's node")?,
+        })
+    }
+
+    fn proposal(&mut self) -> Result<Proposal<Plan>, DecodeError> {
+        self.fields(3, "a proposal")?;
+        let members = self.list("a proposal's members", 1, |d| d.uint("a member"))?;
+        let values = self.values("a plan")?;
+        let tokens = self.list("a plan's token receivers", 3, |d| {
+            d.fields(2, "a name and its receivers")?;
+            let name = d.text("an object name")?;
+            let receivers = d.list("an object's receivers", 1, |d| d.uint("a receiver"))?;
+            Ok((name, receivers.into_iter().collect()))
+        })?;
+        Ok(Proposal {
+            members: members.into_iter().collect(),
+            plan: Plan {
+                values,
+                tokens: tokens.into_iter().collect(),
+            },
+        })
+    }
+
+    fn report(&mut self) -> Result<Report, DecodeError> {
+        self.fields(2, "a report")?;
+        let values = self.values("a report's values")?;
+        let held = self.list("a report's held objects", 1, |d| d.text("an object name"))?;
+        Ok(Report {
+            values,
+            held: held.into_iter().collect(),
+        })
+    }
+
+    fn traffic(&mut self) -> Result<Traffic, DecodeError> {
+        // Peek at the tag to tell a view message from a token message.
+        let start = self.rest;
+        let _ = self.array_len("a message")?;
+        let tag: u8 = self.uint("a message tag")?;
+        self.rest = start;
+        if tag < TAG_PREPARE {
+            return self.message().map(Traffic::Token);
+        }
+        self.view_message().map(Traffic::View)
+    }
+
+    fn view_message(&mut self) -> Result<ViewChange, DecodeError> {
+        let len = self.array_len("a message")?;
+        let tag_at = self.rest;
+        let tag: u8 = self.uint("a message tag")?;
+        let expected_len = match tag {
+            TAG_PREPARE | TAG_ACCEPTED | TAG_REFUSED => 4,
+            TAG_PROMISE => 6,
+            TAG_ACCEPT => 5,
+            TAG_DECIDED => 3,
+            other => {
+                self.rest = tag_at;
+                return Err(self.malformed(format!("unknown message tag {other}")));
+            }
+        };
+        if len != expected_len {
+            return Err(self.malformed(format!(
+                "message with tag {tag} has {len} fields, expected {expected_len}"
+            )));
+        }
+        let epoch = self.uint("an epoch")?;
+        Ok(match tag {
+            TAG_PREPARE => ViewMessage::Prepare {
+                epoch,
+                ballot: self.ballot()?,
+            },
+            TAG_PROMISE => ViewMessage::Promise {
+                epoch,
+                ballot: self.ballot()?,
+                accepted: self.optional(|d| {
+                    d.fields(3, "an accepted proposal")?;
+                    Ok((d.ballot()?, d.proposal()?))
+                })?,
+                report: self.report()?,
+            },
+            TAG_ACCEPT => ViewMessage::Accept {
+                epoch,
+                ballot: self.ballot()?,
+                proposal: self.proposal()?,
+            },
+            TAG_ACCEPTED => ViewMessage::Accepted {
+                epoch,
+                ballot: self.ballot()?,
+            },
+            TAG_REFUSED => ViewMessage::Refused {
+                epoch,
+                promised: self.ballot()?,
+            },
+            _ => ViewMessage::Decided {
+                epoch,
+                proposal: self.proposal()?,
+            },
+        })
+    }
+
     fn message(&mut self) -> Result<Message, DecodeError> {
         let len = self.array_len("a message")?;
         let tag_at = self.rest;
@@ -637,8 +946,59 @@ impl<'a> Decoder<'a> {
 mod tests {
     use super::*;
 
-    fn every_message() -> Vec<Message> {
-        vec![
+    /// The epoch the tests' frames are stamped with: large enough to take several bytes.
+    const EPOCH: Epoch = 70_000;
+
+    fn every_message() -> Vec<Traffic> {
+        let value = |version, byte| Value {
+            version,
+            type_name: "i64".into(),
+            bytes: Bytes::from(vec![byte; 3]),
+        };
+        let proposal = Proposal {
+            members: [0, 2, NodeId::MAX].into(),
+            plan: Plan {
+                values: [("x".into(), value(4, 1)), ("ÿ".into(), value(0, 2))].into(),
+                tokens: [("x".into(), [2, 0].into())].into(),
+            },
+        };
+        let ballot = Ballot { round: 3, node: 2 };
+        let views = [
+            ViewMessage::Prepare { epoch: 5, ballot },
+            ViewMessage::Promise {
+                epoch: 5,
+                ballot,
+                accepted: Some((Ballot { round: 1, node: 0 }, proposal.clone())),
+                report: Report {
+                    values: [("x".into(), value(9, 3))].into(),
+                    held: ["x".into()].into(),
+                },
+            },
+            ViewMessage::Promise {
+                epoch: u64::MAX,
+                ballot,
+                accepted: None,
+                report: Report::default(),
+            },
+            ViewMessage::Accept {
+                epoch: 5,
+                ballot,
+                proposal: proposal.clone(),
+            },
+            ViewMessage::Accepted { epoch: 5, ballot },
+            ViewMessage::Refused {
+                epoch: 5,
+                promised: ballot,
+            },
+            ViewMessage::Decided {
+                epoch: 5,
+                proposal: Proposal {
+                    members: BTreeSet::new(),
+                    plan: Plan::default(),
+                },
+            },
+        ];
+        let tokens = vec![
             Message::Request(Request {
                 id: RequestId { ts: 7, node: 3 },
                 object: "x".into(),
@@ -705,29 +1065,40 @@ mod tests {
                 object: "x".into(),
                 version: 6,
             },
-        ]
+        ];
+        let tokens = tokens.into_iter().map(Traffic::Token);
+        tokens.chain(views.into_iter().map(Traffic::View)).collect()
     }
 
-    fn decode_vec(frame: Vec<u8>) -> Result<Vec<Message>, DecodeError> {
-        decode(Bytes::from(frame))
+    fn decode_vec(frame: Vec<u8>) -> Result<Vec<Traffic>, DecodeError> {
+        decode(Bytes::from(frame)).map(|(epoch, traffic)| {
+            assert_eq!(epoch, EPOCH);
+            traffic
+        })
     }
 
     #[test]
     fn size_bounds_hold_and_runs_fit_the_frame_limit() {
-        let batch: Vec<(NodeId, Message)> = every_message().into_iter().map(|m| (1, m)).collect();
-        for (_, message) in &batch {
-            let encoded = encode([message]).len();
+        let batch: Vec<(NodeId, Envelope)> = every_message()
+            .into_iter()
+            .map(|traffic| {
+                let epoch = EPOCH;
+                (1, Envelope { epoch, traffic })
+            })
+            .collect();
+        for (_, envelope) in &batch {
+            let encoded = encode(EPOCH, [&envelope.traffic]).len();
             assert!(
-                encoded <= FRAME_HEADER_BOUND + size_bound(message),
-                "{message:?}"
+                encoded <= FRAME_HEADER_BOUND + size_bound(&envelope.traffic),
+                "{envelope:?}"
             );
         }
         for max_frame in [0, 100, 300, 4300, usize::MAX] {
-            let runs: Vec<&[(NodeId, Message)]> = frame_runs(&batch, max_frame).collect();
-            let rejoined: Vec<(NodeId, Message)> = runs.concat();
+            let runs: Vec<&[(NodeId, Envelope)]> = frame_runs(&batch, max_frame).collect();
+            let rejoined: Vec<(NodeId, Envelope)> = runs.concat();
             assert_eq!(rejoined, batch, "order and content kept at {max_frame}");
             for run in &runs {
-                let encoded = encode(run.iter().map(|(_, m)| m)).len();
+                let encoded = encode(EPOCH, run.iter().map(|(_, e)| &e.traffic)).len();
                 assert!(
                     encoded <= max_frame || run.len() == 1,
                     "a run of {} messages encodes to {encoded} > {max_frame}",
@@ -742,34 +1113,42 @@ mod tests {
             assert_eq!(runs.len(), expected_runs);
         }
         assert!(frame_runs(&[], 10).next().is_none());
+        // A view installed within a step: the messages of each epoch go in frames of their own.
+        let mut mixed = batch[..3].to_vec();
+        mixed[1].1.epoch = EPOCH + 1;
+        let runs: Vec<&[(NodeId, Envelope)]> = frame_runs(&mixed, usize::MAX).collect();
+        assert_eq!(runs.iter().map(|r| r.len()).collect::<Vec<_>>(), [1, 1, 1]);
     }
 
     #[test]
     fn round_trip_keeps_every_message() {
         let messages = every_message();
-        assert_eq!(decode_vec(encode(&messages)).unwrap(), messages);
-        assert_eq!(decode_vec(encode(&[])).unwrap(), vec![]);
+        assert_eq!(decode_vec(encode(EPOCH, &messages)).unwrap(), messages);
+        assert_eq!(decode_vec(encode(EPOCH, &[])).unwrap(), vec![]);
     }
 
     #[test]
     fn payload_is_encoded_as_binary_and_decoded_without_a_copy() {
         let big = Bytes::from(vec![0xABu8; 4096]);
-        let frame = Bytes::from(encode(&[Message::Grant(Grant {
-            object: "o".into(),
-            count: 1,
-            owner: false,
-            total: 1,
-            version: None,
-            value: Some(Value {
-                version: 0,
-                type_name: "".into(),
-                bytes: big.clone(),
-            }),
-            for_request: false,
-        })]));
+        let frame = Bytes::from(encode(
+            EPOCH,
+            &[Traffic::Token(Message::Grant(Grant {
+                object: "o".into(),
+                count: 1,
+                owner: false,
+                total: 1,
+                version: None,
+                value: Some(Value {
+                    version: 0,
+                    type_name: "".into(),
+                    bytes: big.clone(),
+                }),
+                for_request: false,
+            }))],
+        ));
         // As an array, each byte >= 0x80 would take two bytes on the wire.
         assert!(frame.len() < 4096 + 64, "frame is {} bytes", frame.len());
-        let [Message::Grant(grant)] = &decode(frame.clone()).unwrap()[..] else {
+        let [Traffic::Token(Message::Grant(grant))] = &decode(frame.clone()).unwrap().1[..] else {
             panic!("one grant expected");
         };
         let bytes = &grant.value.as_ref().unwrap().bytes;
@@ -779,7 +1158,7 @@ mod tests {
     }
 
     fn malformed(frame: Vec<u8>) -> (usize, String) {
-        match decode_vec(frame) {
+        match decode(Bytes::from(frame)) {
             Err(DecodeError::Malformed { offset, reason }) => (offset, reason),
             other => panic!("expected a malformed frame, got {other:?}"),
         }
@@ -789,48 +1168,70 @@ mod tests {
     fn bad_frames_are_errors_that_say_what_was_wrong() {
         assert!(matches!(decode_vec(vec![]), Err(DecodeError::Empty)));
         assert!(matches!(
-            decode_vec(vec![99, 0x90]),
+            decode_vec(vec![99, 0, 0x90]),
             Err(DecodeError::Version { found: 99 })
         ));
+        // Version, then epoch 0, then the messages.
+        const V: u8 = PROTOCOL_VERSION;
         assert_eq!(
-            malformed(vec![PROTOCOL_VERSION, 0xc1, 0xff]),
-            (1, "expected the message list".into())
+            malformed(vec![V, 0xc1]),
+            (1, "expected the frame's epoch".into())
         );
-        // [[9]]: a message with an unknown tag.
         assert_eq!(
-            malformed(vec![PROTOCOL_VERSION, 0x91, 0x91, 9]),
-            (3, "unknown message tag 9".into())
+            malformed(vec![V, 0, 0xc1, 0xff]),
+            (2, "expected the message list".into())
+        );
+        // [[99]]: a message with an unknown tag.
+        assert_eq!(
+            malformed(vec![V, 0, 0x91, 0x91, 99]),
+            (4, "unknown message tag 99".into())
         );
         // [[3, 0]]: Leaving with a field too many.
         assert_eq!(
-            malformed(vec![PROTOCOL_VERSION, 0x91, 0x92, 3, 0]).1,
+            malformed(vec![V, 0, 0x91, 0x92, 3, 0]).1,
             "message with tag 3 has 2 fields, expected 1"
         );
         // [[3]] followed by a stray byte.
         assert_eq!(
-            malformed(vec![PROTOCOL_VERSION, 0x91, 0x91, 3, 0]),
-            (4, "bytes after the last message".into())
+            malformed(vec![V, 0, 0x91, 0x91, 3, 0]),
+            (5, "bytes after the last message".into())
         );
         // A Done whose node id does not fit in a NodeId.
-        let mut frame = vec![PROTOCOL_VERSION, 0x91, 0x94, TAG_DONE, 0xa1, b'x', 1];
+        let mut frame = vec![V, 0, 0x91, 0x94, TAG_DONE, 0xa1, b'x', 1];
         frame.push(0xcf);
         frame.extend_from_slice(&u64::MAX.to_be_bytes());
         assert!(malformed(frame)
             .1
             .starts_with("a request's node out of range"));
         // A Done whose object name is not UTF-8.
-        let frame = vec![PROTOCOL_VERSION, 0x91, 0x94, TAG_DONE, 0xa1, 0xff, 1, 1];
+        let frame = vec![V, 0, 0x91, 0x94, TAG_DONE, 0xa1, 0xff, 1, 1];
         assert_eq!(malformed(frame).1, "an object name is not UTF-8");
         // A list that claims more messages than the frame holds.
         assert_eq!(
-            malformed(vec![PROTOCOL_VERSION, 0xdd, 0xff, 0xff, 0xff, 0xff]).1,
+            malformed(vec![V, 0, 0xdd, 0xff, 0xff, 0xff, 0xff]).1,
             "expected a message"
         );
+        // A Decided whose member list claims more members than the frame holds.
+        let frame = vec![
+            V,
+            0,
+            0x91,
+            0x93,
+            TAG_DECIDED,
+            0,
+            0x93,
+            0xdd,
+            0xff,
+            0xff,
+            0xff,
+            0xff,
+        ];
+        assert_eq!(malformed(frame).1, "expected a member");
     }
 
     #[test]
     fn every_truncation_and_corruption_is_an_error_not_a_panic() {
-        let frame = encode(&every_message());
+        let frame = encode(EPOCH, &every_message());
         for len in 0..frame.len() {
             assert!(decode_vec(frame[..len].to_vec()).is_err(), "cut at {len}");
         }
@@ -840,7 +1241,7 @@ mod tests {
             for byte in [0x00, 0x7f, 0xc0, 0xc1, 0xcf, 0xdb, 0xdd, 0xff] {
                 let mut corrupt = frame.clone();
                 corrupt[at] = byte;
-                let _ = decode_vec(corrupt);
+                let _ = decode(Bytes::from(corrupt));
             }
         }
     }

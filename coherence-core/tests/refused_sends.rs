@@ -3,8 +3,8 @@
 //!   peer is silent for `lost_after`): sends to it then fail with `UnknownPeer`, and the tokens
 //!   in such a frame must stay with the sender.
 //! - A transport has a frame limit (`Transport::max_frame`, ZeroMQ's `max_frame` say): a value
-//!   too large for it is refused before any token moves, and several values for one peer
-//!   travel in as many frames as they need.
+//!   too large for it is refused before any token moves. (Several messages for one peer
+//!   travel in as many frames as they need: `wire::frame_runs`, tested in the core.)
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -102,24 +102,6 @@ fn a_value_too_large_for_a_frame_is_refused_before_anything_moves() {
     assert_eq!(*x0.read().unwrap(), vec![2u8; 100]);
     node1.shutdown().unwrap();
     node0.shutdown().unwrap();
-}
-
-#[test]
-fn values_for_one_peer_are_split_over_frames_that_fit() {
-    let (node0, node1) = two_nodes();
-    let value = |byte: u8| vec![byte; 600];
-    let a0 = node0.object("a", value(0)).unwrap();
-    let b0 = node0.object("b", value(0)).unwrap();
-    let a1 = node1.object("a", value(0)).unwrap();
-    let b1 = node1.object("b", value(0)).unwrap();
-    // Node 0 gathers every token of both (Invalidate keeps them with the writer)...
-    a0.write(value(1)).unwrap();
-    b0.write(value(2)).unwrap();
-    // ...and its leave hands both values to node 1 in one step: two frames, not one too large.
-    node0.shutdown().unwrap();
-    assert_eq!(*a1.read().unwrap(), value(1));
-    assert_eq!(*b1.read().unwrap(), value(2));
-    node1.shutdown().unwrap();
 }
 
 #[test]

@@ -8,11 +8,12 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let mut messages = Vec::new();
-    if wire::decode_into(Bytes::copy_from_slice(data), &mut messages, |_| None).is_ok() {
-        let again = wire::encode(messages.iter());
+    if let Ok(epoch) = wire::decode_into(Bytes::copy_from_slice(data), &mut messages, |_| None) {
+        let again = wire::encode(epoch, messages.iter());
         let mut decoded = Vec::new();
-        wire::decode_into(Bytes::from(again), &mut decoded, |_| None)
+        let epoch_again = wire::decode_into(Bytes::from(again), &mut decoded, |_| None)
             .expect("a re-encoded frame decodes");
+        assert_eq!(epoch_again, epoch, "the epoch round trips");
         assert_eq!(decoded, messages, "decode and encode round trip");
     } else {
         assert!(messages.is_empty(), "a refused frame yields no message");

@@ -85,6 +85,23 @@ class InsideUpdate(CoherenceError, RuntimeError):
     object: str
 
 
+class Removed(CoherenceError):
+    """The other members went on without this node (it was cut off or stalled while they
+    decided a view without it); it serves nothing more. Start a new node to join again.
+    Attribute: ``node``."""
+
+    node: int
+
+
+class Interrupted(CoherenceError):
+    """A change of the cluster's members came while this ``update`` held the object, and
+    its write did not take effect; nothing was written, and the update may be tried again.
+    Attributes: ``operation``, ``object``."""
+
+    operation: str
+    object: str
+
+
 class SpawnError(CoherenceError):
     """The node's driver thread could not be started. Attribute: ``reason``."""
 

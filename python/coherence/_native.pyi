@@ -65,7 +65,7 @@ class Node:
         nodes. Raises ``TypeMismatch`` if it exists with another codec or Rust type."""
     def stats(self) -> Dict[str, int]:
         """Traffic counters: frames_sent, messages_sent, frames_received, frames_rejected,
-        messages_rejected."""
+        messages_rejected, messages_fenced; and epoch, the number of the view installed."""
     def shutdown(self) -> None:
         """Leaves the cluster, handing every token on; idempotent."""
     def __enter__(self) -> "Node": ...

@@ -119,6 +119,14 @@ pub fn to_py(err: Error) -> PyErr {
                 ],
             ),
             Error::Spawn(reason) => ("SpawnError", vec![("reason", string(py, &reason))]),
+            Error::Removed(node) => ("Removed", vec![("node", int(py, node.into()))]),
+            Error::Interrupted { operation, object } => (
+                "Interrupted",
+                vec![
+                    ("operation", string(py, operation)),
+                    ("object", string(py, &object)),
+                ],
+            ),
         };
         exception(py, class, message, &attrs)
     })

@@ -222,8 +222,9 @@ impl PyNode {
         })
     }
 
-    /// The node's traffic counters: frames and protocol messages sent and received, and those
-    /// rejected as malformed or as something no correct peer sends.
+    /// The node's traffic counters: frames and protocol messages sent and received, those
+    /// rejected as malformed or as something no correct peer sends, those dropped as
+    /// belonging to an epoch that is over (fenced); and the epoch of the view installed.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         // Without the GIL: a `shutdown` waiting for the node goes before new readers of it.
         let stats = wait(py, || self.with_node(|node| Ok(node.stats())))?.map_err(to_py)?;
@@ -233,6 +234,8 @@ impl PyNode {
         dict.set_item("frames_received", stats.frames_received)?;
         dict.set_item("frames_rejected", stats.frames_rejected)?;
         dict.set_item("messages_rejected", stats.messages_rejected)?;
+        dict.set_item("messages_fenced", stats.messages_fenced)?;
+        dict.set_item("epoch", stats.epoch)?;
         Ok(dict)
     }
 

@@ -295,7 +295,8 @@ def test_write_policies_and_stats(cluster):
             assert theirs.read() == i
         stats = a.stats()
         assert set(stats) == {"frames_sent", "messages_sent", "frames_received",
-                              "frames_rejected", "messages_rejected"}
+                              "frames_rejected", "messages_rejected", "messages_fenced",
+                              "epoch"}
         assert stats["frames_sent"] > 0 and stats["frames_rejected"] == 0
 
 

@@ -32,10 +32,10 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt::Display;
 
 use bytes::Bytes;
-use coherence_core::member::{Envelope, Member, MemberOutput, Traffic};
+use coherence_core::member::{Member, MemberOutput};
 use coherence_core::protocol::{Event, OpId, Outcome, Plan, Protocol, WritePolicy};
 use coherence_core::view::{Epoch, View};
-use coherence_core::wire::{Init, Message};
+use coherence_core::wire::{Envelope, Init, Message, Traffic};
 use coherence_core::NodeId;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -408,11 +408,13 @@ impl FaultSim {
         };
         self.trace_line(|| format!("node {} commits op {op}", record.node));
         self.ops.get_mut(&op).expect("known").committed = true;
-        // With durability the swap completes with `Written` (or `Interrupted`) as an event;
-        // without, at once.
-        let version =
-            self.nodes[record.node as usize].operate(|p| p.commit(op, Some(bytes_of(value))));
-        if let (0, Some(version), Some(old)) = (self.cfg.durability, version, record.granted) {
+        // The swap completes with an event if it waits for copies or for the next view (see
+        // `Protocol::completes_later`), else at once.
+        let (version, later) = self.nodes[record.node as usize].operate(|p| {
+            let version = p.commit(op, Some(bytes_of(value)));
+            (version, p.completes_later(op))
+        });
+        if let (false, Some(version), Some(old)) = (later, version, record.granted) {
             self.finish(op, Ret::Swapped(old), Some(version))?;
         }
         self.after(record.node)
@@ -463,29 +465,31 @@ impl FaultSim {
         Ok(())
     }
 
-    /// Whether one more crash leaves a live majority of the newest view, and of that view
-    /// without the members leaving: otherwise nothing could be decided any more (a cluster
-    /// shrunk to two members survives no crash).
+    /// Whether one more crash leaves a live majority in every view some live member is still
+    /// in or has moved to, and in each of those without its leaving members: otherwise
+    /// nothing could be decided any more (a cluster shrunk to two members survives no crash,
+    /// and members that missed the last decision still need a majority of their view).
     fn crash_survivable(&self) -> bool {
-        let (_, (view, _)) = self.decided.last_key_value().expect("epoch 0");
-        let staying = View {
-            epoch: view.epoch + 1,
-            members: view
+        let oldest = self
+            .serving()
+            .into_iter()
+            .map(|n| self.nodes[n as usize].view().epoch)
+            .min()
+            .unwrap_or(0);
+        let survives = |members: &mut dyn Iterator<Item = NodeId>, size: usize| {
+            let live = members.filter(|&m| self.alive[m as usize]).count();
+            live > size / 2 + 1
+        };
+        self.decided.range(oldest..).all(|(_, (view, _))| {
+            let staying: Vec<NodeId> = view
                 .members
                 .iter()
                 .copied()
                 .filter(|&m| !self.nodes[m as usize].is_leaving())
-                .collect(),
-        };
-        let survives = |v: &View| {
-            let live = v
-                .members
-                .iter()
-                .filter(|&&m| self.alive[m as usize])
-                .count();
-            live > v.majority()
-        };
-        survives(view) && survives(&staying)
+                .collect();
+            survives(&mut view.members.iter().copied(), view.members.len())
+                && survives(&mut staying.iter().copied(), staying.len())
+        })
     }
 
     /// A random live node hears the oldest thing its transport has to report (a node lost or
@@ -758,7 +762,6 @@ impl FaultSim {
     fn check_conservation(&self, object: usize) -> Result<(), String> {
         let name = Self::name(object);
         let (&epoch, (view, plan)) = self.decided.last_key_value().expect("epoch 0");
-        let first = view.members.iter().next().copied();
         let (mut tokens, mut owners, mut totals) = (0u32, 0u32, BTreeSet::new());
         for &m in &view.members {
             let member = &self.nodes[m as usize];
@@ -771,10 +774,13 @@ impl FaultSim {
                     owners += u32::from(v.owner);
                     totals.insert(v.total);
                 }
-            } else if plan.values.contains_key(name.as_str()) {
-                tokens += 1;
-                owners += u32::from(first == Some(m));
-                totals.insert(view.members.len() as u32);
+            } else if let Some(receivers) = plan.tokens.get(name.as_str()) {
+                // What installing the plan will give it.
+                if receivers.contains(&m) {
+                    tokens += 1;
+                    owners += u32::from(receivers.iter().next() == Some(&m));
+                    totals.insert(receivers.len() as u32);
+                }
             }
         }
         for queue in self.net.values() {

@@ -37,7 +37,7 @@ impl Recreation<Report, Plan> for Reporter {
         self.0
     }
 
-    fn plan(&self, _: &View, reports: &BTreeMap<NodeId, Report>) -> Plan {
+    fn plan(&self, _: &View, _: &BTreeSet<NodeId>, reports: &BTreeMap<NodeId, Report>) -> Plan {
         reports.clone()
     }
 }

@@ -115,7 +115,10 @@ impl LocalNetwork {
         let (tx, rx) = crossbeam_channel::unbounded();
         members.inboxes.insert(id, tx);
         drop(members);
-        LocalTransport::new(id, peers, rx, self.clone())
+        let mut transport = LocalTransport::new(id, peers, rx, self.clone());
+        // The first node founds the network; every later one joins a running cluster.
+        transport.joining = !transport.peers.is_empty();
+        transport
     }
 
     /// Locks the membership. Every critical section leaves the map consistent, so a panic
@@ -134,6 +137,8 @@ pub struct LocalTransport {
     inbox: Receiver<TransportEvent>,
     network: LocalNetwork,
     closed: AtomicBool,
+    /// Joined a cluster that was already running (see [`Transport::joins_running_cluster`]).
+    joining: bool,
 }
 
 impl LocalTransport {
@@ -149,6 +154,7 @@ impl LocalTransport {
             inbox,
             network,
             closed: AtomicBool::new(false),
+            joining: false,
         }
     }
 }
@@ -160,6 +166,15 @@ impl Transport for LocalTransport {
 
     fn peers(&self) -> Vec<NodeId> {
         self.peers.clone()
+    }
+
+    fn joins_running_cluster(&self) -> bool {
+        self.joining
+    }
+
+    /// Threads of one process.
+    fn members_fail_together(&self) -> bool {
+        true
     }
 
     fn send(&self, to: NodeId, frame: Vec<u8>) -> Result<(), TransportError> {

@@ -528,6 +528,11 @@ impl Transport for MpiTransport {
         self.shared.colocated
     }
 
+    /// A dead rank ends the MPI job.
+    fn members_fail_together(&self) -> bool {
+        true
+    }
+
     fn send(&self, to: NodeId, frame: Vec<u8>) -> Result<(), TransportError> {
         let shared = &*self.shared;
         if shared.closed.load(Ordering::Acquire) {

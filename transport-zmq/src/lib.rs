@@ -592,6 +592,8 @@ impl Drop for Driver {
 pub struct ZmqTransport {
     id: NodeId,
     peers: Vec<NodeId>,
+    /// Started with [`ZmqConfig::join`]: a member of a running cluster takes it in.
+    joining: bool,
     local_addr: String,
     max_frame: usize,
     lost_after: Duration,
@@ -617,6 +619,7 @@ impl ZmqTransport {
     /// Binds, then founds a cluster or joins one; returns once this node has its id.
     pub fn start(cfg: ZmqConfig) -> Result<ZmqTransport, ZmqError> {
         cfg.validate()?;
+        let joining = cfg.join.is_some();
         let largest = HEADER_LEN + cfg.max_frame;
         let settings = Settings {
             codec: Codec::new(&cfg.cluster_id, cfg.secret.as_deref(), cfg.max_frame),
@@ -667,6 +670,7 @@ impl ZmqTransport {
         Ok(ZmqTransport {
             id: started.id,
             peers: started.peers,
+            joining,
             local_addr: started.local_addr,
             max_frame: cfg.max_frame,
             lost_after: cfg.lost_after,
@@ -755,6 +759,10 @@ impl Transport for ZmqTransport {
 
     fn peers(&self) -> Vec<NodeId> {
         self.peers.clone()
+    }
+
+    fn joins_running_cluster(&self) -> bool {
+        self.joining
     }
 
     fn max_frame(&self) -> usize {
