@@ -64,6 +64,11 @@ struct Args {
     #[arg(long, value_enum, default_value_t = Which::All)]
     transport: Which,
 
+    /// Copies a write waits for (`Config::durability`) on every node measured; without it,
+    /// the library's default for each transport (1 over ZeroMQ, 0 in memory and on MPI).
+    #[arg(long, value_name = "N")]
+    durability: Option<u32>,
+
     /// Internal: run as the second process of the two-process ZeroMQ measurement, talking to
     /// the first one's socket at ADDR.
     #[arg(long = two_process::PEER_FLAG, value_name = "ADDR", hide = true)]
@@ -251,10 +256,18 @@ fn main() -> ExitCode {
             .with_writer(std::io::stderr)
             .init();
     }
+    if let Some(copies) = args.durability {
+        // Before any thread starts: the child processes inherit it.
+        std::env::set_var(report::DURABILITY_ENV, copies.to_string());
+    }
     if let Some(addr) = &args.zmq_peer_of {
         return two_process::serve(addr);
     }
     let plan = Plan::new(args.quick);
+    match report::durability() {
+        Some(copies) => eprintln!("durability: {copies} on every node"),
+        None => eprintln!("durability: the library's default per transport"),
+    }
     let started = Instant::now();
     let started_unix_s = SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use coherence_core::WritePolicy;
+use coherence_core::{Config, WritePolicy};
 use serde::{Deserialize, Serialize};
 
 /// Value sizes every size-dependent figure is measured at, in bytes.
@@ -68,6 +68,27 @@ impl Policy {
         }
     }
 
+    /// The configuration every measured node runs with: the defaults under this policy, with
+    /// the durability `--durability` asked for, if any (see [`DURABILITY_ENV`]).
+    pub fn config(self) -> Config {
+        let config = Config::default().write_policy(self.write_policy());
+        match durability() {
+            Some(copies) => config.durability(copies),
+            None => config,
+        }
+    }
+}
+
+/// Carries `--durability` to every node the bench starts, in its own process and in the
+/// child processes it starts (which inherit it).
+pub const DURABILITY_ENV: &str = "COHERENCE_BENCH_DURABILITY";
+
+/// The durability `--durability` asked for; `None`: the library's default per transport.
+pub fn durability() -> Option<u32> {
+    std::env::var(DURABILITY_ENV).ok()?.parse().ok()
+}
+
+impl Policy {
     /// The lowercase name.
     pub fn name(self) -> &'static str {
         match self {

@@ -1,6 +1,6 @@
 //! The full suite on a transport that builds whole clusters in this process (local, ZeroMQ).
 
-use coherence_core::{Config, DistObj, Node};
+use coherence_core::{DistObj, Node};
 use serde_bytes::ByteBuf;
 
 use crate::central::Central;
@@ -77,7 +77,7 @@ fn with_cluster(
     policy: Policy,
     f: impl FnOnce(&Cluster) -> Result<(), String>,
 ) -> Result<(), String> {
-    let config = Config::default().write_policy(policy.write_policy());
+    let config = policy.config();
     let cluster = Cluster::start(net.endpoints(n)?, &config)?;
     let result = f(&cluster);
     let shutdown = cluster.shutdown();

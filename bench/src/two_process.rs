@@ -16,7 +16,7 @@ use std::io::Read;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use coherence_core::{Config, DistObj, Node};
+use coherence_core::{DistObj, Node};
 use serde_bytes::ByteBuf;
 use tokio::runtime::Runtime;
 use transport_zmq::{ZmqConfig, ZmqTransport};
@@ -145,7 +145,7 @@ fn phase(
         transport.local_addr(),
         secret.unwrap_or("-")
     ))?;
-    let config = Config::default().write_policy(policy.write_policy());
+    let config = policy.config();
     let node = Node::start(transport, config).map_err(|e| e.to_string());
     let result = node.as_ref().map_err(String::clone).and_then(|node| {
         let e = |e: coherence_core::Error| e.to_string();
@@ -591,7 +591,7 @@ fn start(
         ..ZmqConfig::new("tcp://127.0.0.1:0", cluster_id)
     })
     .map_err(|e| format!("zmq: {e}"))?;
-    let config = Config::default().write_policy(policy.write_policy());
+    let config = policy.config();
     let node = Node::start(transport, config).map_err(|e| e.to_string())?;
     let e = |e: coherence_core::Error| e.to_string();
     let small = node.object(&object_name(SIZES_2P[0]), 0u64).map_err(e)?;

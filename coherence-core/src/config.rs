@@ -33,13 +33,9 @@ pub struct Config {
     pub durability: Option<u32>,
     /// How long a member waits for a view change it proposed (or froze for) before it
     /// proposes again: the proposer may have crashed, or a member it keeps may not answer.
-    /// Default [`DEFAULT_VIEW_RETRY`].
+    /// Default [`crate::wait::VIEW_RETRY`].
     pub view_retry: Duration,
 }
-
-/// Default of [`Config::view_retry`]: a view change takes a few round trips (milliseconds over
-/// TCP); retrying much sooner would only make proposals compete.
-pub const DEFAULT_VIEW_RETRY: Duration = Duration::from_millis(200);
 
 /// Default of [`Config::max_name_len`]: room for any path-like name people use, while a
 /// name stays a small share of a message.
@@ -54,7 +50,7 @@ impl Default for Config {
             spin: crate::wait::CALLER_POLL,
             max_name_len: DEFAULT_MAX_NAME_LEN,
             durability: None,
-            view_retry: DEFAULT_VIEW_RETRY,
+            view_retry: crate::wait::VIEW_RETRY,
         }
     }
 }

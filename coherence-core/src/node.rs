@@ -41,7 +41,7 @@ use crate::member::{Member, MemberOutput};
 use crate::protocol::{Event, OpId, Outcome, Protocol};
 use crate::transport::{NodeId, Transport, TransportError, TransportEvent};
 use crate::view::View;
-use crate::wait::{Budget, Poller, DRIVER_NAP, DRIVER_YIELDS_FOR};
+use crate::wait::{view_retry_after, Budget, Poller, DRIVER_NAP, DRIVER_YIELDS_FOR};
 use crate::wire::{self, Envelope, Init, Traffic};
 
 /// Counters of one node's traffic.
@@ -685,10 +685,7 @@ impl Inner {
     /// node whose every other member is lost leaves without a view change.
     fn retry_view(&self) {
         let mut core = self.lock();
-        // Twice as long after each attempt (up to 32 times), and a little longer the higher
-        // the id, so that two proposers that keep colliding drift apart.
-        let backoff = self.config.view_retry * (1 << core.proposals.min(5))
-            + self.config.view_retry / 16 * (self.id % 8);
+        let backoff = view_retry_after(self.config.view_retry, core.proposals, self.id);
         let due = core.proposed_at.is_none_or(|at| at.elapsed() >= backoff);
         if due && core.member.wanted().is_some() {
             self.propose_wanted(&mut core);

@@ -33,6 +33,20 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 /// between two nodes fall into the wake-up path in about half the runs; this never did.
 pub const CALLER_POLL: Duration = Duration::from_micros(200);
 
+/// Default of [`crate::Config::view_retry`]: how long a member waits for a view change it
+/// proposed or froze for before it proposes again (twice as long after each attempt). A view
+/// change takes a few round trips, milliseconds over TCP even with reports of megabytes;
+/// retrying much sooner would only make proposals cut each other short.
+pub const VIEW_RETRY: Duration = Duration::from_millis(200);
+
+/// How long a member waits before proposing a view again after `attempts` proposals since
+/// the last view was installed: `base` doubled per attempt (up to 32 times), plus a sixteenth
+/// of it per step of the node id (mod 8), so that two proposers that keep colliding drift
+/// apart.
+pub(crate) fn view_retry_after(base: Duration, attempts: u32, node: u32) -> Duration {
+    base * (1 << attempts.min(5)) + base / 16 * (node % 8)
+}
+
 /// Default of [`crate::Config::poll_interval`]: the longest a driver blocks in the transport
 /// before it looks whether it should leave or stop; bounds the extra time `shutdown` takes.
 pub const DRIVER_BLOCK: Duration = Duration::from_millis(10);

@@ -60,6 +60,14 @@ enum Msg {
     Genesis {
         created: Vec<u8>,
     },
+    Replicate {
+        object: u8,
+        value: (u8, u8),
+    },
+    Replicated {
+        object: u8,
+        version: u8,
+    },
 }
 
 fn name(i: u8) -> Arc<str> {
@@ -129,11 +137,23 @@ fn message(m: Msg) -> Message {
         Msg::Genesis { created } => Message::Genesis {
             created: created.into_iter().map(name).collect::<BTreeSet<_>>(),
         },
+        Msg::Replicate {
+            object,
+            value: (version, byte),
+        } => Message::Replicate {
+            object: name(object),
+            value: value(version, byte),
+        },
+        Msg::Replicated { object, version } => Message::Replicated {
+            object: name(object),
+            version: version.into(),
+        },
     }
 }
 
 fuzz_target!(|steps: Vec<Step>| {
-    let mut p = Protocol::new(ME, [0, 2], WritePolicy::Update);
+    // With durability, so writes wait for copies and `Replicated` meets a waiting write.
+    let mut p = Protocol::new(ME, [0, 2], WritePolicy::Update).with_durability(1);
     for step in steps {
         match step {
             Step::Message { from, message: m } => {

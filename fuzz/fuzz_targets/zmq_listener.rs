@@ -12,5 +12,9 @@ fuzz_target!(|data: &[u8]| {
     };
     let seen = fuzzing::listener_connection(input, pick & 1 == 1);
     // Every message's bytes came from the input (or, sealed, are shorter than them).
-    assert!(seen.largest <= input.len(), "{seen:?} from {} bytes", input.len());
+    assert!(
+        seen.largest <= input.len(),
+        "{seen:?} from {} bytes",
+        input.len()
+    );
 });

@@ -20,7 +20,10 @@ fuzz_target!(|input: Input| {
     match input {
         Input::Respond(first) => {
             // A handshake message made without the key: Noise needs the PSK to accept it.
-            assert!(!fuzzing::noise_respond(&first), "accepted a forged handshake");
+            assert!(
+                !fuzzing::noise_respond(&first),
+                "accepted a forged handshake"
+            );
         }
         Input::Finish(answer) => {
             assert!(!fuzzing::noise_finish(&answer), "accepted a forged answer");

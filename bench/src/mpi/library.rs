@@ -13,7 +13,7 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use coherence_core::{Config, DistObj, Node, Transport};
+use coherence_core::{DistObj, Node, Transport};
 use mpi::traits::*;
 use serde_bytes::ByteBuf;
 use transport_mpi::MpiTransport;
@@ -72,7 +72,7 @@ fn attach() -> Result<MpiTransport, String> {
 
 /// A node with `policy` on a newly attached transport.
 fn start_node(policy: Policy) -> Result<Node, String> {
-    let config = Config::default().write_policy(policy.write_policy());
+    let config = policy.config();
     Node::start(attach()?, config).map_err(|e| format!("node start: {e}"))
 }
 
