@@ -258,9 +258,6 @@ struct Replicating {
     copies: BTreeSet<NodeId>,
     /// Copies the write waits for: the durability, or the other members if fewer.
     needed: usize,
-    /// Members asked for a copy: `needed` of them, and another one for each that is lost
-    /// before it answered (a large value is not sent to every member).
-    asked: BTreeSet<NodeId>,
 }
 
 /// What one node holds of every object when it promises a view change: for each object the
@@ -453,16 +450,6 @@ impl Protocol {
         (self.durability as usize).min(self.members.len())
     }
 
-    /// The members in the order they are asked for copies: those after this node's id, then
-    /// those before, so that each writer asks different members first.
-    fn copy_order(&self) -> Vec<NodeId> {
-        let after = self.members.range(self.id.saturating_add(1)..);
-        after
-            .chain(self.members.range(..self.id))
-            .copied()
-            .collect()
-    }
-
     /// Whether `op` is a write still to be applied (waiting for copies, or committed while
     /// frozen): it completes with an event.
     pub fn completes_later(&self, op: OpId) -> bool {
@@ -653,7 +640,6 @@ impl Protocol {
     pub fn commit(&mut self, op: OpId, bytes: Option<Bytes>) -> Option<u64> {
         let name = self.find_lock(op)?;
         let needed = self.copies_needed();
-        let order = self.copy_order();
         let o = self.objects.get_mut(&name).expect("found above");
         o.locked = None;
         let version = match bytes {
@@ -671,7 +657,7 @@ impl Protocol {
                 o,
                 op,
                 bytes,
-                (&order, needed),
+                (&self.members, needed),
                 &mut self.sends,
             )),
             Some(bytes) => Some(apply_write(o, bytes)),
@@ -1066,23 +1052,11 @@ impl Protocol {
 
     fn forget(&mut self, peer: NodeId) {
         self.members.remove(&peer);
-        let order = self.copy_order();
         let names: Vec<Arc<str>> = self.objects.keys().cloned().collect();
         for name in names {
             let o = self.objects.get_mut(&name).expect("listed");
             o.interested.remove(&peer);
             o.requests.0.retain(|(id, _)| id.node != peer);
-            // A member asked for a copy is gone before it answered: ask the next one.
-            if let Some(r) = o.replicating.as_mut() {
-                if r.asked.contains(&peer) && !r.copies.contains(&peer) {
-                    if let Some(&next) = order.iter().find(|m| !r.asked.contains(m)) {
-                        r.asked.insert(next);
-                        let (object, value) = (Arc::clone(&name), r.value.clone());
-                        self.sends
-                            .push_back((next, Message::Replicate { object, value }));
-                    }
-                }
-            }
             self.step(&name);
         }
     }
@@ -1152,11 +1126,6 @@ impl Protocol {
     /// requests in the same step, so that overtakes by at most one batch.
     fn complete_local(&mut self, name: &Arc<str>) -> bool {
         let needed = self.copies_needed();
-        let order = if needed > 0 {
-            self.copy_order()
-        } else {
-            Vec::new()
-        };
         let o = self.objects.get_mut(name).expect("stepped objects exist");
         if !o.readable() {
             return false;
@@ -1194,7 +1163,7 @@ impl Protocol {
             let outcome = match pending.bytes {
                 Some(bytes) if needed > 0 => {
                     // Completes when enough copies are acknowledged.
-                    let copies = (order.as_slice(), needed);
+                    let copies = (&self.members, needed);
                     start_replicating(name, o, pending.op, bytes, copies, &mut self.sends);
                     continue;
                 }
@@ -1644,7 +1613,7 @@ fn start_replicating(
     o: &mut Object,
     op: OpId,
     bytes: Bytes,
-    (order, needed): (&[NodeId], usize),
+    (members, needed): (&BTreeSet<NodeId>, usize),
     sends: &mut VecDeque<(NodeId, Message)>,
 ) -> u64 {
     debug_assert_eq!(o.tokens, o.total, "writes need every token");
@@ -1654,8 +1623,7 @@ fn start_replicating(
         type_name: current.type_name,
         bytes,
     };
-    let asked: BTreeSet<NodeId> = order.iter().copied().take(needed).collect();
-    for &peer in &asked {
+    for &peer in members {
         let object = Arc::clone(name);
         let value = value.clone();
         sends.push_back((peer, Message::Replicate { object, value }));
@@ -1666,7 +1634,6 @@ fn start_replicating(
         value,
         copies: BTreeSet::new(),
         needed,
-        asked,
     });
     version
 }
@@ -1879,13 +1846,10 @@ mod tests {
         p0.open(1, "x", init());
         let _ = outputs(&mut p0);
         p0.write(2, "x", bytes(1));
-        let (events, copies) = outputs(&mut p0);
-        assert!(events.is_empty(), "no copy yet");
-        // One copy is asked for, of the member after the writer.
-        assert_eq!(copies.iter().map(|(to, _)| *to).collect::<Vec<_>>(), [1]);
-        for (_, message) in copies {
-            p1.handle(0, message).unwrap();
-        }
+        assert!(
+            route(&mut p0, &mut [&mut p1, &mut p2]).is_empty(),
+            "no copy yet"
+        );
         assert_eq!(
             p0.token_view("x").unwrap().version,
             Some(0),
@@ -1893,26 +1857,17 @@ mod tests {
         );
         route(&mut p1, &mut [&mut p0]);
         assert_eq!(completions(&mut p0), [(2, Outcome::Written { version: 1 })]);
-        // The next write must not count a late answer about version 1.
+        // The next write must not count node 2's late answer about version 1.
         p0.write(3, "x", bytes(2));
         let (events, copies) = outputs(&mut p0);
         assert!(events.is_empty());
-        let late = Message::Replicated {
-            object: "x".into(),
-            version: 1,
-        };
-        p0.handle(2, late).unwrap();
-        assert!(completions(&mut p0).is_empty(), "a stale copy counted");
-        // Node 1 is lost before it answers: node 2 is asked instead, and its copy counts.
-        p0.peer_left(1);
-        let (events, again) = outputs(&mut p0);
-        assert!(events.is_empty());
-        assert_eq!(again.iter().map(|(to, _)| *to).collect::<Vec<_>>(), [2]);
-        drop(copies);
-        for (_, message) in again {
-            p2.handle(0, message).unwrap();
-        }
         route(&mut p2, &mut [&mut p0]);
+        assert!(completions(&mut p0).is_empty(), "a stale copy counted");
+        for (dest, message) in copies.into_iter().filter(|(dest, _)| *dest == 1) {
+            assert_eq!(dest, 1);
+            p1.handle(0, message).unwrap();
+        }
+        route(&mut p1, &mut [&mut p0]);
         assert_eq!(completions(&mut p0), [(3, Outcome::Written { version: 2 })]);
     }
 
