@@ -145,8 +145,9 @@ impl Member {
     /// The members this node should propose as the next view now, if any: the coordinator's
     /// view without suspected members and with the joiners when either differs from the
     /// current view or a view change is under way (it may have stalled); a leaving member's
-    /// view without itself, unless it is frozen for another member's proposal and not the
-    /// coordinator. Nothing while fewer than a majority of the view are unsuspected:
+    /// view without itself (also to learn, by the answers to its proposal, of a decision that
+    /// removed it and did not reach it). Nothing while fewer than a majority of the view are
+    /// unsuspected:
     /// no decision could be reached, and proposing would freeze this member for nothing.
     pub fn wanted(&self) -> Option<BTreeSet<NodeId>> {
         let id = self.protocol.id();
@@ -165,13 +166,11 @@ impl Member {
             .chain(&self.joiners)
             .copied()
             .collect();
-        let coordinator = view.members.difference(&self.suspected).next() == Some(&id);
         if self.leaving {
-            // Frozen for another member's proposal, wait for it (the coordinator retries a
-            // stalled one): competing proposals only delay each other.
             next.remove(&id);
-            return (coordinator || !self.protocol.is_frozen()).then_some(next);
+            return Some(next);
         }
+        let coordinator = view.members.difference(&self.suspected).next() == Some(&id);
         let change = next != view.members || self.protocol.is_frozen();
         (coordinator && change).then_some(next)
     }

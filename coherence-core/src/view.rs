@@ -308,6 +308,28 @@ where
             | ViewMessage::Refused { epoch, .. }
             | ViewMessage::Decided { epoch, .. } => *epoch,
         };
+        if let ViewMessage::Decided { epoch, proposal } = &message {
+            // A later decision without this node: it was removed for good (a node comes back
+            // only as a new member), whatever decisions it missed in between.
+            let later = *epoch > self.current.epoch;
+            if later && !proposal.members.contains(&self.id) && self.current.members.contains(&from)
+            {
+                self.current.epoch = *epoch;
+                self.install(proposal.clone());
+                return;
+            }
+        }
+        if epoch + 1 < self.current.epoch && !self.current.members.contains(&from) {
+            // From a node removed more than one decision ago that has not heard of it: the
+            // current view tells it (it is not in it).
+            if let Some(proposal) = &self.made_by {
+                if !matches!(message, ViewMessage::Decided { .. }) {
+                    let (epoch, proposal) = (self.current.epoch - 1, proposal.clone());
+                    self.send(from, ViewMessage::Decided { epoch, proposal });
+                }
+            }
+            return;
+        }
         if epoch + 1 == self.current.epoch {
             // About the decision that made this view: the sender missed it.
             if let Some(proposal) = &self.made_by {

@@ -82,3 +82,11 @@ fn without_durability_returned_writes_are_lost() {
     assert!(lost > 0, "no seed lost a returned write without durability");
     println!("{lost} of 2000 seeds lost a returned write without durability");
 }
+
+/// Found by the sweep: a leaver removed by a decision whose proposer crashed before telling
+/// it, two views behind the others by the end. It now learns of its removal from the answer
+/// to its next proposal (a later decision without it).
+#[test]
+fn regression_fault_seed_19841() {
+    run_fault_seed(19841).unwrap_or_else(|e| panic!("{e}"));
+}
