@@ -31,6 +31,9 @@ struct Pair {
     inbox: Vec<Traffic>,
     outbox: Vec<(NodeId, Envelope)>,
     completed: Vec<OpId>,
+    /// The members' clock: without leases they use no time, so one instant serves, as in a
+    /// node whose transport fails members together.
+    now: Instant,
 }
 
 impl Pair {
@@ -49,6 +52,7 @@ impl Pair {
             inbox: Vec::new(),
             outbox: Vec::new(),
             completed: Vec::new(),
+            now: Instant::now(),
         };
         let init = Init {
             type_name: "u64".into(),
@@ -56,7 +60,8 @@ impl Pair {
         };
         for node in [WRITER, PEER] {
             let init = init.clone();
-            pair.nodes[node].operate(|p| p.open(node as OpId, OBJECT, init));
+            let now = pair.now;
+            pair.nodes[node].operate(now, |p| p.open(node as OpId, OBJECT, init));
             pair.flush(node);
         }
         pair.settle()?;
@@ -92,7 +97,7 @@ impl Pair {
             .map_err(|e| format!("write CPU: a frame did not decode: {e}"))?;
         for traffic in self.inbox.drain(..) {
             self.nodes[to]
-                .handle(from as NodeId, Envelope { epoch, traffic })
+                .handle(self.now, from as NodeId, Envelope { epoch, traffic })
                 .map_err(|e| format!("write CPU: a message was rejected: {e}"))?;
         }
         self.flush(to);
@@ -109,7 +114,7 @@ impl Pair {
     /// with operation `op`, taking one back. Under Update it already holds the pushed one.
     fn spread_tokens(&mut self, policy: Policy, op: OpId) -> Result<(), String> {
         if policy == Policy::Invalidate {
-            self.nodes[PEER].operate(|p| p.read(op, OBJECT));
+            self.nodes[PEER].operate(self.now, |p| p.read(op, OBJECT));
             self.flush(PEER);
             self.until_completed(op)?;
             self.settle()?;
@@ -120,7 +125,7 @@ impl Pair {
     /// The writer writes `value` with operation `op`; returns once the write completed and
     /// its last frame is on the wire, the peer's handling of it still to come.
     fn write(&mut self, op: OpId, value: Bytes) -> Result<(), String> {
-        self.nodes[WRITER].operate(|p| p.write(op, OBJECT, value));
+        self.nodes[WRITER].operate(self.now, |p| p.write(op, OBJECT, value));
         self.flush(WRITER);
         self.until_completed(op)
     }

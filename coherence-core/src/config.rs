@@ -35,6 +35,14 @@ pub struct Config {
     /// proposes again: the proposer may have crashed, or a member it keeps may not answer.
     /// Default [`crate::wait::VIEW_RETRY`].
     pub view_retry: Duration,
+    /// How long a lease binds (see [`crate::lease`]): a member serves reads only while a
+    /// majority of its view granted it one, so a member cut off from the majority stops
+    /// serving before the majority may remove it and write. `None` (the default) chooses by
+    /// transport: [`crate::wait::LEASE`] where members may be cut off one by one (processes
+    /// over ZeroMQ), none where they fail together ([`crate::Transport::members_fail_together`]).
+    /// `Some(Duration::ZERO)` turns leases off: a cut-off member then keeps serving values a
+    /// majority may have replaced.
+    pub lease: Option<Duration>,
 }
 
 /// Default of [`Config::max_name_len`]: room for any path-like name people use, while a
@@ -51,6 +59,7 @@ impl Default for Config {
             max_name_len: DEFAULT_MAX_NAME_LEN,
             durability: None,
             view_retry: crate::wait::VIEW_RETRY,
+            lease: None,
         }
     }
 }
@@ -71,6 +80,12 @@ impl Config {
     /// Sets how many other members hold a write's value before it returns.
     pub fn durability(mut self, copies: u32) -> Self {
         self.durability = Some(copies);
+        self
+    }
+
+    /// Sets how long a lease binds (zero: no leases).
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = Some(lease);
         self
     }
 

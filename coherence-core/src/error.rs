@@ -93,6 +93,19 @@ pub enum Error {
     /// they went on). It serves nothing more; start a new node to join again.
     #[error("node {0} was removed from the cluster")]
     Removed(u32),
+    /// This node has not heard from a majority of its view for longer than its lease (it is
+    /// cut off, or was stalled): the majority may have removed it and written since, so it
+    /// serves no read until a majority renews its lease. Returned once that did not happen
+    /// within the operation timeout.
+    #[error("{operation} on {object:?} refused: node {node} cannot reach a majority of its view (lease expired)")]
+    NoMajority {
+        /// The node.
+        node: u32,
+        /// The operation.
+        operation: &'static str,
+        /// The object.
+        object: String,
+    },
     /// A view change came while this `update` held the object, and its write did not take
     /// effect: nothing was written; the update may be tried again.
     #[error("{operation} on {object:?} was interrupted by a view change and did not take effect")]

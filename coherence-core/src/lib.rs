@@ -23,6 +23,7 @@
 mod cell;
 pub mod config;
 pub mod error;
+pub mod lease;
 pub mod member;
 pub mod node;
 pub mod protocol;

@@ -18,12 +18,19 @@
 //! on a timer, which retries a proposal that stalled (its proposer crashed, or a member it
 //! keeps did not answer and is suspected meanwhile). A node that joins starts as an outsider
 //! ([`Member::joining`]) and becomes a member when a decision that names it arrives.
+//!
+//! With leases ([`Member::with_lease`], see [`crate::lease`]) a member serves a read (a read,
+//! an open, the lock of an update) only while a majority of its view has granted it a lease;
+//! otherwise the read ends as [`Outcome::NoMajority`]. Every input takes the time, which
+//! only leases use: [`Member::tick`] renews them when due ([`Member::next_tick`]).
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
 
-use crate::protocol::{Event, Output, Plan, Protocol, Rejected, Report};
+use crate::lease::{Lease, LeaseMessage, Leases};
+use crate::protocol::{Event, Outcome, Output, Plan, Protocol, Rejected, Report};
 use crate::transport::NodeId;
-use crate::view::{Proposal, View, ViewMessage, ViewOutput, Views};
+use crate::view::{Proposal, Recreation, View, ViewMessage, ViewOutput, Views};
 use crate::wire::{Envelope, Traffic, ViewChange};
 
 /// One output of [`Member::poll_output`], in the order the driver must act on them.
@@ -63,7 +70,35 @@ pub struct Member {
     joiners: BTreeSet<NodeId>,
     /// This member asked to leave: it proposes the view without itself until one is decided.
     leaving: bool,
+    /// The leases this member gives others and, if it serves reads only under one, holds.
+    leases: Leases,
     outputs: VecDeque<MemberOutput>,
+}
+
+/// The protocol as the view change sees it, with the leases that may hold back an acceptance.
+struct Seat<'a> {
+    protocol: &'a mut Protocol,
+    leases: &'a Leases,
+    now: Instant,
+}
+
+impl Recreation<Report, Plan> for Seat<'_> {
+    fn report(&mut self) -> Report {
+        self.protocol.report()
+    }
+
+    fn plan(
+        &self,
+        view: &View,
+        members: &BTreeSet<NodeId>,
+        reports: &BTreeMap<NodeId, Report>,
+    ) -> Plan {
+        self.protocol.plan(view, members, reports)
+    }
+
+    fn accepts(&self, view: &View, members: &BTreeSet<NodeId>) -> bool {
+        self.leases.accepts(view, members, self.now)
+    }
 }
 
 impl Member {
@@ -83,7 +118,57 @@ impl Member {
             suspected: BTreeSet::new(),
             joiners: BTreeSet::new(),
             leaving: false,
+            leases: Leases::new(None),
             outputs: VecDeque::new(),
+        }
+    }
+
+    /// Serves reads only under a lease whose grants bind for `duration` (see
+    /// [`crate::lease`]): for members that may be cut off from each other while they run.
+    pub fn with_lease(mut self, duration: Duration) -> Self {
+        self.leases = Leases::new(Some(duration));
+        self.leases
+            .installed(self.views.current(), self.protocol.id());
+        self
+    }
+
+    /// How long this member may serve reads.
+    pub fn lease(&self) -> Lease {
+        self.leases.until()
+    }
+
+    /// When [`Member::tick`] has lease requests to send next (`None`: no leases, or nothing
+    /// to renew now because the member is frozen, removed or not a member yet).
+    pub fn next_tick(&self, now: Instant) -> Option<Instant> {
+        (self.leases.holds() && self.renews()).then(|| self.leases.renew_at().unwrap_or(now))
+    }
+
+    fn renews(&self) -> bool {
+        let id = self.protocol.id();
+        !self.views.is_outsider()
+            && !self.protocol.is_frozen()
+            && !self.protocol.is_removed()
+            && self.view().members.contains(&id)
+    }
+
+    /// Time passed: asks the other members for lease grants when due.
+    pub fn tick(&mut self, now: Instant) {
+        if !self.renews() {
+            return;
+        }
+        let Some(request) = self.leases.renew(now) else {
+            return;
+        };
+        let id = self.protocol.id();
+        let others: Vec<NodeId> = self
+            .view()
+            .members
+            .iter()
+            .copied()
+            .filter(|&m| m != id)
+            .collect();
+        for to in others {
+            self.send_lease(to, request);
         }
     }
 
@@ -113,13 +198,13 @@ impl Member {
 
     /// The transport lost `node`: the next view leaves it out (a joiner that is lost is no
     /// longer taken in). Its requests are forgotten at once, so no token goes there.
-    pub fn suspect(&mut self, node: NodeId) {
+    pub fn suspect(&mut self, now: Instant, node: NodeId) {
         if node == self.protocol.id() {
             return;
         }
         self.joiners.remove(&node);
         self.suspected.insert(node);
-        self.operate(|p| p.peer_left(node));
+        self.operate(now, |p| p.peer_left(node));
     }
 
     /// Leaves: this member proposes the view without itself (its report hands its values
@@ -176,10 +261,10 @@ impl Member {
     }
 
     /// Proposes [`Member::wanted`], if anything; returns whether it did.
-    pub fn propose_wanted(&mut self) -> bool {
+    pub fn propose_wanted(&mut self, now: Instant) -> bool {
         match self.wanted() {
             Some(members) => {
-                self.propose(members);
+                self.propose(now, members);
                 true
             }
             None => false,
@@ -202,28 +287,47 @@ impl Member {
     }
 
     /// Runs a local operation (`open`, `read`, `write`, `lock`, `commit`, `cancel`) on the
-    /// protocol; its outputs are stamped with the current epoch.
-    pub fn operate<R>(&mut self, operation: impl FnOnce(&mut Protocol) -> R) -> R {
+    /// protocol at `now`; its outputs are stamped with the current epoch.
+    pub fn operate<R>(&mut self, now: Instant, operation: impl FnOnce(&mut Protocol) -> R) -> R {
         let result = operation(&mut self.protocol);
-        self.take_protocol_outputs();
+        self.take_protocol_outputs(now);
         result
     }
 
     /// Proposes `members` as the next view (see [`Views::propose`]); this member freezes.
     /// [`Member::propose_wanted`] chooses the members by the rules above.
-    pub fn propose(&mut self, members: BTreeSet<NodeId>) {
-        self.views.propose(members, &mut self.protocol);
-        self.take_view_outputs();
+    pub fn propose(&mut self, now: Instant, members: BTreeSet<NodeId>) {
+        let mut seat = Seat {
+            protocol: &mut self.protocol,
+            leases: &self.leases,
+            now,
+        };
+        self.views.propose(members, &mut seat);
+        self.take_view_outputs(now);
     }
 
-    /// One envelope from `from`.
-    pub fn handle(&mut self, from: NodeId, envelope: Envelope) -> Result<(), Rejected> {
+    /// One envelope from `from`, at `now`.
+    pub fn handle(
+        &mut self,
+        now: Instant,
+        from: NodeId,
+        envelope: Envelope,
+    ) -> Result<(), Rejected> {
         let current = self.views.current().epoch;
         match envelope.traffic {
             Traffic::View(message) => {
-                self.views.handle(from, message, &mut self.protocol);
-                self.take_view_outputs();
+                if freezes_sender(&message, current) {
+                    self.leases.froze(from);
+                }
+                let mut seat = Seat {
+                    protocol: &mut self.protocol,
+                    leases: &self.leases,
+                    now,
+                };
+                self.views.handle(from, message, &mut seat);
+                self.take_view_outputs(now);
             }
+            Traffic::Lease(message) => self.handle_lease(now, from, envelope.epoch, message),
             Traffic::Token(_) if envelope.epoch > current => {
                 return Err(Rejected::FutureEpoch {
                     epoch: envelope.epoch,
@@ -239,11 +343,32 @@ impl Member {
             }
             Traffic::Token(message) => {
                 let handled = self.protocol.handle(from, message);
-                self.take_protocol_outputs();
+                self.take_protocol_outputs(now);
                 handled?;
             }
         }
         Ok(())
+    }
+
+    /// A lease request is granted to a member of the same view by a member not frozen; a
+    /// grant of this epoch extends this member's lease. Anything else is ignored: leases of
+    /// another epoch mean nothing here.
+    fn handle_lease(&mut self, now: Instant, from: NodeId, epoch: u64, message: LeaseMessage) {
+        let id = self.protocol.id();
+        let view = self.views.current();
+        let frozen = self.protocol.is_frozen() || self.protocol.is_removed();
+        let leases = &mut self.leases;
+        if epoch != view.epoch || !view.members.contains(&from) || !view.members.contains(&id) {
+            return;
+        }
+        match message {
+            LeaseMessage::Request { sent, millis } => {
+                if leases.grant(from, millis, now, frozen) {
+                    self.send_lease(from, LeaseMessage::Grant { sent });
+                }
+            }
+            LeaseMessage::Grant { sent } => leases.granted_by(from, sent, now, view, id),
+        }
     }
 
     /// The next output to act on.
@@ -251,9 +376,16 @@ impl Member {
         self.outputs.pop_front()
     }
 
-    fn take_protocol_outputs(&mut self) {
+    fn take_protocol_outputs(&mut self, now: Instant) {
         let epoch = self.views.current().epoch;
         while let Some(output) = self.protocol.poll_output() {
+            let output = match output {
+                Output::Event(Event::Completed { op, outcome }) => {
+                    let outcome = self.served(now, op, outcome);
+                    Output::Event(Event::Completed { op, outcome })
+                }
+                output => output,
+            };
             self.outputs.push_back(match output {
                 Output::Event(event) => MemberOutput::Event(event),
                 Output::Send { to, message } => MemberOutput::Send {
@@ -267,9 +399,26 @@ impl Member {
         }
     }
 
-    fn take_view_outputs(&mut self) {
+    /// A read (a read, an open, an update's lock) ends as [`Outcome::NoMajority`] when the
+    /// lease does not hold at `now`: the value may be one a majority has replaced since. A
+    /// lock is released unchanged.
+    fn served(&mut self, now: Instant, op: u64, outcome: Outcome) -> Outcome {
+        let read = matches!(
+            outcome,
+            Outcome::Read(_) | Outcome::Opened(_) | Outcome::Granted(_)
+        );
+        if !read || self.lease().holds_at(now) {
+            return outcome;
+        }
+        if matches!(outcome, Outcome::Granted(_)) {
+            self.protocol.commit(op, None);
+        }
+        Outcome::NoMajority
+    }
+
+    fn take_view_outputs(&mut self, now: Instant) {
         // The report froze the protocol: its readability changes go first.
-        self.take_protocol_outputs();
+        self.take_protocol_outputs(now);
         while let Some(output) = self.views.poll_output() {
             match output {
                 ViewOutput::Send { to, message } => self.send_view(to, message),
@@ -288,13 +437,23 @@ impl Member {
                         self.send_view(to, decided);
                     }
                     self.joiners.retain(|n| !view.members.contains(n));
+                    self.leases.installed(&view, id);
                     self.protocol.install(&view, &plan);
-                    self.take_protocol_outputs();
+                    self.tick(now);
+                    self.take_protocol_outputs(now);
                     self.outputs
                         .push_back(MemberOutput::Installed { view, plan });
                 }
             }
         }
+    }
+
+    fn send_lease(&mut self, to: NodeId, message: LeaseMessage) {
+        let envelope = Envelope {
+            epoch: self.views.current().epoch,
+            traffic: Traffic::Lease(message),
+        };
+        self.outputs.push_back(MemberOutput::Send { to, envelope });
     }
 
     fn send_view(&mut self, to: NodeId, message: ViewChange) {
@@ -303,5 +462,19 @@ impl Member {
             traffic: Traffic::View(message),
         };
         self.outputs.push_back(MemberOutput::Send { to, envelope });
+    }
+}
+
+/// Whether `message`, of epoch `current`, shows that its sender promised a ballot for the next
+/// view, so it froze and serves nothing more in this epoch: a proposer's `Prepare` and
+/// `Accept` (it promised its own ballot), a `Promise`, an `Accepted`, a `Refused`.
+fn freezes_sender(message: &ViewChange, current: u64) -> bool {
+    match message {
+        ViewMessage::Prepare { epoch, .. }
+        | ViewMessage::Promise { epoch, .. }
+        | ViewMessage::Accept { epoch, .. }
+        | ViewMessage::Accepted { epoch, .. }
+        | ViewMessage::Refused { epoch, .. } => *epoch == current,
+        ViewMessage::Decided { .. } => false,
     }
 }

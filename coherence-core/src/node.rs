@@ -37,11 +37,12 @@ use serde::Serialize;
 use crate::cell::{self, Cell};
 use crate::config::Config;
 use crate::error::Error;
+use crate::lease::Lease;
 use crate::member::{Member, MemberOutput};
 use crate::protocol::{Event, OpId, Outcome, Protocol};
 use crate::transport::{NodeId, Transport, TransportError, TransportEvent};
 use crate::view::View;
-use crate::wait::{view_retry_after, Budget, Poller, DRIVER_NAP, DRIVER_YIELDS_FOR};
+use crate::wait::{view_retry_after, Budget, Poller, DRIVER_NAP, DRIVER_YIELDS_FOR, LEASE_RETRY};
 use crate::wire::{self, Envelope, Init, Traffic};
 
 /// Counters of one node's traffic.
@@ -208,7 +209,18 @@ struct Inner {
     driver_parked: AtomicBool,
     /// The driver thread, to wake it from a nap when the last poller gives up early.
     driver: std::sync::OnceLock<Thread>,
+    /// Whether the member serves reads under a lease ([`Config::lease`]).
+    leased: bool,
+    /// When the node started: the member's clock when leases are off (it only uses time for
+    /// leases, so reading the clock would be wasted), and the origin of `lease_until`.
+    started: Instant,
+    /// Nanoseconds after `started` until which the lease holds ([`LEASE_UNBOUNDED`]: no end,
+    /// 0: none), so a read hit checks it without the mutex.
+    lease_until: AtomicU64,
 }
+
+/// `Inner::lease_until` of a lease without end.
+const LEASE_UNBOUNDED: u64 = u64::MAX;
 
 impl Inner {
     /// Encodes a value of `object`, refusing one that no frame of the transport could carry:
@@ -302,13 +314,48 @@ impl Inner {
 
     /// Runs one protocol input, then applies its events and sends its messages.
     fn step(&self, core: &mut Core, input: impl FnOnce(&mut Protocol)) {
-        core.member.operate(input);
+        core.member.operate(self.now(), input);
         self.flush(core);
+    }
+
+    /// The member's clock: only leases use it.
+    #[inline]
+    fn now(&self) -> Instant {
+        if self.leased {
+            Instant::now()
+        } else {
+            self.started
+        }
+    }
+
+    /// Whether the lease lets a read hit serve now (one load without leases).
+    #[inline]
+    fn lease_holds(&self) -> bool {
+        let until = self.lease_until.load(Ordering::Acquire);
+        until == LEASE_UNBOUNDED || (self.started.elapsed().as_nanos() as u64) < until
+    }
+
+    /// Publishes the member's lease for read hits, and renews it when due.
+    fn renew_lease(&self, core: &mut Core) {
+        if !self.leased {
+            return;
+        }
+        let now = Instant::now();
+        if core.member.next_tick(now).is_some_and(|at| now >= at) {
+            core.member.tick(now);
+        }
+        let until = match core.member.lease() {
+            Lease::Unbounded => LEASE_UNBOUNDED,
+            Lease::Until(at) => (at.saturating_duration_since(self.started).as_nanos() as u64)
+                .clamp(1, LEASE_UNBOUNDED - 1),
+            Lease::Expired => 0,
+        };
+        self.lease_until.store(until, Ordering::Release);
     }
 
     /// Proposes the view the member wants, if any (see [`Member::wanted`]).
     fn propose_wanted(&self, core: &mut Core) {
-        if core.member.propose_wanted() {
+        if core.member.propose_wanted(self.now()) {
             core.proposed_at = Some(Instant::now());
             core.proposals = core.proposals.saturating_add(1);
             tracing::info!(node = self.id, view = ?core.member.view(), "view change proposed");
@@ -336,6 +383,8 @@ impl Inner {
     }
 
     fn flush(&self, core: &mut Core) {
+        let installed = &mut false;
+        self.renew_lease(core);
         let Core {
             member,
             waiters,
@@ -345,7 +394,6 @@ impl Inner {
             proposals,
             ..
         } = core;
-        let installed = &mut false;
         // Events come before the messages of the same step: a caller sees the value its
         // operation read or wrote before anything leaves, and messages stay in order.
         while let Some(output) = member.poll_output() {
@@ -409,7 +457,7 @@ impl Inner {
                     tracing::debug!(node = self.id, to, "frame not sent: the peer is gone");
                     let tokens = batch.iter().filter_map(|(_, e)| match &e.traffic {
                         Traffic::Token(message) => Some(message.clone()),
-                        Traffic::View(_) => None,
+                        Traffic::View(_) | Traffic::Lease(_) => None,
                     });
                     refused.push((to, tokens.collect::<Vec<_>>()));
                 }
@@ -426,8 +474,9 @@ impl Inner {
         }
         for (to, messages) in refused {
             // The transport dropped `to`: as good as its `Left`.
-            core.member.suspect(to);
-            core.member.operate(|p| p.send_failed(to, messages));
+            core.member.suspect(self.now(), to);
+            core.member
+                .operate(self.now(), |p| p.send_failed(to, messages));
         }
         self.leave_if_alone(core);
         // What the returned tokens now allow (each refusal forgets a peer, so this ends).
@@ -443,6 +492,26 @@ impl Inner {
     ) -> Result<Outcome, Error> {
         self.run_op_with_id(operation, object, start)
             .map(|(_, outcome)| outcome)
+    }
+
+    /// [`Inner::run_op_with_id`] for an operation that reads (open, read, an update's lock):
+    /// while the lease does not hold it is tried again, every [`LEASE_RETRY`], until the
+    /// operation timeout.
+    fn run_read_op(
+        &self,
+        operation: &'static str,
+        object: &str,
+        start: impl Fn(&mut Protocol, OpId),
+    ) -> Result<(OpId, Outcome), Error> {
+        let started = Instant::now();
+        loop {
+            match self.run_op_with_id(operation, object, &start) {
+                Err(Error::NoMajority { .. }) if started.elapsed() < self.config.timeout => {
+                    std::thread::sleep(LEASE_RETRY);
+                }
+                done => return done,
+            }
+        }
     }
 
     /// [`Inner::run_op`], also returning the operation's id.
@@ -511,6 +580,11 @@ impl Inner {
         match outcome {
             Outcome::Aborted | Outcome::Removed => Err(self.stopped_error()),
             Outcome::Interrupted => Err(Error::Interrupted {
+                operation,
+                object: object.to_string(),
+            }),
+            Outcome::NoMajority => Err(Error::NoMajority {
+                node: self.id,
                 operation,
                 object: object.to_string(),
             }),
@@ -685,6 +759,8 @@ impl Inner {
     /// node whose every other member is lost leaves without a view change.
     fn retry_view(&self) {
         let mut core = self.lock();
+        // Renews the lease of an idle node (busy ones renew in every step).
+        self.flush(&mut core);
         let backoff = view_retry_after(self.config.view_retry, core.proposals, self.id);
         let due = core.proposed_at.is_none_or(|at| at.elapsed() >= backoff);
         if due && core.member.wanted().is_some() {
@@ -720,7 +796,8 @@ impl Inner {
                         for traffic in inbox.drain(..) {
                             tracing::trace!(node = self.id, from, epoch, msg = ?traffic, "receive");
                             let fenced = core.member.fenced();
-                            let handled = core.member.handle(from, Envelope { epoch, traffic });
+                            let envelope = Envelope { epoch, traffic };
+                            let handled = core.member.handle(self.now(), from, envelope);
                             self.flush(&mut core);
                             if core.member.fenced() > fenced {
                                 tracing::debug!(node = self.id, from, epoch, "message fenced");
@@ -749,7 +826,7 @@ impl Inner {
             }
             TransportEvent::Left(peer) => {
                 tracing::info!(node = self.id, peer, "peer lost or gone");
-                core.member.suspect(peer);
+                core.member.suspect(self.now(), peer);
                 self.propose_wanted(&mut core);
                 self.leave_if_alone(&mut core);
             }
@@ -785,6 +862,13 @@ impl Node {
             } else {
                 1
             });
+        let lease = config
+            .lease
+            .unwrap_or(if transport.members_fail_together() {
+                Duration::ZERO
+            } else {
+                crate::wait::LEASE
+            });
         let protocol = Protocol::new(id, [], config.write_policy).with_durability(durability);
         let member = if transport.joins_running_cluster() {
             Member::joining(protocol)
@@ -793,6 +877,12 @@ impl Node {
                 transport.peers().into_iter().collect();
             members.insert(id);
             Member::new(protocol, View { epoch: 0, members })
+        };
+        let leased = !lease.is_zero();
+        let member = if leased {
+            member.with_lease(lease)
+        } else {
+            member
         };
         tracing::debug!(node = id, view = ?member.view(), durability, "node starting");
         let max_frame = transport.max_frame();
@@ -823,6 +913,9 @@ impl Node {
             poll_starts: AtomicU64::new(0),
             driver_parked: AtomicBool::new(false),
             driver: std::sync::OnceLock::new(),
+            leased,
+            started: Instant::now(),
+            lease_until: AtomicU64::new(if leased { 0 } else { LEASE_UNBOUNDED }),
         });
         let driver_inner = Arc::clone(&inner);
         let driver = std::thread::Builder::new()
@@ -874,9 +967,9 @@ impl Node {
             type_name: type_name.into(),
             bytes: self.inner.encode_value(name, &init)?,
         };
-        let outcome = self
+        let (_, outcome) = self
             .inner
-            .run_op("open", name, |p, op| p.open(op, name, init))?;
+            .run_read_op("open", name, |p, op| p.open(op, name, init.clone()))?;
         let Outcome::Opened(value) = outcome else {
             unreachable!("open completes with Opened, got {outcome:?}")
         };
@@ -988,9 +1081,9 @@ where
         if let Some(value) = self.try_read()? {
             return Ok(value);
         }
-        let outcome = self
+        let (_, outcome) = self
             .node
-            .run_op("read", &self.name, |p, op| p.read(op, &self.name))?;
+            .run_read_op("read", &self.name, |p, op| p.read(op, &self.name))?;
         let (Outcome::Read(value) | Outcome::Opened(value)) = outcome else {
             unreachable!("read completes with Read, got {outcome:?}")
         };
@@ -998,11 +1091,15 @@ where
         Ok(Arc::new(cell::decode(&self.name, &value.bytes)?))
     }
 
-    /// The current value if this node holds a token, without waiting; `Ok(None)` otherwise.
+    /// The current value if this node holds a token (and, with leases, its lease holds),
+    /// without waiting; `Ok(None)` otherwise.
     #[inline]
     pub fn try_read(&self) -> Result<Option<Arc<T>>, Error> {
         self.node.check_running()?;
         self.node.check_not_updating("read", &self.name)?;
+        if !self.node.lease_holds() {
+            return Ok(None);
+        }
         self.cell.read(&self.name)
     }
 
@@ -1048,7 +1145,7 @@ where
         self.node.check_not_updating("update", &self.name)?;
         let (op, outcome) = self
             .node
-            .run_op_with_id("update", &self.name, |p, op| p.lock(op, &self.name))?;
+            .run_read_op("update", &self.name, |p, op| p.lock(op, &self.name))?;
         let Outcome::Granted(value) = outcome else {
             unreachable!("lock completes with Granted, got {outcome:?}")
         };

@@ -56,6 +56,10 @@ pub enum Outcome {
     /// This node is not a member of the current view any more; it serves nothing until it
     /// joins again as a new member.
     Removed,
+    /// A read (or an update's lock) found this node without a lease: it has not heard from a
+    /// majority of its view lately, which may have removed it and replaced the value. Nothing
+    /// changed; the caller may retry once the lease is renewed (see [`crate::lease`]).
+    NoMajority,
 }
 
 /// Why [`Protocol::handle`] refused a message. No correct peer sends one of these, so acting on
@@ -392,6 +396,9 @@ pub struct Protocol {
     removed: bool,
     clock: u64,
     members: BTreeSet<NodeId>,
+    /// How many other members the view has, reachable or not: what a write's copies are
+    /// counted against (a member cut off from the others must not count them out).
+    view_others: usize,
     objects: BTreeMap<Arc<str>, Object>,
     /// Whether this node creates objects nobody has created yet (node 0 at first).
     genesis: bool,
@@ -421,6 +428,7 @@ impl Protocol {
             removed: false,
             clock: 0,
             members: peers.into_iter().filter(|&p| p != id).collect(),
+            view_others: 0,
             objects: BTreeMap::new(),
             genesis: id == 0,
             created: BTreeSet::new(),
@@ -446,8 +454,17 @@ impl Protocol {
 
     /// Copies a write waits for now: the durability, or the other members if fewer (a copy
     /// needs a member to hold it; with none, nothing could survive this node anyway).
+    /// With any durability, the writer and its copies are a majority of the view as well:
+    /// every later view is decided by a majority, which then includes a holder of the value,
+    /// even when the writer and some copies are cut off together (a partition) rather than
+    /// crashed.
     fn copies_needed(&self) -> usize {
-        (self.durability as usize).min(self.members.len())
+        if self.durability == 0 {
+            return 0;
+        }
+        let others = self.view_others.max(self.members.len());
+        let view = others + 1;
+        (self.durability as usize).max(view / 2).min(others)
     }
 
     /// Whether `op` is a write still to be applied (waiting for copies, or committed while
@@ -750,6 +767,7 @@ impl Protocol {
             .copied()
             .filter(|&m| m != self.id)
             .collect();
+        self.view_others = self.members.len();
         self.frozen = false;
         self.removed = !member;
         self.genesis = member && first == Some(self.id);
@@ -850,6 +868,7 @@ impl Protocol {
         if peer == self.id || !self.members.insert(peer) {
             return;
         }
+        self.view_others = self.view_others.max(self.members.len());
         if self.leaving {
             self.sends.push_back((peer, Message::Leaving));
             self.awaiting_acks.insert(peer);

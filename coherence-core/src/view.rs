@@ -151,6 +151,12 @@ pub trait Recreation<R, P> {
     /// The plan for the view after `view`, whose members will be `members`, from the reports
     /// of a majority of `view`'s members.
     fn plan(&self, view: &View, members: &BTreeSet<NodeId>, reports: &BTreeMap<NodeId, R>) -> P;
+    /// Whether this node may accept `members` as the view after `view` now. Leases say no
+    /// while a grant to a member it removes still binds: the proposer retries later.
+    fn accepts(&self, view: &View, members: &BTreeSet<NodeId>) -> bool {
+        let _ = (view, members);
+        true
+    }
 }
 
 /// A proposal accepted, with the ballot it was accepted in.
@@ -520,6 +526,9 @@ where
         proposal: Proposal<P>,
         node: &mut impl Recreation<R, P>,
     ) {
+        if !node.accepts(&self.current, &proposal.members) {
+            return;
+        }
         if !self.promise(from, epoch, ballot, node) {
             return;
         }

@@ -39,6 +39,19 @@ pub const CALLER_POLL: Duration = Duration::from_micros(200);
 /// retrying much sooner would only make proposals cut each other short.
 pub const VIEW_RETRY: Duration = Duration::from_millis(200);
 
+/// Default of [`crate::Config::lease`] where members may be cut off from each other: how
+/// long a member's grant keeps the others from removing the member it granted to. A member
+/// cut off from the majority stops serving reads within this time, and the majority waits
+/// for it before removing that member; shorter than the ZeroMQ transport's default loss
+/// detection (3 s), so recovering from a crash takes no longer than detecting it. Renewed
+/// every quarter of it: a lease survives a few lost or late rounds.
+pub const LEASE: Duration = Duration::from_secs(2);
+
+/// How often a read that found no lease tries again: the lease comes back with the next
+/// renewal's answers, a quarter of [`LEASE`] away at most, and a read only waits like this
+/// while the node is cut off or right after a view change.
+pub const LEASE_RETRY: Duration = Duration::from_millis(2);
+
 /// How long a member waits before proposing a view again after `attempts` proposals since
 /// the last view was installed: `base` doubled per attempt (up to 32 times), plus a sixteenth
 /// of it per step of the node id (mod 8), so that two proposers that keep colliding drift

@@ -19,12 +19,13 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::lease::LeaseMessage;
 use crate::protocol::{Plan, Report};
 use crate::transport::NodeId;
 use crate::view::{Ballot, Epoch, Proposal, ViewMessage};
 
 /// Version of the wire format; a frame with another version is rejected.
-pub const PROTOCOL_VERSION: u8 = 4;
+pub const PROTOCOL_VERSION: u8 = 5;
 
 /// A message of the view change, carrying reports and the token recreation plan.
 pub type ViewChange = ViewMessage<Report, Plan>;
@@ -36,6 +37,8 @@ pub enum Traffic {
     Token(Message),
     /// View change, which names its own epoch.
     View(ViewChange),
+    /// Lease requests and grants, valid only within the sender's epoch.
+    Lease(LeaseMessage),
 }
 
 /// A message stamped with the epoch its sender was in when it sent it.
@@ -180,6 +183,8 @@ const TAG_ACCEPT: u8 = 10;
 const TAG_ACCEPTED: u8 = 11;
 const TAG_REFUSED: u8 = 12;
 const TAG_DECIDED: u8 = 13;
+const TAG_LEASE_REQUEST: u8 = 14;
+const TAG_LEASE_GRANT: u8 = 15;
 
 const ACCESS_READ: u8 = 0;
 const ACCESS_WRITE: u8 = 1;
@@ -222,6 +227,7 @@ where
         match message {
             Traffic::Token(message) => encode_message(&mut w, message),
             Traffic::View(message) => encode_view(&mut w, message),
+            Traffic::Lease(message) => encode_lease(&mut w, message),
         }
     }
     w
@@ -294,6 +300,7 @@ fn size_bound(traffic: &Traffic) -> usize {
     let message = match traffic {
         Traffic::Token(message) => message,
         Traffic::View(message) => return view_size_bound(message),
+        Traffic::Lease(_) => return MESSAGE_FIXED_BOUND,
     };
     let payload = match message {
         Message::Request(r) => {
@@ -561,6 +568,23 @@ fn encode_view(w: &mut Vec<u8>, message: &ViewChange) {
     }
 }
 
+/// A lease message: its tag, its stamp, and a request's duration.
+fn encode_lease(w: &mut Vec<u8>, message: &LeaseMessage) {
+    match message {
+        LeaseMessage::Request { sent, millis } => {
+            array_len(w, 3);
+            uint(w, TAG_LEASE_REQUEST.into());
+            uint(w, *sent);
+            uint(w, *millis);
+        }
+        LeaseMessage::Grant { sent } => {
+            array_len(w, 2);
+            uint(w, TAG_LEASE_GRANT.into());
+            uint(w, *sent);
+        }
+    }
+}
+
 /// Decodes a frame made by [`encode`]: its epoch and messages. Value bytes are slices of
 /// `frame`, not copies.
 pub fn decode(frame: Bytes) -> Result<(Epoch, Vec<Traffic>), DecodeError> {
@@ -798,7 +822,30 @@ impl<'a> Decoder<'a> {
         if tag < TAG_PREPARE {
             return self.message().map(Traffic::Token);
         }
+        if tag == TAG_LEASE_REQUEST || tag == TAG_LEASE_GRANT {
+            return self.lease_message().map(Traffic::Lease);
+        }
         self.view_message().map(Traffic::View)
+    }
+
+    fn lease_message(&mut self) -> Result<LeaseMessage, DecodeError> {
+        let len = self.array_len("a message")?;
+        let tag: u8 = self.uint("a message tag")?;
+        let expected_len = if tag == TAG_LEASE_REQUEST { 3 } else { 2 };
+        if len != expected_len {
+            return Err(self.malformed(format!(
+                "message with tag {tag} has {len} fields, expected {expected_len}"
+            )));
+        }
+        let sent = self.uint("a lease stamp")?;
+        Ok(if tag == TAG_LEASE_REQUEST {
+            LeaseMessage::Request {
+                sent,
+                millis: self.uint("a lease duration")?,
+            }
+        } else {
+            LeaseMessage::Grant { sent }
+        })
     }
 
     fn view_message(&mut self) -> Result<ViewChange, DecodeError> {
@@ -1067,7 +1114,17 @@ mod tests {
             },
         ];
         let tokens = tokens.into_iter().map(Traffic::Token);
-        tokens.chain(views.into_iter().map(Traffic::View)).collect()
+        let leases = [
+            LeaseMessage::Request {
+                sent: 0,
+                millis: 2000,
+            },
+            LeaseMessage::Grant { sent: u64::MAX },
+        ];
+        tokens
+            .chain(views.into_iter().map(Traffic::View))
+            .chain(leases.into_iter().map(Traffic::Lease))
+            .collect()
     }
 
     fn decode_vec(frame: Vec<u8>) -> Result<Vec<Traffic>, DecodeError> {

@@ -93,6 +93,17 @@ class Removed(CoherenceError):
     node: int
 
 
+class NoMajority(CoherenceError):
+    """This node has not heard from a majority of the cluster for longer than its lease (it
+    is cut off, or was stalled): the others may have gone on without it, so it serves no read
+    until they renew its lease. Raised once that did not happen within the operation timeout.
+    Attributes: ``node``, ``operation``, ``object``."""
+
+    node: int
+    operation: str
+    object: str
+
+
 class Interrupted(CoherenceError):
     """A change of the cluster's members came while this ``update`` held the object, and
     its write did not take effect; nothing was written, and the update may be tried again.

@@ -120,6 +120,18 @@ pub fn to_py(err: Error) -> PyErr {
             ),
             Error::Spawn(reason) => ("SpawnError", vec![("reason", string(py, &reason))]),
             Error::Removed(node) => ("Removed", vec![("node", int(py, node.into()))]),
+            Error::NoMajority {
+                node,
+                operation,
+                object,
+            } => (
+                "NoMajority",
+                vec![
+                    ("node", int(py, node.into())),
+                    ("operation", string(py, operation)),
+                    ("object", string(py, &object)),
+                ],
+            ),
             Error::Interrupted { operation, object } => (
                 "Interrupted",
                 vec![

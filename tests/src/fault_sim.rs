@@ -1,20 +1,28 @@
-//! Deterministic simulation of [`Member`]s (token protocol plus views) under crashes, joins,
-//! leaves and view changes, with a seeded scheduler.
+//! Deterministic simulation of [`Member`]s (token protocol, views and leases) under crashes,
+//! partitions, stalls, heals, joins, leaves and view changes, with a seeded scheduler.
 //!
-//! The network is one FIFO queue per ordered pair of nodes; every step delivers the head of a
-//! random queue to a live node, starts or finishes an operation, crashes a node, lets a node
-//! hear what its transport reports (a node lost, a node asking to join), fires a node's retry
-//! timer, lets a new node ask to join or a member leave. A crashed node never acts again: what
-//! it sent may still arrive (a random prefix of each of its queues survives), and what is sent
-//! to it stays in flight, where its tokens still count. Membership goes through the members'
-//! own rules ([`Member::wanted`]): every live node hears of a crash in its own time, the
-//! coordinator proposes, proposals race and stall when a proposer crashes, and timers retry.
-//! Crashes stop at the seed's budget, and never leave the newest view (or that view without
-//! its leaving members) without a live majority.
+//! The network is one FIFO queue per ordered pair of nodes; every step advances the simulated
+//! time a little and delivers the head of a random queue to a live node, starts or finishes
+//! an operation, crashes a node, cuts a minority off (a partition) or stalls a node, heals,
+//! lets a node hear what its transport reports (a node lost, a node asking to join), fires a
+//! node's retry timer, lets a new node ask to join or a member leave. Each node's clock runs
+//! at its own rate, within the drift leases assume; due lease timers fire every step.
+//!
+//! A crashed node never acts again: what it sent may still arrive (a random prefix of each of
+//! its queues survives), and what is sent to it stays in flight, where its tokens still count.
+//! Across a partition nothing is delivered until it heals (then everything is, in order); the
+//! cut-off side keeps running, and each side's transports report the other side lost. A
+//! stalled node does nothing until its stall ends (its clock goes on); a long stall is
+//! reported as a loss. Membership goes through the members' own rules ([`Member::wanted`]):
+//! every node hears of a loss in its own time, the coordinator proposes, proposals race and
+//! stall when a proposer crashes, and timers retry. A node that was cut off or stalled comes
+//! back to find itself removed. Faults stop at the seed's budget (every node lost counts, as
+//! a removed node never comes back as the same member), and never leave the newest view (or
+//! that view without its leaving members) without a reachable majority.
 //!
 //! Checked after every step:
 //! - at most one node that may write each object (holds every token, is live, not frozen, not
-//!   removed), across all epochs;
+//!   removed, and its lease holds), across all epochs;
 //! - in the newest epoch, once nobody in it is frozen: tokens add up to one agreed total with
 //!   one owner token, counting the members that have not installed the view yet with the
 //!   tokens the plan gives them, and token messages of that epoch in flight (if a crash lost
@@ -30,6 +38,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt::Display;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use coherence_core::member::{Member, MemberOutput};
@@ -45,6 +54,23 @@ use crate::conformance::linearizability::{check, Entry, Op, Ret, Verdict};
 /// The type name every simulated object is opened with.
 const TYPE_NAME: &str = "i64";
 
+/// The lease every simulated member serves under: about 800 steps, so that lease traffic
+/// (every member asks every other one each quarter of it) takes a small share of the
+/// deliveries even with seven members.
+const LEASE: Duration = Duration::from_millis(400);
+
+/// The most simulated time one step takes.
+const MAX_STEP_TIME: Duration = Duration::from_millis(1);
+
+/// The longest partition or stall.
+const MAX_EPISODE: Duration = Duration::from_millis(1000);
+
+/// How long a partition or stall lasts before the transports report the nodes on the other
+/// side lost, and drop them for good (as the ZeroMQ transport does), at most: a shorter one
+/// heals without a trace. Each episode draws its own, from a quarter of it: often before the
+/// cut-off side's lease expired, which grants must then hold back.
+const DETECTION: Duration = Duration::from_millis(600);
+
 /// One seed's cluster and workload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FaultConfig {
@@ -54,9 +80,9 @@ pub struct FaultConfig {
     pub objects: usize,
     /// The write policy.
     pub policy: WritePolicy,
-    /// Copies a write waits for: with at least `crashes`, no write that returned is lost.
+    /// Copies a write waits for: with any, no write that returned is lost.
     pub durability: u32,
-    /// Crashes that may happen (a minority).
+    /// Nodes that may be lost to faults (crashed, cut off, stalled for long): a minority.
     pub crashes: u32,
     /// Operations started in all.
     pub ops: usize,
@@ -64,7 +90,7 @@ pub struct FaultConfig {
 
 impl FaultConfig {
     /// The configuration seed `seed` runs: 3 to 5 nodes, 1 or 2 objects, either policy, up to
-    /// a minority of crashes, durability equal to that minority.
+    /// a minority of faults, durability equal to that minority.
     pub fn for_seed(seed: u64) -> FaultConfig {
         let mut rng = StdRng::seed_from_u64(seed ^ 0xfa17_5eed);
         let nodes = rng.gen_range(3..=5);
@@ -95,6 +121,12 @@ pub struct FaultReport {
     pub interrupted: u64,
     /// Nodes crashed.
     pub crashes: u64,
+    /// Partitions that cut nodes off.
+    pub partitions: u64,
+    /// Nodes stalled.
+    pub stalls: u64,
+    /// Reads refused because the lease did not hold.
+    pub no_majority: u64,
     /// View installations (counted per node).
     pub installs: u64,
     /// Token messages dropped by fencing.
@@ -108,6 +140,9 @@ impl FaultReport {
         self.completed += other.completed;
         self.interrupted += other.interrupted;
         self.crashes += other.crashes;
+        self.partitions += other.partitions;
+        self.stalls += other.stalls;
+        self.no_majority += other.no_majority;
         self.installs += other.installs;
         self.fenced += other.fenced;
     }
@@ -160,6 +195,34 @@ enum Reported {
     Joining(NodeId),
 }
 
+/// A fault that ends: a partition or a stall.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Episode {
+    /// Nothing crosses between these nodes and the others until `until`.
+    Cut {
+        side: BTreeSet<NodeId>,
+        until: Duration,
+    },
+    /// `node` does nothing until `until`.
+    Stall { node: NodeId, until: Duration },
+}
+
+impl Episode {
+    fn until(&self) -> Duration {
+        match self {
+            Episode::Cut { until, .. } | Episode::Stall { until, .. } => *until,
+        }
+    }
+
+    /// The two sides of the episode: the nodes cut off (or stalled), and the others.
+    fn cut_off(&self) -> BTreeSet<NodeId> {
+        match self {
+            Episode::Cut { side, .. } => side.clone(),
+            Episode::Stall { node, .. } => BTreeSet::from([*node]),
+        }
+    }
+}
+
 /// The simulation of one seed.
 pub struct FaultSim {
     seed: u64,
@@ -191,6 +254,20 @@ pub struct FaultSim {
     returned: Vec<Vec<(Epoch, u64, i64)>>,
     report: FaultReport,
     trace: bool,
+    /// Real time's origin: each node's clock is `origin + elapsed * rate`.
+    origin: Instant,
+    /// Simulated time since the start.
+    elapsed: Duration,
+    /// Per node, its clock's rate (within the drift leases assume).
+    rates: Vec<f64>,
+    /// The partition or stall under way, if any, and when it is detected.
+    episode: Option<Episode>,
+    detect_at: Duration,
+    /// Pairs of nodes whose transports dropped each other (a partition or stall detected):
+    /// nothing passes between them any more.
+    severed: BTreeSet<(NodeId, NodeId)>,
+    /// Nodes lost to faults so far (crashed, or cut off or stalled and reported lost).
+    lost: BTreeSet<NodeId>,
 }
 
 impl FaultSim {
@@ -205,12 +282,21 @@ impl FaultSim {
             .iter()
             .map(|&id| {
                 let protocol = Protocol::new(id, [], cfg.policy).with_durability(cfg.durability);
-                Member::new(protocol, view.clone())
+                Member::new(protocol, view.clone()).with_lease(LEASE)
             })
             .collect();
+        let mut rng = StdRng::seed_from_u64(seed);
+        let rates = (0..cfg.nodes).map(|_| Self::rate(&mut rng)).collect();
         FaultSim {
             seed,
-            rng: StdRng::seed_from_u64(seed),
+            rng,
+            origin: Instant::now(),
+            elapsed: Duration::ZERO,
+            rates,
+            episode: None,
+            detect_at: Duration::ZERO,
+            severed: BTreeSet::new(),
+            lost: BTreeSet::new(),
             alive: vec![true; cfg.nodes as usize],
             nodes,
             net: BTreeMap::new(),
@@ -233,6 +319,17 @@ impl FaultSim {
         }
     }
 
+    /// A clock rate within the drift leases assume (a little inside it).
+    fn rate(rng: &mut StdRng) -> f64 {
+        let drift = coherence_core::lease::MAX_CLOCK_DRIFT * 0.9;
+        rng.gen_range(1.0 - drift..=1.0 + drift)
+    }
+
+    /// Node `node`'s clock now.
+    fn now(&self, node: NodeId) -> Instant {
+        self.origin + self.elapsed.mul_f64(self.rates[node as usize])
+    }
+
     /// Prints every step (for replaying one seed).
     pub fn with_trace(mut self) -> Self {
         self.trace = true;
@@ -242,7 +339,9 @@ impl FaultSim {
     /// Runs the seed: setup, random steps with faults, then the drain and the final checks.
     pub fn run(mut self) -> Result<FaultReport, String> {
         self.setup()?;
-        while self.started < self.cfg.ops {
+        // Operations go on while a partition or stall lasts, so the cut-off side is asked to
+        // serve before and after its lease expired.
+        while self.started < self.cfg.ops || self.episode.is_some() {
             self.random_step()?;
             self.check_budget()?;
         }
@@ -272,6 +371,13 @@ impl FaultSim {
     /// Every node opens every object (node 0, the genesis, first), and every queue drains:
     /// the faults start from a cluster where every object exists with value 0.
     fn setup(&mut self) -> Result<(), String> {
+        // Leases first, so the opens can be served.
+        for node in 0..self.cfg.nodes {
+            let now = self.now(node);
+            self.nodes[node as usize].tick(now);
+            self.after(node)?;
+        }
+        while self.deliver_any()? {}
         for node in 0..self.cfg.nodes {
             for object in 0..self.cfg.objects {
                 let op = self.next_op;
@@ -280,7 +386,8 @@ impl FaultSim {
                     type_name: TYPE_NAME.into(),
                     bytes: Bytes::copy_from_slice(&0i64.to_le_bytes()),
                 };
-                self.nodes[node as usize].operate(|p| p.open(op, &Self::name(object), init));
+                let now = self.now(node);
+                self.nodes[node as usize].operate(now, |p| p.open(op, &Self::name(object), init));
                 self.after(node)?;
             }
         }
@@ -288,8 +395,38 @@ impl FaultSim {
         Ok(())
     }
 
+    /// Lets simulated time pass: an episode that lasted long enough is detected, one that is
+    /// over ends, due lease timers fire.
+    fn pass_time(&mut self, time: Duration) -> Result<(), String> {
+        self.elapsed += time;
+        if self.episode.is_some() && self.detect_at <= self.elapsed {
+            self.detect();
+        }
+        if self
+            .episode
+            .as_ref()
+            .is_some_and(|e| e.until() <= self.elapsed)
+        {
+            self.trace_line(|| "the partition or stall ends".to_string());
+            self.episode = None;
+        }
+        for node in self.active() {
+            let now = self.now(node);
+            if self.nodes[node as usize]
+                .next_tick(now)
+                .is_some_and(|at| at <= now)
+            {
+                self.nodes[node as usize].tick(now);
+                self.after(node)?;
+            }
+        }
+        Ok(())
+    }
+
     fn random_step(&mut self) -> Result<(), String> {
         self.report.steps += 1;
+        let time = self.rng.gen_range(Duration::ZERO..=MAX_STEP_TIME);
+        self.pass_time(time)?;
         let roll = self.rng.gen_range(0..100);
         // Right after a write returned, a crash of its writer is likelier: its copies and
         // pushes may still be on the way.
@@ -297,15 +434,24 @@ impl FaultSim {
         if just_wrote && roll < 20 {
             self.crash()?;
         } else if roll < 60 {
+            // Up to two deliveries: lease traffic grows with the square of the members.
             if !self.deliver_random()? {
                 self.start_op()?;
+            } else if self.rng.gen_bool(0.5) {
+                self.deliver_random()?;
             }
         } else if roll < 78 {
             self.start_op()?;
         } else if roll < 85 {
             self.commit_one()?;
-        } else if roll < 88 {
+        } else if roll < 86 {
             self.crash()?;
+        } else if roll < 88 {
+            if self.rng.gen_bool(0.7) {
+                self.cut()?;
+            } else {
+                self.stall()?;
+            }
         } else if roll < 94 {
             self.report_random()?;
         } else if roll < 96 {
@@ -324,9 +470,27 @@ impl FaultSim {
             .collect()
     }
 
-    /// Live nodes that are members of their view (not joining, not removed).
-    fn serving(&self) -> Vec<NodeId> {
+    fn stalled(&self, node: NodeId) -> bool {
+        matches!(&self.episode, Some(Episode::Stall { node: n, .. }) if *n == node)
+    }
+
+    /// Live nodes that are not stalled: they act.
+    fn active(&self) -> Vec<NodeId> {
         self.live()
+            .into_iter()
+            .filter(|&n| !self.stalled(n))
+            .collect()
+    }
+
+    /// Whether a partition keeps what `from` sends from reaching `to`.
+    fn separated(&self, from: NodeId, to: NodeId) -> bool {
+        matches!(&self.episode, Some(Episode::Cut { side, .. })
+            if side.contains(&from) != side.contains(&to))
+    }
+
+    /// Active nodes that are members of their view (not joining, not removed).
+    fn serving(&self) -> Vec<NodeId> {
+        self.active()
             .into_iter()
             .filter(|&n| {
                 let member = &self.nodes[n as usize];
@@ -342,7 +506,8 @@ impl FaultSim {
             .into_iter()
             .filter(|&n| !self.ops.values().any(|r| r.node == n && !r.finished))
             .collect();
-        if idle.is_empty() {
+        // During a partition or stall operations go on, up to twice the seed's count.
+        if idle.is_empty() || self.started >= 2 * self.cfg.ops {
             return Ok(());
         }
         let node = idle[self.rng.gen_range(0..idle.len())];
@@ -377,7 +542,8 @@ impl FaultSim {
             },
         ));
         let name = Self::name(object);
-        self.nodes[node as usize].operate(|p| match kind {
+        let now = self.now(node);
+        self.nodes[node as usize].operate(now, |p| match kind {
             Kind::Read => p.read(op, &name),
             Kind::Write(v) => p.write(op, &name, bytes_of(v)),
             Kind::Swap(_) => p.lock(op, &name),
@@ -396,6 +562,7 @@ impl FaultSim {
             .ops
             .iter()
             .filter(|(_, r)| r.awaits_commit() && self.alive[r.node as usize])
+            .filter(|(_, r)| !self.stalled(r.node))
             .map(|(&op, _)| op)
             .collect();
         if granted.is_empty() {
@@ -410,7 +577,8 @@ impl FaultSim {
         self.ops.get_mut(&op).expect("known").committed = true;
         // The swap completes with an event if it waits for copies or for the next view (see
         // `Protocol::completes_later`), else at once.
-        let (version, later) = self.nodes[record.node as usize].operate(|p| {
+        let now = self.now(record.node);
+        let (version, later) = self.nodes[record.node as usize].operate(now, |p| {
             let version = p.commit(op, Some(bytes_of(value)));
             (version, p.completes_later(op))
         });
@@ -420,23 +588,30 @@ impl FaultSim {
         self.after(record.node)
     }
 
-    /// Crashes a random live node, if the seed still allows a crash.
-    fn crash(&mut self) -> Result<(), String> {
-        if self.report.crashes >= u64::from(self.cfg.crashes) {
-            return Ok(());
-        }
-        if !self.crash_survivable() {
-            return Ok(());
-        }
-        // Half the crashes hit the node that last returned a write, likely before its copies
-        // or pushes have all left: the case durability is for.
-        let live = self.live();
-        let node = match self.last_writer.filter(|&w| self.alive[w as usize]) {
+    /// Picks the node a fault hits: half the time the node that last returned a write, likely
+    /// before its copies or pushes have all left (the case durability is for).
+    fn victim(&mut self) -> NodeId {
+        // Members only: a joiner lost before it is taken in would wait for good (it must ask
+        // again as a new node).
+        let live = self.serving();
+        match self.last_writer.filter(|w| live.contains(w)) {
             Some(writer) if self.rng.gen_bool(0.5) => writer,
             _ => live[self.rng.gen_range(0..live.len())],
-        };
+        }
+    }
+
+    /// Crashes a random live node, if the seed still allows a fault.
+    fn crash(&mut self) -> Result<(), String> {
+        if self.episode.is_some() || self.lost.len() >= self.cfg.crashes as usize {
+            return Ok(());
+        }
+        let node = self.victim();
+        if !self.survives_losing(&[node]) {
+            return Ok(());
+        }
         self.trace_line(|| format!("node {node} crashes"));
         self.alive[node as usize] = false;
+        self.lost.insert(node);
         self.report.crashes += 1;
         // Every other node's transport reports it lost, each in its own time.
         for observer in self.live() {
@@ -465,20 +640,106 @@ impl FaultSim {
         Ok(())
     }
 
-    /// Whether one more crash leaves a live majority in every view some live member is still
-    /// in or has moved to, and in each of those without its leaving members: otherwise
-    /// nothing could be decided any more (a cluster shrunk to two members survives no crash,
-    /// and members that missed the last decision still need a majority of their view).
-    fn crash_survivable(&self) -> bool {
+    /// The episode under way lasted its detection time: each side's transports report the other
+    /// side lost and drop it (what was in flight between them is lost), and its nodes count
+    /// as lost.
+    fn detect(&mut self) {
+        let Some(episode) = self.episode.clone() else {
+            return;
+        };
+        self.detect_at = Duration::MAX;
+        let side = episode.cut_off();
+        self.trace_line(|| format!("nodes {side:?} are reported lost"));
+        for a in self.live() {
+            for b in self.live() {
+                if side.contains(&a) && !side.contains(&b) {
+                    self.reports[a as usize].push_back(Reported::Lost(b));
+                    self.reports[b as usize].push_back(Reported::Lost(a));
+                    self.severed.insert((a.min(b), a.max(b)));
+                    for key in [(a, b), (b, a)] {
+                        let dropped = self.net.remove(&key).unwrap_or_default();
+                        self.lose(dropped);
+                    }
+                }
+            }
+        }
+        self.lost.extend(side);
+    }
+
+    /// Messages lost in flight: their tokens are gone, so conservation only bounds the tokens
+    /// of their epoch from above.
+    fn lose(&mut self, lost: impl IntoIterator<Item = Envelope>) {
+        for envelope in lost {
+            if matches!(envelope.traffic, Traffic::Token(Message::Grant(_))) {
+                self.lossy.insert(envelope.epoch);
+            }
+        }
+    }
+
+    fn is_severed(&self, a: NodeId, b: NodeId) -> bool {
+        self.severed.contains(&(a.min(b), a.max(b)))
+    }
+
+    /// Cuts a random minority off, for up to [`MAX_EPISODE`], if the seed still allows losing
+    /// it; after a detection time, each side's transports report the other side lost.
+    fn cut(&mut self) -> Result<(), String> {
+        let budget = (self.cfg.crashes as usize).saturating_sub(self.lost.len());
+        if self.episode.is_some() || budget == 0 {
+            return Ok(());
+        }
+        let first = self.victim();
+        let mut side = vec![first];
+        let size = self.rng.gen_range(1..=budget);
+        let mut others: Vec<NodeId> = self.serving().into_iter().filter(|&n| n != first).collect();
+        while side.len() < size && !others.is_empty() {
+            side.push(others.swap_remove(self.rng.gen_range(0..others.len())));
+        }
+        if !self.survives_losing(&side) {
+            return Ok(());
+        }
+        let side: BTreeSet<NodeId> = side.into_iter().collect();
+        let until = self.elapsed + self.rng.gen_range(Duration::ZERO..=MAX_EPISODE);
+        self.trace_line(|| format!("nodes {side:?} are cut off until {until:?}"));
+        self.report.partitions += 1;
+        self.detect_at = self.elapsed + self.rng.gen_range(DETECTION / 4..=DETECTION);
+        self.episode = Some(Episode::Cut { side, until });
+        Ok(())
+    }
+
+    /// Stalls a random node for up to [`MAX_EPISODE`]; one longer than its detection time is
+    /// reported lost (only while the seed allows losing one more node).
+    fn stall(&mut self) -> Result<(), String> {
+        if self.episode.is_some() {
+            return Ok(());
+        }
+        let node = self.victim();
+        let may_lose = self.lost.len() < self.cfg.crashes as usize && self.survives_losing(&[node]);
+        let longest = if may_lose { MAX_EPISODE } else { DETECTION / 8 };
+        let until = self.elapsed + self.rng.gen_range(Duration::ZERO..=longest);
+        self.trace_line(|| format!("node {node} stalls until {until:?}"));
+        self.report.stalls += 1;
+        self.detect_at = self.elapsed + self.rng.gen_range(DETECTION / 4..=DETECTION);
+        self.episode = Some(Episode::Stall { node, until });
+        Ok(())
+    }
+
+    /// Whether losing `nodes` (on top of what is down) leaves a reachable majority in every
+    /// view some live member is still in or has moved to, and in each of those without its
+    /// leaving members: otherwise nothing could be decided any more (a cluster shrunk to two
+    /// members survives no loss, and members that missed the last decision still need a
+    /// majority of their view).
+    fn survives_losing(&self, nodes: &[NodeId]) -> bool {
         let oldest = self
             .serving()
             .into_iter()
             .map(|n| self.nodes[n as usize].view().epoch)
             .min()
             .unwrap_or(0);
+        let up =
+            |m: NodeId| self.alive[m as usize] && !self.lost.contains(&m) && !nodes.contains(&m);
         let survives = |members: &mut dyn Iterator<Item = NodeId>, size: usize| {
-            let live = members.filter(|&m| self.alive[m as usize]).count();
-            live > size / 2 + 1
+            let up = members.filter(|&m| up(m)).count();
+            up > size / 2
         };
         self.decided.range(oldest..).all(|(_, (view, _))| {
             let staying: Vec<NodeId> = view
@@ -492,11 +753,11 @@ impl FaultSim {
         })
     }
 
-    /// A random live node hears the oldest thing its transport has to report (a node lost or
-    /// asking to join), and proposes what it wants then.
+    /// A random active node hears the oldest thing its transport has to report (a node lost
+    /// or asking to join), and proposes what it wants then.
     fn report_random(&mut self) -> Result<(), String> {
         let ready: Vec<NodeId> = self
-            .live()
+            .active()
             .into_iter()
             .filter(|&n| !self.reports[n as usize].is_empty())
             .collect();
@@ -512,18 +773,19 @@ impl FaultSim {
             return Ok(());
         };
         self.trace_line(|| format!("node {node} hears {reported:?}"));
+        let now = self.now(node);
         match reported {
-            Reported::Lost(lost) => self.nodes[node as usize].suspect(lost),
+            Reported::Lost(lost) => self.nodes[node as usize].suspect(now, lost),
             Reported::Joining(joiner) => self.nodes[node as usize].admit(joiner),
         }
         self.after(node)?;
         self.propose_wanted(node)
     }
 
-    /// A random live node's retry timer fires.
+    /// A random active node's retry timer fires.
     fn tick_random(&mut self) -> Result<(), String> {
-        let live = self.live();
-        let node = live[self.rng.gen_range(0..live.len())];
+        let active = self.active();
+        let node = active[self.rng.gen_range(0..active.len())];
         self.propose_wanted(node)
     }
 
@@ -531,7 +793,8 @@ impl FaultSim {
         let wanted = self.nodes[node as usize].wanted();
         if let Some(members) = wanted {
             self.trace_line(|| format!("node {node} proposes {members:?}"));
-            self.nodes[node as usize].propose(members);
+            let now = self.now(node);
+            self.nodes[node as usize].propose(now, members);
         }
         self.after(node)
     }
@@ -545,10 +808,17 @@ impl FaultSim {
         let id = self.nodes.len() as NodeId;
         self.trace_line(|| format!("node {id} asks to join"));
         let protocol = Protocol::new(id, [], self.cfg.policy).with_durability(self.cfg.durability);
-        self.nodes.push(Member::joining(protocol));
+        self.nodes.push(Member::joining(protocol).with_lease(LEASE));
         self.alive.push(true);
+        let rate = Self::rate(&mut self.rng);
+        self.rates.push(rate);
         self.reports.push(VecDeque::new());
-        for observer in self.serving() {
+        // Stalled members hear of it when they resume.
+        let members = self.live().into_iter().filter(|&n| {
+            let member = &self.nodes[n as usize];
+            member.view().members.contains(&n) && !member.protocol().is_removed()
+        });
+        for observer in members.collect::<Vec<_>>() {
             self.reports[observer as usize].push_back(Reported::Joining(id));
         }
         Ok(())
@@ -561,13 +831,7 @@ impl FaultSim {
         }
         let serving = self.serving();
         let node = serving[self.rng.gen_range(0..serving.len())];
-        let view = self.nodes[node as usize].view().clone();
-        let live_members = view
-            .members
-            .iter()
-            .filter(|&&m| self.alive[m as usize])
-            .count();
-        if live_members <= view.majority() || self.nodes[node as usize].is_leaving() {
+        if !self.survives_losing(&[node]) || self.nodes[node as usize].is_leaving() {
             return Ok(());
         }
         self.leaves += 1;
@@ -576,11 +840,20 @@ impl FaultSim {
         self.propose_wanted(node)
     }
 
+    /// Whether the head of the queue `from` to `to` may be delivered now.
+    fn deliverable(&self, from: NodeId, to: NodeId, queue: &VecDeque<Envelope>) -> bool {
+        !queue.is_empty()
+            && self.alive[to as usize]
+            && !self.stalled(to)
+            && !self.separated(from, to)
+            && !self.is_severed(from, to)
+    }
+
     fn deliver_random(&mut self) -> Result<bool, String> {
         let ready: Vec<(NodeId, NodeId)> = self
             .net
             .iter()
-            .filter(|((_, to), q)| !q.is_empty() && self.alive[*to as usize])
+            .filter(|((from, to), q)| self.deliverable(*from, *to, q))
             .map(|(k, _)| *k)
             .collect();
         if ready.is_empty() {
@@ -595,7 +868,7 @@ impl FaultSim {
         let ready = self
             .net
             .iter()
-            .find(|((_, to), q)| !q.is_empty() && self.alive[*to as usize])
+            .find(|((from, to), q)| self.deliverable(*from, *to, q))
             .map(|(k, _)| *k);
         match ready {
             Some((from, to)) => {
@@ -614,8 +887,9 @@ impl FaultSim {
             .ok_or_else(|| self.fail("delivery from an empty queue"))?;
         self.trace_line(|| format!("{from} -> {to}: {envelope:?}"));
         let fenced = self.nodes[to as usize].fenced();
+        let now = self.now(to);
         self.nodes[to as usize]
-            .handle(from, envelope.clone())
+            .handle(now, from, envelope.clone())
             .map_err(|e| self.fail(format!("node {to} refused {envelope:?} from {from}: {e}")))?;
         self.report.fenced += self.nodes[to as usize].fenced() - fenced;
         self.after(to)
@@ -626,7 +900,11 @@ impl FaultSim {
         while let Some(output) = self.nodes[node as usize].poll_output() {
             match output {
                 MemberOutput::Send { to, envelope } => {
-                    self.net.entry((node, to)).or_default().push_back(envelope);
+                    if self.is_severed(node, to) {
+                        self.lose([envelope]);
+                    } else {
+                        self.net.entry((node, to)).or_default().push_back(envelope);
+                    }
                 }
                 MemberOutput::Event(Event::Completed { op, outcome }) => {
                     self.completed(node, op, outcome)?;
@@ -653,11 +931,22 @@ impl FaultSim {
             return Err(self.fail(format!("op {op} completed twice: {outcome:?}")));
         }
         match (record.kind, outcome) {
-            (_, Outcome::Interrupted | Outcome::Removed) => {
-                // It did not take effect; in the history it stays unfinished, which allows
-                // that too.
+            (kind, ended @ (Outcome::Interrupted | Outcome::Removed)) => {
+                // It did not take effect. An interrupted operation or a read leaves the
+                // history (fewer operations that may or may not have happened keep the
+                // checker's search small); a removed node's write stays unfinished, which
+                // allows either.
                 self.report.interrupted += 1;
                 self.ops.get_mut(&op).expect("known").finished = true;
+                if ended == Outcome::Interrupted || kind == Kind::Read {
+                    self.forget(op, record.object);
+                }
+            }
+            (Kind::Read | Kind::Swap(_), Outcome::NoMajority) if record.granted.is_none() => {
+                // Refused: it read nothing, and a swap's lock was released unchanged.
+                self.report.no_majority += 1;
+                self.ops.get_mut(&op).expect("known").finished = true;
+                self.forget(op, record.object);
             }
             (Kind::Read, Outcome::Read(value)) => {
                 self.finish(op, Ret::Read(value_of(&value.bytes)), None)?;
@@ -681,6 +970,12 @@ impl FaultSim {
             }
         }
         Ok(())
+    }
+
+    /// Takes `op`, which did not take effect, out of `object`'s history.
+    fn forget(&mut self, op: OpId, object: usize) {
+        let thread = op as u32;
+        self.history[object].retain(|e| !matches!(e, Entry::Invoke(t, _) if *t == thread));
     }
 
     /// Records that `op` returned `ret`; a write also records its version.
@@ -746,6 +1041,7 @@ impl FaultSim {
                     let p = self.nodes[n as usize].protocol();
                     !p.is_frozen()
                         && !p.is_removed()
+                        && self.nodes[n as usize].lease().holds_at(self.now(n))
                         && p.token_view(&name)
                             .is_some_and(|v| v.tokens > 0 && v.tokens == v.total)
                 })
@@ -809,9 +1105,12 @@ impl FaultSim {
         Ok(())
     }
 
-    /// Ends the run: no new operations; granted swaps commit; every message to a live node and
-    /// every transport report is delivered; retry timers fire until no node wants a view.
+    /// Ends the run: partitions heal and stalls end; no new operations; granted swaps commit;
+    /// every message to a live node and every transport report is delivered; retry timers
+    /// fire (time passing, so grants that hold a removal back expire) until no node wants a
+    /// view.
     fn drain(&mut self) -> Result<(), String> {
+        self.episode = None;
         for _ in 0..20_000 {
             self.report.steps += 1;
             let granted: Vec<OpId> = self
@@ -834,20 +1133,24 @@ impl FaultSim {
                 .into_iter()
                 .find(|&n| self.nodes[n as usize].wanted().is_some())
             {
+                self.pass_time(LEASE / 8)?;
                 self.propose_wanted(node)?;
             } else {
                 return Ok(());
             }
             self.check_invariants()?;
         }
-        Err(self.fail("the cluster does not settle"))
+        Err(self.fail(format!("the cluster does not settle: {}", self.summary())))
     }
 
+    /// Every node that was not lost (the lost ones were dropped by the others' transports and
+    /// can only wait: they serve nothing once their lease expired) is in the same view of
+    /// exactly those nodes, with nothing left waiting.
     fn final_checks(&mut self) -> Result<(), String> {
         let serving: BTreeSet<NodeId> = self
             .live()
             .into_iter()
-            .filter(|&n| !self.nodes[n as usize].protocol().is_removed())
+            .filter(|&n| !self.nodes[n as usize].protocol().is_removed() && !self.lost.contains(&n))
             .collect();
         for &node in &serving {
             let member = &self.nodes[node as usize];
@@ -864,7 +1167,7 @@ impl FaultSim {
         if let Some((op, r)) = self
             .ops
             .iter()
-            .find(|(_, r)| !r.finished && self.alive[r.node as usize])
+            .find(|(_, r)| !r.finished && serving.contains(&r.node))
         {
             return Err(self.fail(format!(
                 "op {op} at live node {} never ended: {r:?}",
@@ -893,8 +1196,9 @@ impl FaultSim {
             .enumerate()
             .map(|(n, m)| {
                 format!(
-                    "node {n}: alive {}, view {:?}, frozen {}, removed {}, leaving {}, wants {:?}, busy {}",
+                    "node {n}: alive {}, lease {:?}, view {:?}, frozen {}, removed {}, leaving {}, wants {:?}, busy {}",
                     self.alive[n],
+                    m.lease(),
                     m.view(),
                     m.protocol().is_frozen(),
                     m.protocol().is_removed(),

@@ -1,4 +1,5 @@
-//! Members with views under crashes: a sweep over thousands of seeds and a single-seed tracer.
+//! Members with views and leases under crashes, partitions and stalls: a sweep over thousands
+//! of seeds and a single-seed tracer.
 //! See `tests::fault_sim`.
 
 use std::time::Instant;
@@ -29,8 +30,8 @@ fn sweep(seeds: impl Iterator<Item = u64>) -> (FaultReport, Vec<String>) {
     (total, failures)
 }
 
-/// Seeds `0..FAULT_SEEDS` (default 5000): 3 to 5 nodes, up to a minority crashed, durability
-/// equal to that minority, both policies; split over two threads.
+/// Seeds `0..FAULT_SEEDS` (default 5000): 3 to 5 nodes, up to a minority lost (crashed, cut
+/// off, stalled), durability equal to that minority, both policies; split over two threads.
 #[test]
 fn many_fault_seeds() {
     let seeds = env_u64("FAULT_SEEDS").unwrap_or(5000);
@@ -52,7 +53,13 @@ fn many_fault_seeds() {
         failures.join("\n")
     );
     assert!(
-        total.crashes > 0 && total.installs > 0 && total.interrupted > 0 && total.fenced > 0,
+        total.crashes > 0
+            && total.partitions > 0
+            && total.stalls > 0
+            && total.no_majority > 0
+            && total.installs > 0
+            && total.interrupted > 0
+            && total.fenced > 0,
         "the sweep exercised no fault: {total:?}"
     );
 }
@@ -70,7 +77,7 @@ fn single_fault_seed() {
 /// can take the write with it, and some seed finds it.
 #[test]
 fn without_durability_returned_writes_are_lost() {
-    let lost = (0..2000)
+    let lost = (0..1000)
         .filter_map(|seed| {
             let mut cfg = FaultConfig::for_seed(seed);
             cfg.crashes = (cfg.nodes - 1) / 2;
@@ -80,7 +87,7 @@ fn without_durability_returned_writes_are_lost() {
         .filter(|error| error.contains("lost the write"))
         .count();
     assert!(lost > 0, "no seed lost a returned write without durability");
-    println!("{lost} of 2000 seeds lost a returned write without durability");
+    println!("{lost} of 1000 seeds lost a returned write without durability");
 }
 
 /// Found by the sweep: a leaver removed by a decision whose proposer crashed before telling

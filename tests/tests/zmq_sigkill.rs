@@ -22,6 +22,8 @@ const CLUSTER: &str = "sigkill-test";
 /// The same values as the `zmq_peer` helper's.
 const LOST_AFTER: Duration = Duration::from_millis(1500);
 const HEARTBEAT: Duration = Duration::from_millis(100);
+/// The same value as the `zmq_peer` helper's: shorter than `LOST_AFTER`, as the defaults are.
+const LEASE: Duration = Duration::from_millis(1000);
 /// The operation timeout of the surviving nodes.
 const TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -48,6 +50,7 @@ fn config() -> Config {
     Config::default()
         .timeout(TIMEOUT)
         .write_policy(WritePolicy::Invalidate)
+        .lease(LEASE)
 }
 
 /// Rounds of [`exercise`]; each adds 11 to the value.

@@ -15,6 +15,9 @@ use transport_zmq::{ZmqConfig, ZmqTransport};
 
 /// How long a silent peer stays a member; the test uses the same values.
 const LOST_AFTER: Duration = Duration::from_millis(1500);
+/// Shorter than `LOST_AFTER`, as the defaults are: once the others lose this node, the grants
+/// they gave it have expired, and its removal waits for nothing more.
+const LEASE: Duration = Duration::from_millis(1000);
 /// Heartbeat interval.
 const HEARTBEAT: Duration = Duration::from_millis(100);
 
@@ -53,7 +56,9 @@ fn hold(join: &str, cluster: &str, object: &str, value: i64) -> Result<Node, Str
         ..ZmqConfig::new("tcp://127.0.0.1:0", cluster)
     })
     .map_err(|e| format!("cannot join {join}: {e}"))?;
-    let config = Config::default().write_policy(WritePolicy::Invalidate);
+    let config = Config::default()
+        .write_policy(WritePolicy::Invalidate)
+        .lease(LEASE);
     let node = Node::start(transport, config).map_err(|e| format!("cannot start: {e}"))?;
     let obj = node
         .object(object, 0i64)
