@@ -77,7 +77,9 @@ struct Counters {
 /// Everything behind the mutex.
 struct Core {
     member: Member,
-    /// When this node last proposed a view, so a stalled proposal is retried.
+    /// When this node last proposed a view in this epoch, or first found itself frozen for
+    /// another member's proposal: a stalled proposal is retried a backoff later, and one
+    /// that another member drives gets that long to finish before this one proposes over it.
     proposed_at: Option<Instant>,
     /// Proposals since the last view was installed: each retry waits twice as long, so
     /// proposals that carry large reports are not cut short by the next one.
@@ -392,6 +394,7 @@ impl Inner {
             left,
             outbox,
             proposals,
+            proposed_at,
             ..
         } = core;
         // Events come before the messages of the same step: a caller sees the value its
@@ -406,6 +409,7 @@ impl Inner {
                 MemberOutput::Installed { view, .. } => {
                     self.installed(&view, left);
                     *proposals = 0;
+                    *proposed_at = None;
                     *installed = true;
                     continue;
                 }
@@ -761,6 +765,9 @@ impl Inner {
         let mut core = self.lock();
         // Renews the lease of an idle node (busy ones renew in every step).
         self.flush(&mut core);
+        if core.member.protocol().is_frozen() && core.proposed_at.is_none() {
+            core.proposed_at = Some(Instant::now());
+        }
         let backoff = view_retry_after(self.config.view_retry, core.proposals, self.id);
         let due = core.proposed_at.is_none_or(|at| at.elapsed() >= backoff);
         if due && core.member.wanted().is_some() {

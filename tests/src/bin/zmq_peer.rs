@@ -1,16 +1,18 @@
-//! A node in its own OS process, for the SIGKILL test (`tests/tests/zmq_sigkill.rs`).
+//! A node in its own OS process, for the SIGKILL and SIGSTOP tests
+//! (`tests/tests/zmq_sigkill.rs`, `tests/tests/zmq_sigstop.rs`).
 //!
 //! `zmq_peer JOIN_ADDR CLUSTER_ID OBJECT VALUE` joins the ZeroMQ cluster through `JOIN_ADDR`,
 //! opens the `i64` object `OBJECT` and writes `VALUE` to it under the `Invalidate` policy, so
 //! that it holds every token of the object. It then prints `holding OBJECT as node ID at
-//! version V` and waits: until it is killed, or until its stdin ends (the test is gone), when
-//! it exits at once, without leaving the cluster, as a crash would.
+//! version V` and waits for commands on stdin: `read` reads the object and prints `read
+//! OBJECT: VALUE` or `read OBJECT failed: ERROR`. When its stdin ends (the test is gone) it
+//! exits at once, without leaving the cluster, as a crash would.
 
-use std::io::Read;
+use std::io::{BufRead, Write};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use coherence_core::{Config, Node, WritePolicy};
+use coherence_core::{Config, DistObj, Node, WritePolicy};
 use transport_zmq::{ZmqConfig, ZmqTransport};
 
 /// How long a silent peer stays a member; the test uses the same values.
@@ -20,6 +22,8 @@ const LOST_AFTER: Duration = Duration::from_millis(1500);
 const LEASE: Duration = Duration::from_millis(1000);
 /// Heartbeat interval.
 const HEARTBEAT: Duration = Duration::from_millis(100);
+/// The operation timeout: a read that cannot be served says so within it.
+const TIMEOUT: Duration = Duration::from_secs(3);
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -32,10 +36,19 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     match hold(join, cluster, object, value) {
-        Ok(node) => {
-            // Nothing more to do: wait to be killed, or for the test to go away.
-            let mut rest = Vec::new();
-            let _ = std::io::stdin().read_to_end(&mut rest);
+        Ok((node, obj)) => {
+            // Serve commands until killed, or until the test goes away.
+            for line in std::io::stdin().lock().lines() {
+                let Ok(line) = line else { break };
+                match line.trim() {
+                    "read" => match obj.read() {
+                        Ok(value) => println!("read {object}: {value}"),
+                        Err(e) => println!("read {object} failed: {e}"),
+                    },
+                    other => println!("unknown command {other:?}"),
+                }
+                let _ = std::io::stdout().flush();
+            }
             // Exit without a goodbye, like a crash; the node is never shut down.
             std::mem::forget(node);
             std::process::exit(0);
@@ -48,7 +61,12 @@ fn main() -> ExitCode {
 }
 
 /// Joins, takes every token of `object` by writing `value`, and says so on stdout.
-fn hold(join: &str, cluster: &str, object: &str, value: i64) -> Result<Node, String> {
+fn hold(
+    join: &str,
+    cluster: &str,
+    object: &str,
+    value: i64,
+) -> Result<(Node, DistObj<i64>), String> {
     let transport = ZmqTransport::start(ZmqConfig {
         join: Some(join.to_string()),
         lost_after: LOST_AFTER,
@@ -58,7 +76,8 @@ fn hold(join: &str, cluster: &str, object: &str, value: i64) -> Result<Node, Str
     .map_err(|e| format!("cannot join {join}: {e}"))?;
     let config = Config::default()
         .write_policy(WritePolicy::Invalidate)
-        .lease(LEASE);
+        .lease(LEASE)
+        .timeout(TIMEOUT);
     let node = Node::start(transport, config).map_err(|e| format!("cannot start: {e}"))?;
     let obj = node
         .object(object, 0i64)
@@ -70,5 +89,6 @@ fn hold(join: &str, cluster: &str, object: &str, value: i64) -> Result<Node, Str
         node.id(),
         obj.version()
     );
-    Ok(node)
+    let _ = std::io::stdout().flush();
+    Ok((node, obj))
 }
