@@ -214,15 +214,83 @@ struct Inner {
     /// Whether the member serves reads under a lease ([`Config::lease`]).
     leased: bool,
     /// When the node started: the member's clock when leases are off (it only uses time for
-    /// leases, so reading the clock would be wasted), and the origin of `lease_until`.
+    /// leases, so reading the clock would be wasted).
     started: Instant,
-    /// Nanoseconds after `started` until which the lease holds ([`LEASE_UNBOUNDED`]: no end,
-    /// 0: none), so a read hit checks it without the mutex.
+    /// The read hits' clock, read when the node started.
+    started_coarse: u64,
+    /// How much earlier a lease ends on the read hits' clock ([`coarse::margin`]).
+    coarse_margin: Duration,
+    /// Until when, on the read hits' clock ([`coarse`]), the lease holds ([`LEASE_UNBOUNDED`]:
+    /// no end, 0: none), so a read hit checks it without the mutex.
     lease_until: AtomicU64,
 }
 
 /// `Inner::lease_until` of a lease without end.
 const LEASE_UNBOUNDED: u64 = u64::MAX;
+
+/// The clock a read hit checks its lease with: on Linux the monotonic clock at the kernel
+/// tick's resolution, read in a few nanoseconds where the precise one costs about as much as
+/// the whole read hit (a 2-member cluster's read hit measured 47 ns with it, against 33 ns
+/// for an `RwLock<Arc<T>>` read). It runs behind real time by up to its resolution, so a
+/// deadline is moved earlier by [`coarse::margin`] before it is compared with it.
+mod coarse {
+    use std::time::Duration;
+
+    /// Nanoseconds on the monotonic clock, at the kernel tick's resolution.
+    #[cfg(target_os = "linux")]
+    #[inline]
+    pub(super) fn now() -> u64 {
+        read(libc::CLOCK_MONOTONIC_COARSE)
+    }
+
+    /// How much earlier than its deadline a lease must end on this clock: twice its
+    /// resolution, and a millisecond for the reading of the two clocks at start.
+    #[cfg(target_os = "linux")]
+    pub(super) fn margin() -> Duration {
+        let mut res = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `res` is a valid timespec the call writes to.
+        let ok = unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut res) } == 0;
+        let resolution = if ok {
+            Duration::new(res.tv_sec as u64, res.tv_nsec as u32)
+        } else {
+            Duration::from_millis(10)
+        };
+        resolution * 2 + Duration::from_millis(1)
+    }
+
+    #[cfg(target_os = "linux")]
+    #[inline]
+    fn read(clock: libc::clockid_t) -> u64 {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid timespec the call writes to; the clock id is a constant
+        // every Linux has.
+        unsafe { libc::clock_gettime(clock, &mut ts) };
+        (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+    }
+
+    /// Elsewhere: the precise monotonic clock, in nanoseconds since the first reading.
+    #[cfg(not(target_os = "linux"))]
+    #[inline]
+    pub(super) fn now() -> u64 {
+        static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        ORIGIN
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_nanos() as u64
+    }
+
+    /// Elsewhere: a millisecond for the reading of the two clocks at start.
+    #[cfg(not(target_os = "linux"))]
+    pub(super) fn margin() -> Duration {
+        Duration::from_millis(1)
+    }
+}
 
 impl Inner {
     /// Encodes a value of `object`, refusing one that no frame of the transport could carry:
@@ -334,7 +402,7 @@ impl Inner {
     #[inline]
     fn lease_holds(&self) -> bool {
         let until = self.lease_until.load(Ordering::Acquire);
-        until == LEASE_UNBOUNDED || (self.started.elapsed().as_nanos() as u64) < until
+        until == LEASE_UNBOUNDED || coarse::now() < until
     }
 
     /// Publishes the member's lease for read hits, and renews it when due.
@@ -348,8 +416,14 @@ impl Inner {
         }
         let until = match core.member.lease() {
             Lease::Unbounded => LEASE_UNBOUNDED,
-            Lease::Until(at) => (at.saturating_duration_since(self.started).as_nanos() as u64)
-                .clamp(1, LEASE_UNBOUNDED - 1),
+            Lease::Until(at) => {
+                // On the read hits' clock, moved earlier by what that clock may lag.
+                let after_start = at.saturating_duration_since(self.started);
+                let on_coarse = self.started_coarse + after_start.as_nanos() as u64;
+                on_coarse
+                    .saturating_sub(self.coarse_margin.as_nanos() as u64)
+                    .clamp(1, LEASE_UNBOUNDED - 1)
+            }
             Lease::Expired => 0,
         };
         self.lease_until.store(until, Ordering::Release);
@@ -922,6 +996,8 @@ impl Node {
             driver: std::sync::OnceLock::new(),
             leased,
             started: Instant::now(),
+            started_coarse: coarse::now(),
+            coarse_margin: coarse::margin(),
             lease_until: AtomicU64::new(if leased { 0 } else { LEASE_UNBOUNDED }),
         });
         let driver_inner = Arc::clone(&inner);
