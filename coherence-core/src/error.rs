@@ -93,6 +93,13 @@ pub enum Error {
     /// they went on). It serves nothing more; start a new node to join again.
     #[error("node {0} was removed from the cluster")]
     Removed(u32),
+    /// The transport lost a majority of this node's view for good (it was cut off or stalled
+    /// for longer than the failure detection, and the others have most likely removed it; or a
+    /// majority crashed): no view with it can be decided any more, so it serves nothing more.
+    /// An operation under way when this happened may or may not have taken effect. Start a new
+    /// node to join again.
+    #[error("node {0} lost a majority of its view for good and stopped")]
+    CutOff(u32),
     /// This node has not heard from a majority of its view for longer than its lease (it is
     /// cut off, or was stalled): the majority may have removed it and written since, so it
     /// serves no read until a majority renews its lease. Returned once that did not happen

@@ -222,6 +222,19 @@ impl Member {
             .all(|m| *m == id || self.suspected.contains(m))
     }
 
+    /// Whether the transport lost a majority of the current view: since a lost node never
+    /// speaks again, no view with this member can be decided any more (it was cut off or
+    /// stalled past failure detection, and the others likely removed it; or a majority
+    /// crashed). It can only join again as a new node.
+    pub fn cut_off(&self) -> bool {
+        let id = self.protocol.id();
+        let view = self.view();
+        !self.views.is_outsider()
+            && !self.protocol.is_removed()
+            && view.members.contains(&id)
+            && view.members.difference(&self.suspected).count() < view.majority()
+    }
+
     /// Whether this member asked to leave.
     pub fn is_leaving(&self) -> bool {
         self.leaving

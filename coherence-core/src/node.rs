@@ -84,6 +84,9 @@ struct Core {
     /// Proposals since the last view was installed: each retry waits twice as long, so
     /// proposals that carry large reports are not cut short by the next one.
     proposals: u32,
+    /// Since when the transport has lost a majority of the view ([`Member::cut_off`]): after
+    /// a grace period for a decision already on its way, the node stops.
+    cut_off_since: Option<Instant>,
     /// Operations in progress and their callers: one per waiting thread, so a short list.
     waiters: Vec<(OpId, Arc<Waiter>)>,
     cells: BTreeMap<Arc<str>, Arc<Cell>>,
@@ -198,6 +201,8 @@ struct Inner {
     halt: AtomicBool,
     /// The other members removed this node.
     removed: AtomicBool,
+    /// The transport lost a majority of this node's view for good.
+    cut_off: AtomicBool,
     next_op: AtomicU64,
     counters: Counters,
     /// Held by whoever takes frames from the transport and handles them: the driver, or a
@@ -333,6 +338,9 @@ impl Inner {
     fn stopped_error(&self) -> Error {
         if self.removed.load(Ordering::Acquire) {
             return Error::Removed(self.id);
+        }
+        if self.cut_off.load(Ordering::Acquire) {
+            return Error::CutOff(self.id);
         }
         match self.failure.get() {
             Some(cause) => Error::Transport {
@@ -622,7 +630,8 @@ impl Inner {
         waiter: &Waiter,
     ) -> Result<Outcome, Error> {
         let start = Instant::now();
-        let failed = || self.failure.get().is_some();
+        // Ends the wait at once when the node stopped under it (the outcome will not come).
+        let failed = || self.failure.get().is_some() || self.cut_off.load(Ordering::Acquire);
         let outcome = match self.poll_for(waiter, start) {
             Some(outcome) => Some(outcome),
             None => waiter.sleep_until(start + self.config.timeout, failed),
@@ -640,7 +649,7 @@ impl Inner {
                 });
                 drop(core);
                 if cancelled && failed() {
-                    tracing::warn!(node = self.id, operation, object, "transport failed");
+                    tracing::warn!(node = self.id, operation, object, "node stopped under it");
                     return Err(self.stopped_error());
                 }
                 if cancelled {
@@ -848,6 +857,43 @@ impl Inner {
             self.propose_wanted(&mut core);
         }
         self.leave_if_alone(&mut core);
+        self.stop_if_cut_off(&mut core);
+    }
+
+    /// Stops the node once the transport has lost a majority of its view for longer than
+    /// [`Config::view_retry`] (a decision already on its way, from a member still reachable,
+    /// would have arrived): every waiting and later operation ends with [`Error::CutOff`]. A
+    /// leaving node just leaves.
+    fn stop_if_cut_off(&self, core: &mut Core) {
+        if !core.member.cut_off() || self.cut_off.load(Ordering::Acquire) {
+            core.cut_off_since = None;
+            return;
+        }
+        let since = *core.cut_off_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < self.config.view_retry {
+            return;
+        }
+        if let Some(done) = core.left.take() {
+            tracing::info!(
+                node = self.id,
+                "a majority of the view is lost: leaving alone"
+            );
+            let _ = done.send(());
+            return;
+        }
+        if self.stopped.load(Ordering::Acquire) {
+            return; // stopped for another reason (removed, the transport failed)
+        }
+        tracing::error!(
+            node = self.id,
+            view = ?core.member.view(),
+            "the transport lost a majority of the view: the node stops"
+        );
+        self.cut_off.store(true, Ordering::Release);
+        self.stopped.store(true, Ordering::Release);
+        for (_, waiter) in &core.waiters {
+            waiter.thread.unpark();
+        }
     }
 
     /// A leaving member that lost every other member cannot have a view decided (no
@@ -976,6 +1022,7 @@ impl Node {
             core: Mutex::new(Core {
                 member,
                 proposed_at: None,
+                cut_off_since: None,
                 proposals: 0,
                 waiters: Vec::new(),
                 cells: BTreeMap::new(),
@@ -987,6 +1034,7 @@ impl Node {
             failure: std::sync::OnceLock::new(),
             halt: AtomicBool::new(false),
             removed: AtomicBool::new(false),
+            cut_off: AtomicBool::new(false),
             next_op: AtomicU64::new(0),
             counters: Counters::default(),
             receive_turn: Mutex::new(()),
@@ -1087,9 +1135,11 @@ impl Node {
         // New operations fail from now on; the driver thread starts the leave.
         inner.lock().left = Some(tx);
         inner.stopped.store(true, Ordering::Release);
-        // Fails at once if the transport failed (`fail` drops the sender).
+        // Fails at once if the transport failed (`fail` drops the sender). A node that was
+        // removed or cut off is out already: nothing to wait for.
+        let out = inner.removed.load(Ordering::Acquire) || inner.cut_off.load(Ordering::Acquire);
         let acknowledged =
-            inner.failure.get().is_none() && rx.recv_timeout(inner.config.timeout).is_ok();
+            out || (inner.failure.get().is_none() && rx.recv_timeout(inner.config.timeout).is_ok());
         inner.lock().left = None;
         inner.halt.store(true, Ordering::Release);
         inner.transport.close();

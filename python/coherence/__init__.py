@@ -18,6 +18,7 @@ all of them (about one round trip). The same objects work between threads
 
 from ._errors import (
     CoherenceError,
+    CutOff,
     DecodeError,
     EncodeError,
     InsideUpdate,
@@ -39,6 +40,7 @@ __all__ = [
     "HAS_MPI",
     "RUST_TYPES",
     "CoherenceError",
+    "CutOff",
     "DecodeError",
     "DistObj",
     "EncodeError",

@@ -93,6 +93,15 @@ class Removed(CoherenceError):
     node: int
 
 
+class CutOff(CoherenceError):
+    """This node lost a majority of the cluster for good (it was cut off or stalled for longer
+    than the failure detection, and the others most likely went on without it; or most of
+    the cluster crashed); it serves nothing more. An operation under way when that happened
+    may or may not have taken effect. Start a new node to join again. Attribute: ``node``."""
+
+    node: int
+
+
 class NoMajority(CoherenceError):
     """This node has not heard from a majority of the cluster for longer than its lease (it
     is cut off, or was stalled): the others may have gone on without it, so it serves no read

@@ -120,6 +120,7 @@ pub fn to_py(err: Error) -> PyErr {
             ),
             Error::Spawn(reason) => ("SpawnError", vec![("reason", string(py, &reason))]),
             Error::Removed(node) => ("Removed", vec![("node", int(py, node.into()))]),
+            Error::CutOff(node) => ("CutOff", vec![("node", int(py, node.into()))]),
             Error::NoMajority {
                 node,
                 operation,

@@ -1163,6 +1163,20 @@ impl FaultSim {
             if member.protocol().is_busy() {
                 return Err(self.fail(format!("node {node} still has operations waiting")));
             }
+            if member.cut_off() {
+                return Err(self.fail(format!("node {node} serves but counts itself cut off")));
+            }
+        }
+        // A lost node that did not learn of its removal knows it can never be in a view again
+        // (its node stops with `Error::CutOff`).
+        for node in self.live() {
+            let member = &self.nodes[node as usize];
+            if self.lost.contains(&node) && !member.protocol().is_removed() && !member.cut_off() {
+                return Err(self.fail(format!(
+                    "lost node {node} neither removed nor cut off: {:?}",
+                    member.view()
+                )));
+            }
         }
         if let Some((op, r)) = self
             .ops

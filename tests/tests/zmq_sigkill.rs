@@ -9,42 +9,16 @@
 //! takes new writes within twice the failure-detection time (`lost_after`), and objects the
 //! dead node never held ("b", and "c" created after the kill) work throughout.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use coherence_core::{Config, DistObj, Node, Transport, WritePolicy};
-use transport_zmq::{ZmqConfig, ZmqTransport};
+use tests::peer_process::{zmq_config, Peer, LEASE, LOST_AFTER};
+use transport_zmq::ZmqTransport;
 
 const CLUSTER: &str = "sigkill-test";
-/// The same values as the `zmq_peer` helper's.
-const LOST_AFTER: Duration = Duration::from_millis(1500);
-const HEARTBEAT: Duration = Duration::from_millis(100);
-/// The same value as the `zmq_peer` helper's: shorter than `LOST_AFTER`, as the defaults are.
-const LEASE: Duration = Duration::from_millis(1000);
 /// The operation timeout of the surviving nodes.
 const TIMEOUT: Duration = Duration::from_secs(2);
-
-/// A child process that is killed when dropped, so a failing test leaves nothing running.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn zmq_config(join: Option<String>) -> ZmqConfig {
-    ZmqConfig {
-        join,
-        lost_after: LOST_AFTER,
-        heartbeat: HEARTBEAT,
-        ..ZmqConfig::new("tcp://127.0.0.1:0", CLUSTER)
-    }
-}
 
 fn config() -> Config {
     Config::default()
@@ -85,9 +59,10 @@ fn exercise(b: [&DistObj<i64>; 2], start: i64, limit: Duration) -> i64 {
 
 #[test]
 fn survivors_recreate_the_tokens_of_a_killed_holder() {
-    let founder = ZmqTransport::start(zmq_config(None)).expect("founder starts");
+    let founder = ZmqTransport::start(zmq_config(CLUSTER, None)).expect("founder starts");
     let addr = founder.local_addr();
-    let joiner = ZmqTransport::start(zmq_config(Some(addr.clone()))).expect("joiner starts");
+    let joiner =
+        ZmqTransport::start(zmq_config(CLUSTER, Some(addr.clone()))).expect("joiner starts");
     assert_eq!((founder.local_id(), joiner.local_id()), (0, 1));
     let n0 = Node::start(founder, config()).unwrap();
     let n1 = Node::start(joiner, config()).unwrap();
@@ -98,34 +73,15 @@ fn survivors_recreate_the_tokens_of_a_killed_holder() {
     assert_eq!(exercise([&b0, &b1], 0, TIMEOUT), 220);
 
     // Node 2, in its own process, takes every token of "a".
-    let mut peer = Reaped(
-        Command::new(env!("CARGO_BIN_EXE_zmq_peer"))
-            .args([&addr, CLUSTER, "a", "7"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start zmq_peer"),
-    );
-    let stdout = peer.0.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("zmq_peer reports that it holds \"a\"");
+    let mut peer = Peer::start(env!("CARGO_BIN_EXE_zmq_peer"), &addr, CLUSTER, "a", 7);
+    let line = peer.line(Duration::from_secs(30));
     assert_eq!(line.trim_end(), "holding a as node 2 at version 1");
     // Node 0 and 1 gave their tokens up for that write.
     assert_eq!(a0.try_read().unwrap(), None);
     assert_eq!(a1.try_read().unwrap(), None);
 
     // SIGKILL: the peer vanishes with all of "a"'s tokens.
-    peer.0.kill().expect("SIGKILL zmq_peer");
-    let status = peer.0.wait().unwrap();
-    assert!(!status.success(), "{status}");
+    peer.kill();
     let killed = Instant::now();
 
     // "a" waits for the view change, then reads the killed node's write: it returned, so a

@@ -13,15 +13,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use coherence_core::{Config, DistObj, Node, WritePolicy};
-use transport_zmq::{ZmqConfig, ZmqTransport};
+use tests::peer_process::{zmq_config, LEASE};
+use transport_zmq::ZmqTransport;
 
-/// How long a silent peer stays a member; the test uses the same values.
-const LOST_AFTER: Duration = Duration::from_millis(1500);
-/// Shorter than `LOST_AFTER`, as the defaults are: once the others lose this node, the grants
-/// they gave it have expired, and its removal waits for nothing more.
-const LEASE: Duration = Duration::from_millis(1000);
-/// Heartbeat interval.
-const HEARTBEAT: Duration = Duration::from_millis(100);
 /// The operation timeout: a read that cannot be served says so within it.
 const TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -67,13 +61,8 @@ fn hold(
     object: &str,
     value: i64,
 ) -> Result<(Node, DistObj<i64>), String> {
-    let transport = ZmqTransport::start(ZmqConfig {
-        join: Some(join.to_string()),
-        lost_after: LOST_AFTER,
-        heartbeat: HEARTBEAT,
-        ..ZmqConfig::new("tcp://127.0.0.1:0", cluster)
-    })
-    .map_err(|e| format!("cannot join {join}: {e}"))?;
+    let transport = ZmqTransport::start(zmq_config(cluster, Some(join.to_string())))
+        .map_err(|e| format!("cannot join {join}: {e}"))?;
     let config = Config::default()
         .write_policy(WritePolicy::Invalidate)
         .lease(LEASE)
