@@ -7,6 +7,7 @@
 pub mod conformance;
 pub mod counter_history;
 pub mod fault_sim;
+pub mod member_model;
 pub mod model;
 pub mod peer_process;
 pub mod sim;

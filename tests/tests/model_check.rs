@@ -1,7 +1,10 @@
 //! Exhaustive model checks of small configurations (the invariants of `docs/PROTOCOL.md`): every
 //! interleaving that per-pair FIFO channels allow, with the safety properties checked in every
 //! state and liveness on every path. `tests::model` describes the model and its properties;
-//! the `view_change_*` tests check the view change (`tests::view_model`), safety only.
+//! the `view_change_*` tests check the view change (`tests::view_model`), safety only; the
+//! `members_*` tests check whole members (tokens, views and leases) under a crash during a
+//! write, a partition with a minority writer and a removed node returning
+//! (`tests::member_model`).
 //!
 //! To stay well under a minute in the test profile, the two-writer and genesis-leave tests drop
 //! one open from the design brief's scripts; the `#[ignore]`d `*_all_open` tests run the full
@@ -10,6 +13,7 @@
 use std::collections::BTreeSet;
 
 use coherence_core::protocol::WritePolicy;
+use tests::member_model::{check as check_members, Fault, MemberModel};
 use tests::model::{check, CoherenceModel, Step};
 use tests::view_model::{check as check_views, ViewModel};
 
@@ -204,4 +208,39 @@ fn view_change_two_epochs() {
         vec![],
     ];
     check_views("view change, two epochs", views(proposals, 0, false));
+}
+
+/// Whole members (tokens, views, leases): the holder of every token crashes at any point of
+/// a write; the survivors remove it and read.
+#[test]
+fn members_crash_during_a_write() {
+    check_members(
+        "members: crash during a write",
+        MemberModel {
+            fault: Fault::CrashDuringWrite,
+        },
+    );
+}
+
+/// Whole members: the holder is cut off at any point and writes and reads on its side while
+/// the majority removes it and writes and reads on theirs.
+#[test]
+fn members_partition_with_a_minority_writer() {
+    check_members(
+        "members: partition with a minority writer",
+        MemberModel {
+            fault: Fault::MinorityWriter,
+        },
+    );
+}
+
+/// Whole members: the holder stalls, is removed, and returns to find itself cut off.
+#[test]
+fn members_removed_node_returns() {
+    check_members(
+        "members: a removed node returns",
+        MemberModel {
+            fault: Fault::RemovedReturns,
+        },
+    );
 }
