@@ -95,7 +95,8 @@ pub enum Error {
     Removed(u32),
     /// The transport lost a majority of this node's view for good (it was cut off or stalled
     /// for longer than the failure detection, and the others have most likely removed it; or a
-    /// majority crashed): no view with it can be decided any more, so it serves nothing more.
+    /// majority crashed): no view with it can be decided any more, and as its reads need a
+    /// majority's lease or its writes a majority's copies, it serves nothing more.
     /// An operation under way when this happened may or may not have taken effect. Start a new
     /// node to join again.
     #[error("node {0} lost a majority of its view for good and stopped")]

@@ -218,6 +218,9 @@ struct Inner {
     driver: std::sync::OnceLock<Thread>,
     /// Whether the member serves reads under a lease ([`Config::lease`]).
     leased: bool,
+    /// Whether every read needs a majority's lease or every write a majority's copies
+    /// (durability): then a member cut off from a majority for good can serve nothing.
+    needs_majority: bool,
     /// When the node started: the member's clock when leases are off (it only uses time for
     /// leases, so reading the clock would be wasted).
     started: Instant,
@@ -862,10 +865,12 @@ impl Inner {
 
     /// Stops the node once the transport has lost a majority of its view for longer than
     /// [`Config::view_retry`] (a decision already on its way, from a member still reachable,
-    /// would have arrived): every waiting and later operation ends with [`Error::CutOff`]. A
-    /// leaving node just leaves.
+    /// would have arrived), if it needs a majority to serve anything: every waiting and later
+    /// operation ends with [`Error::CutOff`]. A leaving node just leaves. (Without leases and
+    /// durability a member keeps serving the objects whose tokens it holds.)
     fn stop_if_cut_off(&self, core: &mut Core) {
-        if !core.member.cut_off() || self.cut_off.load(Ordering::Acquire) {
+        let stops = self.needs_majority && core.member.cut_off();
+        if !stops || self.cut_off.load(Ordering::Acquire) {
             core.cut_off_since = None;
             return;
         }
@@ -1043,6 +1048,7 @@ impl Node {
             driver_parked: AtomicBool::new(false),
             driver: std::sync::OnceLock::new(),
             leased,
+            needs_majority: leased || durability > 0,
             started: Instant::now(),
             started_coarse: coarse::now(),
             coarse_margin: coarse::margin(),
