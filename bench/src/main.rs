@@ -8,7 +8,7 @@
 //! ```
 //!
 //! Per transport: the raw round trip (the floor); read hits against `RwLock<Arc<T>>` with 1 and
-//! 2 threads; write and update latency with spread tokens on 2, 4 and 8 nodes under both write
+//! 2 threads, on a member of a 2-node cluster (over ZeroMQ it serves reads under a lease); write and update latency with spread tokens on 2, 4 and 8 nodes under both write
 //! policies; writes by a node holding every token (messages and frames counted by the nodes);
 //! mixed workloads against a central server built on the raw transport; value sizes 8 B,
 //! 4 KiB and 1 MiB. ZeroMQ also runs between two processes (this one starts the second): the

@@ -107,6 +107,8 @@ pub fn read_hit<V: Payload>(
     size: usize,
     plan: ReadPlan,
 ) -> Result<(Vec<ReadHit>, ReadScaling), String> {
+    // A blocking read first: it waits for a token and, where reads need one, the lease.
+    obj.read().map_err(text)?;
     if obj.try_read().map_err(text)?.is_none() {
         return Err(format!(
             "{}: no token here, reads would not hit",
@@ -232,6 +234,15 @@ pub fn owned_write<V: Payload>(
         obj.write(proto.variant(i)).map_err(text)?;
     }
     let batch = ((4 << 20) / size).clamp(8, 10_000);
+    // The object's creation is announced to the other nodes, which answer: count from when
+    // that traffic is over (no message for 50 ms), so only what the writes send is counted.
+    let quiet = || {
+        let before = (messages(), frames());
+        std::thread::sleep(Duration::from_millis(50));
+        (messages(), frames()) == before
+    };
+    let settling = Instant::now();
+    while !quiet() && settling.elapsed() < Duration::from_secs(2) {}
     let (messages_before, frames_before) = (messages(), frames());
     let mut writes = 0u64;
     let mut timed = Duration::ZERO;

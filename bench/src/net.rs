@@ -217,14 +217,17 @@ impl Cluster {
         Ok(Cluster { nodes })
     }
 
-    /// Protocol messages all nodes have sent.
+    /// Protocol messages all nodes have sent, the lease's background renewals aside.
     pub fn messages_sent(&self) -> u64 {
-        self.nodes.iter().map(|n| n.stats().messages_sent).sum()
+        let stats = self.nodes.iter().map(Node::stats);
+        stats.map(|s| s.messages_sent - s.lease_messages_sent).sum()
     }
 
-    /// Frames all nodes have handed to their transports.
+    /// Frames all nodes have handed to their transports, those carrying only lease
+    /// renewals aside.
     pub fn frames_sent(&self) -> u64 {
-        self.nodes.iter().map(|n| n.stats().frames_sent).sum()
+        let stats = self.nodes.iter().map(Node::stats);
+        stats.map(|s| s.frames_sent - s.lease_frames_sent).sum()
     }
 
     /// Shuts every node down at once (each leave waits for the others' acknowledgements).

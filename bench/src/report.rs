@@ -253,11 +253,11 @@ pub struct OwnedWrite {
     pub ns_per_write: f64,
     /// Mean nanoseconds per write over all batches.
     pub mean_ns_per_write: f64,
-    /// Protocol messages the nodes sent meanwhile (`Node::stats().messages_sent`; on MPI,
-    /// the writer's node).
+    /// Protocol messages the nodes sent meanwhile (`Node::stats().messages_sent`, lease
+    /// renewals aside; on MPI, the writer's node).
     pub messages_sent: u64,
-    /// Frames the nodes handed to their transports meanwhile (`Node::stats().frames_sent`;
-    /// on MPI, the writer's node).
+    /// Frames the nodes handed to their transports meanwhile (`Node::stats().frames_sent`,
+    /// those carrying only lease renewals aside; on MPI, the writer's node).
     pub frames_sent: u64,
 }
 
@@ -635,7 +635,7 @@ impl TransportReport {
         }
         let owned = self.owned_writes.iter().find(|o| o.size_bytes == 8);
         verdict(
-            "write holding all tokens: 0 messages and < 1 µs (8 B)",
+            "write holding all tokens, durability 0: 0 messages and < 1 µs (8 B)",
             owned.map_or("not measured".into(), |o| {
                 format!(
                     "{} messages, {} frames over {} writes; {} per write (best batch), {} (mean)",
@@ -717,7 +717,7 @@ impl TransportReport {
         if !self.owned_writes.is_empty() {
             let _ = writeln!(
                 s,
-                "### Write holding every token (invalidate, nobody else touches the object)\n"
+                "### Write holding every token (invalidate, durability 0, nobody else touches the object)\n"
             );
             let _ = writeln!(
                 s,

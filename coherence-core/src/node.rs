@@ -52,6 +52,11 @@ pub struct NodeStats {
     pub frames_sent: u64,
     /// Protocol messages inside those frames.
     pub messages_sent: u64,
+    /// Of those, lease requests and grants: background traffic a member under a lease sends
+    /// every quarter of it, whatever the objects do.
+    pub lease_messages_sent: u64,
+    /// Frames that carried nothing but lease messages.
+    pub lease_frames_sent: u64,
     /// Frames received and decoded.
     pub frames_received: u64,
     /// Frames dropped because they could not be decoded.
@@ -69,6 +74,8 @@ pub struct NodeStats {
 struct Counters {
     frames_sent: AtomicU64,
     messages_sent: AtomicU64,
+    lease_messages_sent: AtomicU64,
+    lease_frames_sent: AtomicU64,
     frames_received: AtomicU64,
     frames_rejected: AtomicU64,
     messages_rejected: AtomicU64,
@@ -530,10 +537,24 @@ impl Inner {
             let frame = wire::encode(epoch, batch.iter().map(|(_, e)| &e.traffic));
             match self.transport.send(to, frame) {
                 Ok(()) => {
-                    self.counters.frames_sent.fetch_add(1, Ordering::Relaxed);
-                    self.counters
+                    let counters = &self.counters;
+                    counters.frames_sent.fetch_add(1, Ordering::Relaxed);
+                    let messages = batch.len() as u64;
+                    counters
                         .messages_sent
-                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                        .fetch_add(messages, Ordering::Relaxed);
+                    let leases = batch
+                        .iter()
+                        .filter(|(_, e)| matches!(e.traffic, Traffic::Lease(_)))
+                        .count() as u64;
+                    if leases > 0 {
+                        counters
+                            .lease_messages_sent
+                            .fetch_add(leases, Ordering::Relaxed);
+                        if leases == messages {
+                            counters.lease_frames_sent.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
                 }
                 // After our own leave the transport is closed while peers that leave at the
                 // same time may still be answered (a `LeaveAck`); they hear of our close.
@@ -1078,6 +1099,8 @@ impl Node {
         NodeStats {
             frames_sent: c.frames_sent.load(Ordering::Relaxed),
             messages_sent: c.messages_sent.load(Ordering::Relaxed),
+            lease_messages_sent: c.lease_messages_sent.load(Ordering::Relaxed),
+            lease_frames_sent: c.lease_frames_sent.load(Ordering::Relaxed),
             frames_received: c.frames_received.load(Ordering::Relaxed),
             frames_rejected: c.frames_rejected.load(Ordering::Relaxed),
             messages_rejected: c.messages_rejected.load(Ordering::Relaxed),

@@ -64,8 +64,10 @@ class Node:
         ``codec="msgpack"`` with ``rust_type`` (one of ``RUST_TYPES``) shares it with Rust
         nodes. Raises ``TypeMismatch`` if it exists with another codec or Rust type."""
     def stats(self) -> Dict[str, int]:
-        """Traffic counters: frames_sent, messages_sent, frames_received, frames_rejected,
-        messages_rejected, messages_fenced; and epoch, the number of the view installed."""
+        """Traffic counters: frames_sent, messages_sent (of those, lease_frames_sent and
+        lease_messages_sent: the lease's background renewals), frames_received,
+        frames_rejected, messages_rejected, messages_fenced; and epoch, the number of the view
+        installed."""
     def shutdown(self) -> None:
         """Leaves the cluster, handing every token on; idempotent."""
     def __enter__(self) -> "Node": ...

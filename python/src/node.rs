@@ -222,15 +222,18 @@ impl PyNode {
         })
     }
 
-    /// The node's traffic counters: frames and protocol messages sent and received, those
-    /// rejected as malformed or as something no correct peer sends, those dropped as
-    /// belonging to an epoch that is over (fenced); and the epoch of the view installed.
+    /// The node's traffic counters: frames and protocol messages sent (and of those, the
+    /// lease's background renewals) and received, those rejected as malformed or as something
+    /// no correct peer sends, those dropped as belonging to an epoch that is over (fenced);
+    /// and the epoch of the view installed.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         // Without the GIL: a `shutdown` waiting for the node goes before new readers of it.
         let stats = wait(py, || self.with_node(|node| Ok(node.stats())))?.map_err(to_py)?;
         let dict = PyDict::new(py);
         dict.set_item("frames_sent", stats.frames_sent)?;
         dict.set_item("messages_sent", stats.messages_sent)?;
+        dict.set_item("lease_frames_sent", stats.lease_frames_sent)?;
+        dict.set_item("lease_messages_sent", stats.lease_messages_sent)?;
         dict.set_item("frames_received", stats.frames_received)?;
         dict.set_item("frames_rejected", stats.frames_rejected)?;
         dict.set_item("messages_rejected", stats.messages_rejected)?;

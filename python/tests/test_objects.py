@@ -294,9 +294,9 @@ def test_write_policies_and_stats(cluster):
             mine.write(i)
             assert theirs.read() == i
         stats = a.stats()
-        assert set(stats) == {"frames_sent", "messages_sent", "frames_received",
-                              "frames_rejected", "messages_rejected", "messages_fenced",
-                              "epoch"}
+        assert set(stats) == {"frames_sent", "messages_sent", "lease_frames_sent",
+                              "lease_messages_sent", "frames_received", "frames_rejected",
+                              "messages_rejected", "messages_fenced", "epoch"}
         assert stats["frames_sent"] > 0 and stats["frames_rejected"] == 0
 
 
