@@ -35,4 +35,4 @@ pub mod wire;
 pub use config::{Config, WritePolicy};
 pub use error::Error;
 pub use node::{DistObj, Node, NodeStats};
-pub use transport::{NodeId, Transport, TransportError, TransportEvent};
+pub use transport::{Contact, NodeId, Transport, TransportError, TransportEvent};

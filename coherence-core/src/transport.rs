@@ -3,11 +3,25 @@
 //! A transport moves opaque frames between node ids and reports membership. It knows nothing of
 //! tokens, objects or messages: the wire codec lives in [`crate::wire`].
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 /// Identifies one node (a process, a rank, a thread) of the cluster.
 pub type NodeId = u32;
+
+/// How a node is reached: where its transport listens and which process start it is. The
+/// views carry every member's contact, so each member's transport connects to the nodes the
+/// installed view names; the protocol never looks inside.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Contact {
+    /// A random number per process start: a member's id is believed only from the process
+    /// the view admitted, not from another one that later listens at the same address.
+    pub incarnation: u64,
+    /// Where its transport listens, in the transport's own notation (for ZeroMQ an endpoint
+    /// such as `tcp://10.0.0.5:7000`).
+    pub addr: String,
+}
 
 /// What a transport hands the driver.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,9 +33,11 @@ pub enum TransportEvent {
         /// The encoded frame, exactly as the peer passed it to [`Transport::send`].
         bytes: Vec<u8>,
     },
-    /// A node joined the cluster. Delivered before any frame from that node.
-    Joined(NodeId),
-    /// A node left the cluster or was lost. Delivered after every frame from that node.
+    /// A node that is no member asks to join, reachable at this contact. The members' view
+    /// change decides whether and under which id it is taken in; its transport learns the id
+    /// when a member of the view that took it in first speaks to it.
+    JoinRequest(Contact),
+    /// A member left the cluster or was lost. Delivered after every frame from that node.
     Left(NodeId),
 }
 
@@ -53,11 +69,11 @@ pub enum TransportError {
 /// - frames between one ordered pair of nodes are delivered in order (per-pair FIFO), none lost
 ///   while both nodes are members;
 /// - the founding node of a cluster has id 0 (it holds, virtually, every object not yet created);
-/// - `Joined(j)` is queued at every member before `j`'s own transport is handed out, so a member
-///   that leaves afterwards learns of `j` first (the driver handles queued events before it
-///   leaves);
-/// - [`TransportEvent::Joined`] precedes the first frame of a new node and
-///   [`TransportEvent::Left`] follows its last frame.
+/// - frames from a node the transport was not told of yet (by
+///   [`Transport::connect_members`]) are delivered too, in order, if that node addressed them
+///   to this node's id and process: a joiner hears the decision that takes it in from members
+///   it does not know yet, and a member may hear a joiner before its own copy of the decision;
+/// - [`TransportEvent::Left`] follows the last frame of a member.
 ///
 /// All methods take `&self`: the driver thread receives while user threads send.
 pub trait Transport: Send + Sync + 'static {
@@ -85,9 +101,23 @@ pub trait Transport: Send + Sync + 'static {
 
     /// Whether this node joins a cluster that already runs (rather than founding one with
     /// the peers it knows at start): it becomes a member when the members' view change takes
-    /// it in, which they start when their transports report it [`TransportEvent::Joined`].
+    /// it in, which they start when their transports report its [`TransportEvent::JoinRequest`].
     fn joins_running_cluster(&self) -> bool {
         false
+    }
+
+    /// This node's contact, which the founding view names so that joiners learn it (`None`:
+    /// the transport connects its nodes by other means, as threads and MPI ranks are).
+    fn contact(&self) -> Option<Contact> {
+        None
+    }
+
+    /// The installed view names these members, this node among them, reachable at these
+    /// contacts: connect to the ones not connected yet, forget the ones no longer named
+    /// (without reporting them [`TransportEvent::Left`]: the view removed them). Called before
+    /// the protocol sends anything to a member it names for the first time.
+    fn connect_members(&self, members: &BTreeMap<NodeId, Contact>) {
+        let _ = members;
     }
 
     /// Whether the members of this cluster fail together (threads of one process, ranks of
@@ -135,6 +165,14 @@ macro_rules! forward_transport {
 
             fn members_fail_together(&self) -> bool {
                 (**self).members_fail_together()
+            }
+
+            fn contact(&self) -> Option<Contact> {
+                (**self).contact()
+            }
+
+            fn connect_members(&self, members: &BTreeMap<NodeId, Contact>) {
+                (**self).connect_members(members)
             }
 
             fn recv(&self, timeout: Duration) -> Result<Option<TransportEvent>, TransportError> {
