@@ -14,7 +14,11 @@
 //! ([`Member::leave`]). [`Member::wanted`] says which view this member should propose now, if
 //! any: the *coordinator* (the lowest-id member not suspected) proposes the current members
 //! without the suspected ones and with the joiners, and a leaving member proposes the view
-//! without itself. The driver calls [`Member::propose_wanted`] after such an input and again
+//! without itself. A join request reported to another member is handed on to the
+//! coordinator ([`Traffic::Join`]). The coordinator gives joiners the next unused ids, and
+//! the decision carries them with every member's [`Contact`] ([`Decision`]): admission is
+//! decided here, and transports connect to the nodes the installed view names
+//! ([`MemberOutput::Connect`]). The driver calls [`Member::propose_wanted`] after such an input and again
 //! on a timer, which retries a proposal that stalled (its proposer crashed, or a member it
 //! keeps did not answer and is suspected meanwhile). A node that joins starts as an outsider
 //! ([`Member::joining`]) and becomes a member when a decision that names it arrives.
@@ -29,15 +33,36 @@ use std::time::{Duration, Instant};
 
 use crate::lease::{Lease, LeaseMessage, Leases};
 use crate::protocol::{Event, Outcome, Output, Plan, Protocol, Rejected, Report};
-use crate::transport::NodeId;
+use crate::transport::{Contact, NodeId};
 use crate::view::{Proposal, Recreation, View, ViewMessage, ViewOutput, Views};
 use crate::wire::{Envelope, Traffic, ViewChange};
+
+/// Join requests the coordinator keeps at most: a flood of requests (from a holder of the
+/// cluster's secret) cannot grow it further; the joiners beyond retry their requests.
+const MAX_JOINERS: usize = 64;
+
+/// What one view change decides besides the members.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct Decision {
+    /// Each object's value and tokens in the new epoch.
+    pub recreation: Plan,
+    /// How each member of the new view is reached, for transports that connect to them (for
+    /// those that need none, as threads and MPI ranks, it is empty).
+    pub contacts: BTreeMap<NodeId, Contact>,
+    /// The lowest id no node had so far: the next joiners' ids start there, so an id is never
+    /// given twice (a node that comes back joins as a new one).
+    pub next_id: NodeId,
+}
 
 /// One output of [`Member::poll_output`], in the order the driver must act on them.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum MemberOutput {
     /// A token-protocol event (readability, completions), as [`Output::Event`].
     Event(Event),
+    /// A view that names this node is being installed: the transport connects to its members
+    /// at these contacts (this node's own among them) and forgets the others. Comes before
+    /// anything is sent to a member of that view.
+    Connect(BTreeMap<NodeId, Contact>),
     /// Send `envelope` to `to`.
     Send {
         /// The destination.
@@ -59,15 +84,20 @@ pub enum MemberOutput {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Member {
     protocol: Protocol,
-    views: Views<Report, Plan>,
+    views: Views<Report, Decision>,
+    /// How the members of the current view are reached (see [`Decision::contacts`]).
+    contacts: BTreeMap<NodeId, Contact>,
+    /// The lowest id not given yet (see [`Decision::next_id`]).
+    next_id: NodeId,
     /// Token messages dropped because they belonged to an epoch that was over here.
     fenced: u64,
     /// Nodes the transport reported lost: no view takes them (back) in. Kept after they are
     /// removed: a joiner lost before the view that takes it in was decided is removed by the
     /// next one. (Ids are never reused: a node that comes back joins with a new id.)
     suspected: BTreeSet<NodeId>,
-    /// Nodes the transport reported as asking to join: the next view takes them in.
-    joiners: BTreeSet<NodeId>,
+    /// Coordinator only: nodes asking to join, by incarnation; the next view takes them in,
+    /// under the ids [`Member::admissions`] gives them.
+    joiners: BTreeMap<u64, Contact>,
     /// This member asked to leave: it proposes the view without itself until one is decided.
     leaving: bool,
     /// The leases this member gives others and, if it serves reads only under one, holds.
@@ -75,14 +105,19 @@ pub struct Member {
     outputs: VecDeque<MemberOutput>,
 }
 
-/// The protocol as the view change sees it, with the leases that may hold back an acceptance.
+/// The protocol as the view change sees it, with the leases that may hold back an acceptance
+/// and what a proposal decides about contacts and ids.
 struct Seat<'a> {
     protocol: &'a mut Protocol,
     leases: &'a Leases,
     now: Instant,
+    contacts: &'a BTreeMap<NodeId, Contact>,
+    /// The joiners a proposal of this member takes in, under their new ids.
+    admissions: BTreeMap<NodeId, Contact>,
+    next_id: NodeId,
 }
 
-impl Recreation<Report, Plan> for Seat<'_> {
+impl Recreation<Report, Decision> for Seat<'_> {
     fn report(&mut self) -> Report {
         self.protocol.report()
     }
@@ -92,8 +127,20 @@ impl Recreation<Report, Plan> for Seat<'_> {
         view: &View,
         members: &BTreeSet<NodeId>,
         reports: &BTreeMap<NodeId, Report>,
-    ) -> Plan {
-        self.protocol.plan(view, members, reports)
+    ) -> Decision {
+        let contacts = members
+            .iter()
+            .filter_map(|m| {
+                let contact = self.contacts.get(m).or_else(|| self.admissions.get(m));
+                contact.map(|c| (*m, c.clone()))
+            })
+            .collect();
+        let after_members = members.last().map_or(0, |m| m.saturating_add(1));
+        Decision {
+            recreation: self.protocol.plan(view, members, reports),
+            contacts,
+            next_id: self.next_id.max(after_members),
+        }
     }
 
     fn accepts(&self, view: &View, members: &BTreeSet<NodeId>) -> bool {
@@ -111,16 +158,26 @@ impl Member {
                 protocol.peer_joined(peer);
             }
         }
+        let next_id = view.members.last().map_or(0, |m| m.saturating_add(1));
         Member {
             views: Views::new(id, view),
             protocol,
+            contacts: BTreeMap::new(),
+            next_id,
             fenced: 0,
             suspected: BTreeSet::new(),
-            joiners: BTreeSet::new(),
+            joiners: BTreeMap::new(),
             leaving: false,
             leases: Leases::new(None),
             outputs: VecDeque::new(),
         }
+    }
+
+    /// A founding member whose transport is reached at `contact`: the founding view names it,
+    /// so the decisions that take joiners in tell them how to reach it.
+    pub fn with_contact(mut self, contact: Contact) -> Self {
+        self.contacts.insert(self.protocol.id(), contact);
+        self
     }
 
     /// Serves reads only under a lease whose grants bind for `duration` (see
@@ -189,11 +246,47 @@ impl Member {
         }
     }
 
-    /// `node` asks to join: the next view the coordinator proposes takes it in.
-    pub fn admit(&mut self, node: NodeId) {
-        if node != self.protocol.id() && !self.view().members.contains(&node) {
-            self.joiners.insert(node);
+    /// A node reached at `contact` asks to join. The coordinator keeps the request, and the
+    /// next view it proposes takes the node in under a new id; another member hands it on to
+    /// the coordinator. A request of a member of the view (its incarnation admitted already)
+    /// is a repeat and ignored.
+    pub fn admit(&mut self, contact: Contact) {
+        let id = self.protocol.id();
+        if self.views.is_outsider()
+            || self.protocol.is_removed()
+            || !self.view().members.contains(&id)
+            || self
+                .contacts
+                .values()
+                .any(|c| c.incarnation == contact.incarnation)
+        {
+            return;
         }
+        let Some(&coordinator) = self.view().members.difference(&self.suspected).next() else {
+            return;
+        };
+        if coordinator != id {
+            let envelope = Envelope {
+                epoch: self.views.current().epoch,
+                traffic: Traffic::Join(contact),
+            };
+            self.outputs.push_back(MemberOutput::Send {
+                to: coordinator,
+                envelope,
+            });
+        } else if self.joiners.len() < MAX_JOINERS || self.joiners.contains_key(&contact.incarnation)
+        {
+            self.joiners.insert(contact.incarnation, contact);
+        }
+    }
+
+    /// The joiners a proposal of this member takes in now, under the ids they get: the next
+    /// unused ones, in the order of their incarnations (any order would do: one proposal is
+    /// decided, and a joiner learns its id from that decision).
+    fn admissions(&self) -> BTreeMap<NodeId, Contact> {
+        (self.next_id..)
+            .zip(self.joiners.values().cloned())
+            .collect()
     }
 
     /// The transport lost `node`: the next view leaves it out (a joiner that is lost is no
@@ -202,7 +295,6 @@ impl Member {
         if node == self.protocol.id() {
             return;
         }
-        self.joiners.remove(&node);
         self.suspected.insert(node);
         self.operate(now, |p| p.peer_left(node));
     }
@@ -261,8 +353,8 @@ impl Member {
         let mut next: BTreeSet<NodeId> = view
             .members
             .difference(&self.suspected)
-            .chain(&self.joiners)
             .copied()
+            .chain(self.admissions().into_keys())
             .collect();
         if self.leaving {
             next.remove(&id);
@@ -310,10 +402,14 @@ impl Member {
     /// Proposes `members` as the next view (see [`Views::propose`]); this member freezes.
     /// [`Member::propose_wanted`] chooses the members by the rules above.
     pub fn propose(&mut self, now: Instant, members: BTreeSet<NodeId>) {
+        let admissions = self.admissions();
         let mut seat = Seat {
             protocol: &mut self.protocol,
             leases: &self.leases,
             now,
+            contacts: &self.contacts,
+            admissions,
+            next_id: self.next_id,
         };
         self.views.propose(members, &mut seat);
         self.take_view_outputs(now);
@@ -332,15 +428,20 @@ impl Member {
                 if freezes_sender(&message, current) {
                     self.leases.froze(from);
                 }
+                let admissions = self.admissions();
                 let mut seat = Seat {
                     protocol: &mut self.protocol,
                     leases: &self.leases,
                     now,
+                    contacts: &self.contacts,
+                    admissions,
+                    next_id: self.next_id,
                 };
                 self.views.handle(from, message, &mut seat);
                 self.take_view_outputs(now);
             }
             Traffic::Lease(message) => self.handle_lease(now, from, envelope.epoch, message),
+            Traffic::Join(contact) => self.admit(contact),
             Traffic::Token(_) if envelope.epoch > current => {
                 return Err(Rejected::FutureEpoch {
                     epoch: envelope.epoch,
@@ -436,20 +537,36 @@ impl Member {
             match output {
                 ViewOutput::Send { to, message } => self.send_view(to, message),
                 ViewOutput::Frozen => {}
-                ViewOutput::Installed { view, plan } => {
-                    // The decision reaches every member before any token traffic of its epoch.
+                ViewOutput::Installed {
+                    view,
+                    plan: decision,
+                } => {
                     let id = self.protocol.id();
+                    self.next_id = decision.next_id;
+                    self.joiners.retain(|incarnation, _| {
+                        !decision
+                            .contacts
+                            .values()
+                            .any(|c| c.incarnation == *incarnation)
+                    });
+                    if view.members.contains(&id) {
+                        // The transport can reach a new member before anything goes to it.
+                        self.contacts = decision.contacts.clone();
+                        self.outputs
+                            .push_back(MemberOutput::Connect(decision.contacts.clone()));
+                    }
+                    // The decision reaches every member before any token traffic of its epoch.
                     for &to in view.members.iter().filter(|&&m| m != id) {
                         let decided = ViewMessage::Decided {
                             epoch: view.epoch - 1,
                             proposal: Proposal {
                                 members: view.members.clone(),
-                                plan: plan.clone(),
+                                plan: decision.clone(),
                             },
                         };
                         self.send_view(to, decided);
                     }
-                    self.joiners.retain(|n| !view.members.contains(n));
+                    let plan = decision.recreation;
                     self.leases.installed(&view, id);
                     self.protocol.install(&view, &plan);
                     self.tick(now);

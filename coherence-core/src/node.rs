@@ -17,7 +17,7 @@
 //! A transport that fails, or is closed under the node, stops it: every waiting and later
 //! operation returns [`Error::Transport`] at once.
 //!
-//! Membership: the transport's [`TransportEvent::Joined`] and [`TransportEvent::Left`] become
+//! Membership: the transport's [`TransportEvent::JoinRequest`] and [`TransportEvent::Left`] become
 //! the member's [`Member::admit`] and [`Member::suspect`]; the member proposes the next view
 //! when its rules say so, and the driver retries every [`Config::view_retry`] while one is
 //! wanted. `shutdown` is a view change that removes this node.
@@ -498,6 +498,11 @@ impl Inner {
                     outbox.push((to, envelope));
                     continue;
                 }
+                MemberOutput::Connect(contacts) => {
+                    // Before the outbox goes out: it may hold the decision for a new member.
+                    self.transport.connect_members(&contacts);
+                    continue;
+                }
                 MemberOutput::Installed { view, .. } => {
                     self.installed(&view, left);
                     *proposals = 0;
@@ -567,7 +572,7 @@ impl Inner {
                     tracing::debug!(node = self.id, to, "frame not sent: the peer is gone");
                     let tokens = batch.iter().filter_map(|(_, e)| match &e.traffic {
                         Traffic::Token(message) => Some(message.clone()),
-                        Traffic::View(_) | Traffic::Lease(_) => None,
+                        Traffic::View(_) | Traffic::Lease(_) | Traffic::Join(_) => None,
                     });
                     refused.push((to, tokens.collect::<Vec<_>>()));
                 }
@@ -972,9 +977,9 @@ impl Inner {
                 }
                 core.inbox = inbox;
             }
-            TransportEvent::Joined(peer) => {
-                tracing::info!(node = self.id, peer, "node asks to join");
-                core.member.admit(peer);
+            TransportEvent::JoinRequest(contact) => {
+                tracing::info!(node = self.id, addr = %contact.addr, "a node asks to join");
+                core.member.admit(contact);
                 self.propose_wanted(&mut core);
             }
             TransportEvent::Left(peer) => {
@@ -1029,7 +1034,11 @@ impl Node {
             let mut members: std::collections::BTreeSet<NodeId> =
                 transport.peers().into_iter().collect();
             members.insert(id);
-            Member::new(protocol, View { epoch: 0, members })
+            let member = Member::new(protocol, View { epoch: 0, members });
+            match transport.contact() {
+                Some(contact) => member.with_contact(contact),
+                None => member,
+            }
         };
         let leased = !lease.is_zero();
         let member = if leased {

@@ -20,15 +20,16 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::lease::LeaseMessage;
+use crate::member::Decision;
 use crate::protocol::{Plan, Report};
-use crate::transport::NodeId;
+use crate::transport::{Contact, NodeId};
 use crate::view::{Ballot, Epoch, Proposal, ViewMessage};
 
 /// Version of the wire format; a frame with another version is rejected.
-pub const PROTOCOL_VERSION: u8 = 5;
+pub const PROTOCOL_VERSION: u8 = 6;
 
-/// A message of the view change, carrying reports and the token recreation plan.
-pub type ViewChange = ViewMessage<Report, Plan>;
+/// A message of the view change, carrying reports and the decision (token recreation, contacts).
+pub type ViewChange = ViewMessage<Report, Decision>;
 
 /// What one member sends another.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -39,6 +40,9 @@ pub enum Traffic {
     View(ViewChange),
     /// Lease requests and grants, valid only within the sender's epoch.
     Lease(LeaseMessage),
+    /// A join request a member's transport reported, handed on to the member that proposes
+    /// views (the coordinator).
+    Join(Contact),
 }
 
 /// A message stamped with the epoch its sender was in when it sent it.
@@ -185,6 +189,7 @@ const TAG_REFUSED: u8 = 12;
 const TAG_DECIDED: u8 = 13;
 const TAG_LEASE_REQUEST: u8 = 14;
 const TAG_LEASE_GRANT: u8 = 15;
+const TAG_JOIN: u8 = 16;
 
 const ACCESS_READ: u8 = 0;
 const ACCESS_WRITE: u8 = 1;
@@ -228,6 +233,12 @@ where
             Traffic::Token(message) => encode_message(&mut w, message),
             Traffic::View(message) => encode_view(&mut w, message),
             Traffic::Lease(message) => encode_lease(&mut w, message),
+            Traffic::Join(contact) => {
+                array_len(&mut w, 3);
+                uint(&mut w, TAG_JOIN.into());
+                uint(&mut w, contact.incarnation);
+                text(&mut w, &contact.addr);
+            }
         }
     }
     w
@@ -271,11 +282,12 @@ fn view_size_bound(message: &ViewChange) -> usize {
     let names = |names: &mut dyn Iterator<Item = &Arc<str>>| -> usize {
         names.map(|name| name.len() + 16).sum()
     };
-    let proposal_bound = |p: &Proposal<Plan>| {
+    let proposal_bound = |p: &Proposal<Decision>| {
         p.members.len() * 9
-            + values_bound(&p.plan.values)
-            + names(&mut p.plan.tokens.keys())
-            + p.plan.tokens.values().map(|r| r.len() * 9).sum::<usize>()
+            + values_bound(&p.plan.recreation.values)
+            + names(&mut p.plan.recreation.tokens.keys())
+            + p.plan.recreation.tokens.values().map(|r| r.len() * 9).sum::<usize>()
+            + p.plan.contacts.values().map(|c| c.addr.len() + 24).sum::<usize>()
     };
     MESSAGE_FIXED_BOUND
         + match message {
@@ -301,6 +313,7 @@ fn size_bound(traffic: &Traffic) -> usize {
         Traffic::Token(message) => message,
         Traffic::View(message) => return view_size_bound(message),
         Traffic::Lease(_) => return MESSAGE_FIXED_BOUND,
+        Traffic::Join(contact) => return MESSAGE_FIXED_BOUND + contact.addr.len(),
     };
     let payload = match message {
         Message::Request(r) => {
@@ -475,15 +488,24 @@ fn write_values(w: &mut Vec<u8>, values: &BTreeMap<Arc<str>, Value>) {
     }
 }
 
-fn write_proposal(w: &mut Vec<u8>, proposal: &Proposal<Plan>) {
-    array_len(w, 3);
+fn write_proposal(w: &mut Vec<u8>, proposal: &Proposal<Decision>) {
+    array_len(w, 5);
     array_len(w, proposal.members.len());
     for &member in &proposal.members {
         uint(w, member.into());
     }
-    write_values(w, &proposal.plan.values);
-    array_len(w, proposal.plan.tokens.len());
-    for (name, receivers) in &proposal.plan.tokens {
+    let decision = &proposal.plan;
+    uint(w, decision.next_id.into());
+    array_len(w, decision.contacts.len());
+    for (&id, contact) in &decision.contacts {
+        array_len(w, 3);
+        uint(w, id.into());
+        uint(w, contact.incarnation);
+        text(w, &contact.addr);
+    }
+    write_values(w, &decision.recreation.values);
+    array_len(w, decision.recreation.tokens.len());
+    for (name, receivers) in &decision.recreation.tokens {
         array_len(w, 2);
         text(w, name);
         array_len(w, receivers.len());
@@ -784,9 +806,17 @@ impl<'a> Decoder<'a> {
         })
     }
 
-    fn proposal(&mut self) -> Result<Proposal<Plan>, DecodeError> {
-        self.fields(3, "a proposal")?;
+    fn proposal(&mut self) -> Result<Proposal<Decision>, DecodeError> {
+        self.fields(5, "a proposal")?;
         let members = self.list("a proposal's members", 1, |d| d.uint("a member"))?;
+        let next_id = self.uint("the next node id")?;
+        let contacts = self.list("a proposal's contacts", 4, |d| {
+            d.fields(3, "a member's contact")?;
+            let id = d.uint("a member")?;
+            let incarnation = d.uint("an incarnation")?;
+            let addr = d.text("an address")?.to_string();
+            Ok((id, Contact { incarnation, addr }))
+        })?;
         let values = self.values("a plan")?;
         let tokens = self.list("a plan's token receivers", 3, |d| {
             d.fields(2, "a name and its receivers")?;
@@ -796,9 +826,13 @@ impl<'a> Decoder<'a> {
         })?;
         Ok(Proposal {
             members: members.into_iter().collect(),
-            plan: Plan {
-                values,
-                tokens: tokens.into_iter().collect(),
+            plan: Decision {
+                recreation: Plan {
+                    values,
+                    tokens: tokens.into_iter().collect(),
+                },
+                contacts: contacts.into_iter().collect(),
+                next_id,
             },
         })
     }
@@ -824,6 +858,13 @@ impl<'a> Decoder<'a> {
         }
         if tag == TAG_LEASE_REQUEST || tag == TAG_LEASE_GRANT {
             return self.lease_message().map(Traffic::Lease);
+        }
+        if tag == TAG_JOIN {
+            self.fields(3, "a join request")?;
+            let _tag: u8 = self.uint("a message tag")?;
+            let incarnation = self.uint("an incarnation")?;
+            let addr = self.text("an address")?.to_string();
+            return Ok(Traffic::Join(Contact { incarnation, addr }));
         }
         self.view_message().map(Traffic::View)
     }

@@ -1,13 +1,17 @@
 //! In-memory [`Transport`] over crossbeam channels, for tests, benchmarks and single-process demos.
 //!
-//! It moves frames between the nodes of one process and reports joins and leaves; it must not
-//! know anything of tokens or objects, or decide anything for the protocol. How `recv` waits is
-//! the core's wait policy ([`coherence_core::wait::receive`]).
+//! It moves frames between the nodes of one process and reports join requests and leaves; it
+//! must not know anything of tokens or objects, or decide anything for the protocol. How
+//! `recv` waits is the core's wait policy ([`coherence_core::wait::receive`]).
 //!
 //! Every endpoint owns one unbounded channel, its inbox, which carries frames and membership
 //! events alike. One queue per endpoint is what gives the ordering the protocol needs for free:
-//! frames from one peer stay in order, [`TransportEvent::Joined`] precedes a node's first frame
-//! and [`TransportEvent::Left`] follows its last one.
+//! frames from one peer stay in order and [`TransportEvent::Left`] follows a node's last one.
+//!
+//! A node that joins a running network asks a member ([`TransportEvent::JoinRequest`], its
+//! contact naming its inbox) and waits: the members' view change decides its id, and the
+//! first member that installs that view binds the inbox to the id
+//! ([`Transport::connect_members`]), which is how the joiner learns it.
 //!
 //! ```
 //! use std::time::Duration;
@@ -26,37 +30,54 @@
 //! use std::time::Duration;
 //! use coherence_core::{Transport, TransportEvent};
 //!
-//! let network = transport_local::LocalNetwork::new();
-//! let founder = network.join();
-//! let newcomer = network.join();
-//! assert_eq!((founder.local_id(), newcomer.local_id()), (0, 1));
-//! assert_eq!(newcomer.peers(), vec![0]);
-//! assert_eq!(founder.recv(Duration::from_secs(1)).unwrap(), Some(TransportEvent::Joined(1)));
+//! let (network, founders) = transport_local::LocalNetwork::founding(1);
+//! let founder = &founders[0];
+//! let joiner = std::thread::spawn(move || network.join(Duration::from_secs(5)));
+//! // The founder's node would decide the view that takes the joiner in; here we play its part.
+//! let Some(TransportEvent::JoinRequest(contact)) = founder.recv(Duration::from_secs(5)).unwrap()
+//! else { panic!("no join request") };
+//! founder.connect_members(&[(1, contact)].into());
+//! let joiner = joiner.join().unwrap().unwrap();
+//! assert_eq!(joiner.local_id(), 1);
+//! assert!(joiner.joins_running_cluster());
 //! ```
 
 #![deny(missing_docs)]
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
-use coherence_core::{NodeId, Transport, TransportError, TransportEvent};
+use coherence_core::{Contact, NodeId, Transport, TransportError, TransportEvent};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
+/// How often a joiner asks again while no member took it in (the member it asked may have
+/// left meanwhile).
+const JOIN_RETRY: Duration = Duration::from_millis(100);
+
+/// Why [`LocalNetwork::join`] failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JoinError {
+    /// No member took the node in within the given time (no member runs a node, or no
+    /// majority of the view could decide).
+    #[error("no member took this node in within {0:?}")]
+    NotAdmitted(Duration),
+}
+
 /// Builds `n` endpoints with ids `0..n`, each listing all the others in [`Transport::peers`].
-///
-/// All members are admitted at once, so no endpoint sees [`TransportEvent::Joined`] for the
-/// founding members.
 ///
 /// # Panics
 /// If `n` does not fit in a [`NodeId`].
 pub fn cluster(n: usize) -> Vec<LocalTransport> {
-    let network = LocalNetwork::new();
+    LocalNetwork::founding(n).1
+}
+
+/// The founding members of `network`, ids `0..n`.
+fn found(network: &LocalNetwork, n: usize) -> Vec<LocalTransport> {
     let ids: Vec<NodeId> =
         (0..NodeId::try_from(n).expect("cluster size fits in a NodeId")).collect();
     let mut members = network.lock();
-    members.next_id = ids.len() as NodeId;
     let inboxes: Vec<Receiver<TransportEvent>> = ids
         .iter()
         .map(|&id| {
@@ -80,8 +101,14 @@ pub fn cluster(n: usize) -> Vec<LocalTransport> {
 struct Members {
     /// Inbox of every current member; an id absent here never joined or has left.
     inboxes: BTreeMap<NodeId, Sender<TransportEvent>>,
-    /// Id of the next joiner; never reused, so a departed id stays unknown.
-    next_id: NodeId,
+    /// Inboxes of joiners no view took in yet, by the incarnation in their contact.
+    waiting: BTreeMap<u64, Sender<TransportEvent>>,
+    /// The ids views gave joiners, by incarnation, until the joiner picks its id up.
+    admitted: BTreeMap<u64, NodeId>,
+    /// Incarnation of the next joiner.
+    next_incarnation: u64,
+    /// Whether the network was founded (a join on an empty network founds it as node 0).
+    founded: bool,
 }
 
 /// A shared in-memory network that endpoints join one at a time.
@@ -91,34 +118,70 @@ struct Members {
 #[derive(Debug, Clone, Default)]
 pub struct LocalNetwork {
     members: Arc<Mutex<Members>>,
+    /// Wakes joiners when a view took someone in.
+    admitted: Arc<Condvar>,
 }
 
 impl LocalNetwork {
-    /// An empty network; its first joiner gets id 0 and so founds the cluster.
+    /// An empty network; its first joiner founds the cluster as node 0.
     pub fn new() -> LocalNetwork {
         LocalNetwork::default()
     }
 
-    /// Adds a node with the next id, announcing it to every current member.
+    /// A network founded by `n` members with ids `0..n` (each listing the others in
+    /// [`Transport::peers`]), which later nodes may [`LocalNetwork::join`].
     ///
-    /// The announcement is queued before the new endpoint exists, so each member sees
-    /// [`TransportEvent::Joined`] before any frame from the joiner.
-    pub fn join(&self) -> LocalTransport {
+    /// # Panics
+    /// If `n` does not fit in a [`NodeId`].
+    pub fn founding(n: usize) -> (LocalNetwork, Vec<LocalTransport>) {
+        let network = LocalNetwork::new();
+        let founders = found(&network, n);
+        network.lock().founded = true;
+        (network, founders)
+    }
+
+    /// A new node: on an empty network it founds the cluster as node 0 at once. Otherwise it
+    /// asks a member to be taken in (again every 100 ms, the member may have left) and waits
+    /// up to `timeout` for the members' nodes to decide a view with it, which gives its id.
+    pub fn join(&self, timeout: Duration) -> Result<LocalTransport, JoinError> {
         let mut members = self.lock();
-        let id = members.next_id;
-        members.next_id = id.checked_add(1).expect("NodeId space exhausted");
-        for inbox in members.inboxes.values() {
-            // Cannot fail: a member's receiver outlives its entry (drop closes first).
-            let _ = inbox.send(TransportEvent::Joined(id));
+        if !members.founded {
+            members.founded = true;
+            drop(members);
+            return Ok(found(self, 1).remove(0));
         }
-        let peers = members.inboxes.keys().copied().collect();
+        let incarnation = members.next_incarnation;
+        members.next_incarnation += 1;
         let (tx, rx) = crossbeam_channel::unbounded();
-        members.inboxes.insert(id, tx);
-        drop(members);
-        let mut transport = LocalTransport::new(id, peers, rx, self.clone());
-        // The first node founds the network; every later one joins a running cluster.
-        transport.joining = !transport.peers.is_empty();
-        transport
+        members.waiting.insert(incarnation, tx);
+        let contact = Contact {
+            incarnation,
+            addr: format!("local inbox {incarnation}"),
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(id) = members.admitted.remove(&incarnation) {
+                drop(members);
+                let mut transport = LocalTransport::new(id, Vec::new(), rx, self.clone());
+                transport.joining = true;
+                return Ok(transport);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                members.waiting.remove(&incarnation);
+                return Err(JoinError::NotAdmitted(timeout));
+            }
+            if let Some(inbox) = members.inboxes.values().next() {
+                // Cannot fail: a member's receiver outlives its entry (drop closes first).
+                let _ = inbox.send(TransportEvent::JoinRequest(contact.clone()));
+            }
+            let wait = JOIN_RETRY.min(deadline - now);
+            members = self
+                .admitted
+                .wait_timeout(members, wait)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
     }
 
     /// Locks the membership. Every critical section leaves the map consistent, so a panic
@@ -170,6 +233,22 @@ impl Transport for LocalTransport {
 
     fn joins_running_cluster(&self) -> bool {
         self.joining
+    }
+
+    /// Binds the inbox of each joiner the view names to the id the view gave it.
+    fn connect_members(&self, members: &BTreeMap<NodeId, Contact>) {
+        let mut network = self.network.lock();
+        let mut bound = false;
+        for (&id, contact) in members {
+            if let Some(inbox) = network.waiting.remove(&contact.incarnation) {
+                network.inboxes.insert(id, inbox);
+                network.admitted.insert(contact.incarnation, id);
+                bound = true;
+            }
+        }
+        if bound {
+            self.network.admitted.notify_all();
+        }
     }
 
     /// Threads of one process.
@@ -285,61 +364,94 @@ mod tests {
         expect_empty(&nodes[2]);
     }
 
-    #[test]
-    fn join_announces_before_first_frame() {
-        let network = LocalNetwork::new();
-        let a = network.join();
-        assert_eq!((a.local_id(), a.peers()), (0, vec![]));
-        let b = network.join();
-        assert_eq!((b.local_id(), b.peers()), (1, vec![0]));
-        b.send(0, b"hi".to_vec()).unwrap();
-        let c = network.join();
-        assert_eq!((c.local_id(), c.peers()), (2, vec![0, 1]));
-        c.send(0, b"yo".to_vec()).unwrap();
-        c.send(1, b"yo".to_vec()).unwrap();
+    /// Plays the members' part for `founder`: takes in every joiner that asks, in order, until
+    /// `count` were taken in; returns the other events it received meanwhile.
+    fn admit(founder: &LocalTransport, count: usize) -> Vec<TransportEvent> {
+        let mut view = BTreeMap::new();
+        let mut others = Vec::new();
+        while view.len() < count {
+            match founder.recv(SECOND).unwrap() {
+                Some(TransportEvent::JoinRequest(contact)) => {
+                    if view.values().any(|c: &Contact| c.incarnation == contact.incarnation) {
+                        continue; // asked again
+                    }
+                    view.insert(view.len() as NodeId + 1, contact);
+                    founder.connect_members(&view);
+                }
+                Some(other) => others.push(other),
+                None => panic!("no join request within a second"),
+            }
+        }
+        others
+    }
 
-        assert_eq!(a.recv(SECOND).unwrap(), Some(TransportEvent::Joined(1)));
-        assert_eq!(a.recv(SECOND).unwrap(), frame(1, b"hi"));
-        assert_eq!(a.recv(SECOND).unwrap(), Some(TransportEvent::Joined(2)));
-        assert_eq!(a.recv(SECOND).unwrap(), frame(2, b"yo"));
-        assert_eq!(b.recv(SECOND).unwrap(), Some(TransportEvent::Joined(2)));
-        assert_eq!(b.recv(SECOND).unwrap(), frame(2, b"yo"));
-        expect_empty(&a);
-        expect_empty(&b);
-        expect_empty(&c);
+    #[test]
+    fn first_join_founds_and_later_ones_wait_for_a_view() {
+        let network = LocalNetwork::new();
+        let founder = network.join(Duration::ZERO).unwrap();
+        assert_eq!((founder.local_id(), founder.peers()), (0, vec![]));
+        assert!(!founder.joins_running_cluster());
+        let joiner = std::thread::scope(|s| {
+            let joiner = s.spawn(|| network.join(10 * SECOND));
+            assert_eq!(admit(&founder, 1), vec![]);
+            joiner.join().unwrap().unwrap()
+        });
+        assert_eq!((joiner.local_id(), joiner.peers()), (1, vec![]));
+        assert!(joiner.joins_running_cluster());
+        joiner.send(0, b"hi".to_vec()).unwrap();
+        founder.send(1, b"yo".to_vec()).unwrap();
+        assert_eq!(founder.recv(SECOND).unwrap(), frame(1, b"hi"));
+        assert_eq!(joiner.recv(SECOND).unwrap(), frame(0, b"yo"));
+    }
+
+    #[test]
+    fn a_join_nobody_answers_times_out() {
+        let (network, founders) = LocalNetwork::founding(2);
+        let timeout = Duration::from_millis(250);
+        assert_eq!(network.join(timeout).err(), Some(JoinError::NotAdmitted(timeout)));
+        // The lowest member was asked, again every 100 ms; the transport decided nothing.
+        let mut asked = 0;
+        while let Some(event) = founders[0].recv(Duration::ZERO).unwrap() {
+            assert!(matches!(event, TransportEvent::JoinRequest(_)), "{event:?}");
+            asked += 1;
+        }
+        assert!((2..=4).contains(&asked), "asked {asked} times");
+        expect_empty(&founders[1]);
     }
 
     #[test]
     fn network_is_shared_across_threads() {
-        let network = LocalNetwork::new();
-        let founder = network.join();
-        let mut ids: Vec<NodeId> = std::thread::scope(|s| {
+        let (network, mut founders) = LocalNetwork::founding(1);
+        let founder = founders.remove(0);
+        let (mut ids, seen): (Vec<NodeId>, _) = std::thread::scope(|s| {
             let handles: Vec<_> = (0..4)
                 .map(|_| {
                     let network = network.clone();
                     s.spawn(move || {
-                        let node = network.join();
+                        let node = network.join(10 * SECOND).unwrap();
                         node.send(0, vec![]).unwrap();
                         node.local_id()
                     })
                 })
                 .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
+            let seen = admit(&founder, 4);
+            (handles.into_iter().map(|h| h.join().unwrap()).collect(), seen)
         });
         ids.sort_unstable();
         assert_eq!(ids, vec![1, 2, 3, 4]);
-        // Each joiner was announced before its frame, and left after it.
+        // Each joiner's frame came, then its `Left` (its endpoint was dropped), in that order.
         let mut state = [0u8; 5];
-        while let Some(event) = founder.recv(Duration::ZERO).unwrap() {
+        let later = std::iter::from_fn(|| founder.recv(Duration::ZERO).unwrap());
+        for event in seen.into_iter().chain(later) {
             let (id, expected) = match event {
-                TransportEvent::Joined(id) => (id, 0),
-                TransportEvent::Frame { from, .. } => (from, 1),
-                TransportEvent::Left(id) => (id, 2),
+                TransportEvent::JoinRequest(_) => continue,
+                TransportEvent::Frame { from, .. } => (from, 0),
+                TransportEvent::Left(id) => (id, 1),
             };
             assert_eq!(state[id as usize], expected, "{event:?} out of order");
             state[id as usize] += 1;
         }
-        assert_eq!(state[1..], [3; 4]);
+        assert_eq!(state[1..], [2; 4]);
     }
 
     #[test]
