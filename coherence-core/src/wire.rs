@@ -1043,11 +1043,23 @@ mod tests {
             type_name: "i64".into(),
             bytes: Bytes::from(vec![byte; 3]),
         };
+        let contact = |incarnation, addr: &str| Contact {
+            incarnation,
+            addr: addr.into(),
+        };
         let proposal = Proposal {
             members: [0, 2, NodeId::MAX].into(),
-            plan: Plan {
-                values: [("x".into(), value(4, 1)), ("ÿ".into(), value(0, 2))].into(),
-                tokens: [("x".into(), [2, 0].into())].into(),
+            plan: Decision {
+                recreation: Plan {
+                    values: [("x".into(), value(4, 1)), ("ÿ".into(), value(0, 2))].into(),
+                    tokens: [("x".into(), [2, 0].into())].into(),
+                },
+                contacts: [
+                    (0, contact(7, "tcp://10.0.0.1:7000")),
+                    (NodeId::MAX, contact(u64::MAX, "")),
+                ]
+                .into(),
+                next_id: NodeId::MAX,
             },
         };
         let ballot = Ballot { round: 3, node: 2 };
@@ -1082,7 +1094,7 @@ mod tests {
                 epoch: 5,
                 proposal: Proposal {
                     members: BTreeSet::new(),
-                    plan: Plan::default(),
+                    plan: Decision::default(),
                 },
             },
         ];
@@ -1162,9 +1174,14 @@ mod tests {
             },
             LeaseMessage::Grant { sent: u64::MAX },
         ];
+        let joins = [
+            Traffic::Join(contact(3, "tcp://[::1]:9")),
+            Traffic::Join(contact(0, "")),
+        ];
         tokens
             .chain(views.into_iter().map(Traffic::View))
             .chain(leases.into_iter().map(Traffic::Lease))
+            .chain(joins)
             .collect()
     }
 
@@ -1317,7 +1334,7 @@ mod tests {
             0x93,
             TAG_DECIDED,
             0,
-            0x93,
+            0x95,
             0xdd,
             0xff,
             0xff,

@@ -118,19 +118,21 @@ pub struct LocalCluster {
 
 impl Cluster for LocalCluster {
     fn start(&self, n: usize) -> Vec<Box<dyn Transport>> {
-        let network = transport_local::LocalNetwork::new();
-        let transports = (0..n)
-            .map(|_| Box::new(network.join()) as Box<dyn Transport>)
-            .collect();
+        let (network, founders) = transport_local::LocalNetwork::founding(n);
         *lock(&self.network) = Some(network);
-        transports
+        founders
+            .into_iter()
+            .map(|t| Box::new(t) as Box<dyn Transport>)
+            .collect()
     }
 
     fn join(&self) -> Result<Box<dyn Transport>, String> {
-        lock(&self.network)
-            .as_ref()
-            .map(|n| Box::new(n.join()) as Box<dyn Transport>)
-            .ok_or_else(|| "no cluster was started to join".to_string())
+        let network = lock(&self.network)
+            .clone()
+            .ok_or_else(|| "no cluster was started to join".to_string())?;
+        // The members' nodes decide the view that takes it in: a round trip or two.
+        let joiner = network.join(TIMEOUT).map_err(|e| e.to_string())?;
+        Ok(Box::new(joiner))
     }
 }
 

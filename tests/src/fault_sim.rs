@@ -45,7 +45,7 @@ use coherence_core::member::{Member, MemberOutput};
 use coherence_core::protocol::{Event, OpId, Outcome, Plan, Protocol, WritePolicy};
 use coherence_core::view::{Epoch, View};
 use coherence_core::wire::{Envelope, Init, Message, Traffic};
-use coherence_core::NodeId;
+use coherence_core::{Contact, NodeId};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -187,12 +187,12 @@ impl OpRecord {
 }
 
 /// What a node's transport tells it about another node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Reported {
     /// The node is lost (silent too long).
     Lost(NodeId),
-    /// The node asks to join.
-    Joining(NodeId),
+    /// A node reached at this contact asks to join.
+    Joining(Contact),
 }
 
 /// A fault that ends: a partition or a stall.
@@ -268,6 +268,13 @@ pub struct FaultSim {
     severed: BTreeSet<(NodeId, NodeId)>,
     /// Nodes lost to faults so far (crashed, or cut off or stalled and reported lost).
     lost: BTreeSet<NodeId>,
+    /// Joiners that asked and were not taken in yet, by incarnation: a node exists once a
+    /// decision gave it an id, as its transport learns the id from the first member that
+    /// speaks to it.
+    asking: BTreeMap<u64, Contact>,
+    /// Ids a decision gave to a joiner that had one already (a join request heard late):
+    /// nobody answers there, and the members' transports report it lost.
+    ghosts: BTreeSet<NodeId>,
 }
 
 impl FaultSim {
@@ -297,6 +304,8 @@ impl FaultSim {
             detect_at: Duration::ZERO,
             severed: BTreeSet::new(),
             lost: BTreeSet::new(),
+            asking: BTreeMap::new(),
+            ghosts: BTreeSet::new(),
             alive: vec![true; cfg.nodes as usize],
             nodes,
             net: BTreeMap::new(),
@@ -776,17 +785,36 @@ impl FaultSim {
         let now = self.now(node);
         match reported {
             Reported::Lost(lost) => self.nodes[node as usize].suspect(now, lost),
-            Reported::Joining(joiner) => self.nodes[node as usize].admit(joiner),
+            Reported::Joining(contact) => self.nodes[node as usize].admit(contact),
         }
         self.after(node)?;
         self.propose_wanted(node)
     }
 
-    /// A random active node's retry timer fires.
+    /// A random active node's retry timer fires, or a joiner asks again.
     fn tick_random(&mut self) -> Result<(), String> {
+        if !self.asking.is_empty() && self.rng.gen_bool(0.5) {
+            return self.ask_again();
+        }
         let active = self.active();
         let node = active[self.rng.gen_range(0..active.len())];
         self.propose_wanted(node)
+    }
+
+    /// The joiner that asked first and was not taken in asks a random serving member again,
+    /// as a joiner's transport does on a timer: the member it asked may have handed the
+    /// request to a coordinator that crashed, or been cut off.
+    fn ask_again(&mut self) -> Result<(), String> {
+        let serving = self.serving();
+        let Some(contact) = self.asking.values().next().cloned() else {
+            return Ok(());
+        };
+        if serving.is_empty() {
+            return Ok(());
+        }
+        let member = serving[self.rng.gen_range(0..serving.len())];
+        self.reports[member as usize].push_back(Reported::Joining(contact));
+        Ok(())
     }
 
     fn propose_wanted(&mut self, node: NodeId) -> Result<(), String> {
@@ -799,27 +827,62 @@ impl FaultSim {
         self.after(node)
     }
 
-    /// A new node asks to join; every serving member's transport reports it in its time.
+    /// A new node asks to join; every serving member's transport reports it in its time (a
+    /// member that is not the coordinator hands it on).
     fn join(&mut self) -> Result<(), String> {
         if self.joins >= 2 {
             return Ok(());
         }
         self.joins += 1;
-        let id = self.nodes.len() as NodeId;
-        self.trace_line(|| format!("node {id} asks to join"));
-        let protocol = Protocol::new(id, [], self.cfg.policy).with_durability(self.cfg.durability);
-        self.nodes.push(Member::joining(protocol).with_lease(LEASE));
-        self.alive.push(true);
-        let rate = Self::rate(&mut self.rng);
-        self.rates.push(rate);
-        self.reports.push(VecDeque::new());
+        let contact = Contact {
+            incarnation: u64::from(self.joins),
+            addr: format!("joiner {}", self.joins),
+        };
+        self.trace_line(|| format!("{contact:?} asks to join"));
+        self.asking.insert(contact.incarnation, contact.clone());
         // Stalled members hear of it when they resume.
         let members = self.live().into_iter().filter(|&n| {
             let member = &self.nodes[n as usize];
             member.view().members.contains(&n) && !member.protocol().is_removed()
         });
         for observer in members.collect::<Vec<_>>() {
-            self.reports[observer as usize].push_back(Reported::Joining(id));
+            self.reports[observer as usize].push_back(Reported::Joining(contact.clone()));
+        }
+        Ok(())
+    }
+
+    /// A decision names these members: a joiner it gives an id to starts as that node (ids
+    /// are given in order, so each new one is the next index); a joiner taken in a second
+    /// time under a new id is a ghost nobody answers for.
+    fn connect(&mut self, contacts: BTreeMap<NodeId, Contact>) -> Result<(), String> {
+        for (id, contact) in contacts {
+            if (id as usize) < self.nodes.len() {
+                continue;
+            }
+            if id as usize != self.nodes.len() {
+                return Err(self.fail(format!(
+                    "id {id} given while the next unused one is {}",
+                    self.nodes.len()
+                )));
+            }
+            let joiner = self.asking.remove(&contact.incarnation).is_some();
+            self.trace_line(|| {
+                let what = if joiner { "joins" } else { "is a ghost" };
+                format!("node {id} ({contact:?}) {what}")
+            });
+            let protocol =
+                Protocol::new(id, [], self.cfg.policy).with_durability(self.cfg.durability);
+            self.nodes.push(Member::joining(protocol).with_lease(LEASE));
+            self.alive.push(joiner);
+            let rate = Self::rate(&mut self.rng);
+            self.rates.push(rate);
+            self.reports.push(VecDeque::new());
+            if !joiner {
+                self.ghosts.insert(id);
+                for observer in self.live() {
+                    self.reports[observer as usize].push_back(Reported::Lost(id));
+                }
+            }
         }
         Ok(())
     }
@@ -910,6 +973,7 @@ impl FaultSim {
                     self.completed(node, op, outcome)?;
                 }
                 MemberOutput::Event(_) => {}
+                MemberOutput::Connect(contacts) => self.connect(contacts)?,
                 MemberOutput::Installed { view, plan } => {
                     self.report.installs += 1;
                     self.installed(node, view, plan)?;
@@ -1135,6 +1199,9 @@ impl FaultSim {
             {
                 self.pass_time(LEASE / 8)?;
                 self.propose_wanted(node)?;
+            } else if !self.asking.is_empty() {
+                self.pass_time(LEASE / 8)?;
+                self.ask_again()?;
             } else {
                 return Ok(());
             }

@@ -221,7 +221,8 @@ impl MemberModel {
                 MemberOutput::Event(Event::Completed { op, outcome }) => {
                     self.completed(s, op, outcome);
                 }
-                MemberOutput::Event(_) => {}
+                // No joins here: the members have no contacts to connect to.
+                MemberOutput::Event(_) | MemberOutput::Connect(_) => {}
                 MemberOutput::Installed { view, plan } => self.installed(s, node, view, plan),
             }
         }
