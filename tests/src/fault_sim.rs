@@ -131,6 +131,10 @@ pub struct FaultReport {
     pub installs: u64,
     /// Token messages dropped by fencing.
     pub fenced: u64,
+    /// Joiners a decision took in.
+    pub joined: u64,
+    /// Ids a decision gave to a joiner already taken in (its request heard late).
+    pub ghosts: u64,
 }
 
 impl FaultReport {
@@ -143,6 +147,8 @@ impl FaultReport {
         self.partitions += other.partitions;
         self.stalls += other.stalls;
         self.no_majority += other.no_majority;
+        self.joined += other.joined;
+        self.ghosts += other.ghosts;
         self.installs += other.installs;
         self.fenced += other.fenced;
     }
@@ -272,9 +278,6 @@ pub struct FaultSim {
     /// decision gave it an id, as its transport learns the id from the first member that
     /// speaks to it.
     asking: BTreeMap<u64, Contact>,
-    /// Ids a decision gave to a joiner that had one already (a join request heard late):
-    /// nobody answers there, and the members' transports report it lost.
-    ghosts: BTreeSet<NodeId>,
 }
 
 impl FaultSim {
@@ -305,7 +308,6 @@ impl FaultSim {
             severed: BTreeSet::new(),
             lost: BTreeSet::new(),
             asking: BTreeMap::new(),
-            ghosts: BTreeSet::new(),
             alive: vec![true; cfg.nodes as usize],
             nodes,
             net: BTreeMap::new(),
@@ -471,6 +473,11 @@ impl FaultSim {
             self.leave()?;
         }
         self.check_invariants()
+    }
+
+    /// Whether `node` runs: not crashed, and not a joiner that no installed view took in yet.
+    fn is_alive(&self, node: NodeId) -> bool {
+        self.alive.get(node as usize).copied().unwrap_or(false)
     }
 
     fn live(&self) -> Vec<NodeId> {
@@ -745,7 +752,7 @@ impl FaultSim {
             .min()
             .unwrap_or(0);
         let up =
-            |m: NodeId| self.alive[m as usize] && !self.lost.contains(&m) && !nodes.contains(&m);
+            |m: NodeId| self.is_alive(m) && !self.lost.contains(&m) && !nodes.contains(&m);
         let survives = |members: &mut dyn Iterator<Item = NodeId>, size: usize| {
             let up = members.filter(|&m| up(m)).count();
             up > size / 2
@@ -755,7 +762,7 @@ impl FaultSim {
                 .members
                 .iter()
                 .copied()
-                .filter(|&m| !self.nodes[m as usize].is_leaving())
+                .filter(|&m| !self.nodes.get(m as usize).is_some_and(Member::is_leaving))
                 .collect();
             survives(&mut view.members.iter().copied(), view.members.len())
                 && survives(&mut staying.iter().copied(), staying.len())
@@ -877,8 +884,11 @@ impl FaultSim {
             let rate = Self::rate(&mut self.rng);
             self.rates.push(rate);
             self.reports.push(VecDeque::new());
-            if !joiner {
-                self.ghosts.insert(id);
+            if joiner {
+                self.report.joined += 1;
+            } else {
+                // Nobody answers there: the members' transports report it lost.
+                self.report.ghosts += 1;
                 for observer in self.live() {
                     self.reports[observer as usize].push_back(Reported::Lost(id));
                 }
@@ -906,7 +916,7 @@ impl FaultSim {
     /// Whether the head of the queue `from` to `to` may be delivered now.
     fn deliverable(&self, from: NodeId, to: NodeId, queue: &VecDeque<Envelope>) -> bool {
         !queue.is_empty()
-            && self.alive[to as usize]
+            && self.is_alive(to)
             && !self.stalled(to)
             && !self.separated(from, to)
             && !self.is_severed(from, to)
@@ -1124,8 +1134,9 @@ impl FaultSim {
         let (&epoch, (view, plan)) = self.decided.last_key_value().expect("epoch 0");
         let (mut tokens, mut owners, mut totals) = (0u32, 0u32, BTreeSet::new());
         for &m in &view.members {
-            let member = &self.nodes[m as usize];
-            if member.view().epoch == epoch {
+            // A joiner exists once a member of the view that takes it in installed it.
+            let installed = self.nodes.get(m as usize).filter(|n| n.view().epoch == epoch);
+            if let Some(member) = installed {
                 if member.protocol().is_frozen() {
                     return Ok(());
                 }
@@ -1214,6 +1225,9 @@ impl FaultSim {
     /// can only wait: they serve nothing once their lease expired) is in the same view of
     /// exactly those nodes, with nothing left waiting.
     fn final_checks(&mut self) -> Result<(), String> {
+        if let Some(contact) = self.asking.values().next() {
+            return Err(self.fail(format!("{contact:?} asked to join and was never taken in")));
+        }
         let serving: BTreeSet<NodeId> = self
             .live()
             .into_iter()
