@@ -101,7 +101,7 @@ pub const KEEPER_LOOK: Duration = Duration::from_millis(5);
 /// How long a keeper drives at a time before it looks again whether a thread wants to drive.
 pub const KEEPER_SLICE: Duration = Duration::from_millis(50);
 
-/// How often a joiner repeats its request until it is welcomed (a request can be lost when
+/// How often a joiner repeats its request until a view takes it in (a request can be lost when
 /// the member it asked dies while it is in flight): a few times a second finds a new member
 /// soon without flooding a cluster that is busy admitting.
 pub const JOIN_RETRY: Duration = Duration::from_millis(500);

@@ -49,12 +49,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use coherence_core::wait::JOIN_RETRY;
 use coherence_core::{Contact, NodeId, Transport, TransportError, TransportEvent};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-
-/// How often a joiner asks again while no member took it in (the member it asked may have
-/// left meanwhile).
-const JOIN_RETRY: Duration = Duration::from_millis(100);
 
 /// Why [`LocalNetwork::join`] failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -141,7 +138,7 @@ impl LocalNetwork {
     }
 
     /// A new node: on an empty network it founds the cluster as node 0 at once. Otherwise it
-    /// asks a member to be taken in (again every 100 ms, the member may have left) and waits
+    /// asks a member to be taken in (again every [`JOIN_RETRY`], the member may have left) and waits
     /// up to `timeout` for the members' nodes to decide a view with it, which gives its id.
     pub fn join(&self, timeout: Duration) -> Result<LocalTransport, JoinError> {
         let mut members = self.lock();
@@ -407,9 +404,9 @@ mod tests {
     #[test]
     fn a_join_nobody_answers_times_out() {
         let (network, founders) = LocalNetwork::founding(2);
-        let timeout = Duration::from_millis(250);
+        let timeout = JOIN_RETRY * 2 + JOIN_RETRY / 2;
         assert_eq!(network.join(timeout).err(), Some(JoinError::NotAdmitted(timeout)));
-        // The lowest member was asked, again every 100 ms; the transport decided nothing.
+        // The lowest member was asked, again every `JOIN_RETRY`; the transport decided nothing.
         let mut asked = 0;
         while let Some(event) = founders[0].recv(Duration::ZERO).unwrap() {
             assert!(matches!(event, TransportEvent::JoinRequest(_)), "{event:?}");
