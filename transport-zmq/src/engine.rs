@@ -1,9 +1,15 @@
 //! The asynchronous half: one task on a current-thread tokio runtime owns every socket and all
-//! membership state, so nothing here needs a lock except what the synchronous API reads.
+//! connection state, so nothing here needs a lock except what the synchronous API reads.
 //!
-//! Inputs are messages from the listener's connections (see the `listener` module), link events (a DEALER connected or
-//! broke), commands from the synchronous API (a crossbeam channel plus a [`Notify`] to wake
-//! us) and a periodic tick (heartbeats, loss detection, retransmission, reconnects).
+//! Inputs are messages from the listener's connections (see the `listener` module), link
+//! events (a DEALER connected or broke), commands from the synchronous API (a crossbeam
+//! channel plus a [`Notify`] to wake us) and a periodic tick (heartbeats, loss detection,
+//! retransmission, reconnects).
+//!
+//! Who is a member is not decided here: the core's view change does, and names the members
+//! with [`Command::Connect`]. The engine reports join requests, learns a joiner's id from the
+//! first hello addressed to its incarnation, and delivers the frames of senders that addressed
+//! us before they were named.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,7 +17,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use coherence_core::{NodeId, TransportEvent};
+use coherence_core::{Contact, NodeId, TransportEvent};
 use crossbeam_channel::{Receiver, TryRecvError};
 use futures::StreamExt;
 use tokio::sync::{mpsc, Notify};
@@ -21,21 +27,18 @@ use zeromq::{
     ZmqMessage,
 };
 
-use crate::listener::{self, Context, Inbound, Limits};
+use crate::listener::{self, Context, Inbound, Limits, MAX_ADDR_LEN};
 use crate::session::Session;
-use crate::wire::{Codec, Header, Hello, Join, Kind, MemberInfo, Reject, Welcome, NO_ID};
+use crate::wire::{Codec, Header, Hello, Join, Kind, Reject, NO_ID};
 use crate::{ZmqError, ZmqStats};
 use coherence_core::wait;
 
 /// A receiver acknowledges at least every this many delivered frames, so a one-way stream
 /// does not make the sender buffer frames for a whole heartbeat period.
 const ACK_EVERY: u64 = 64;
-/// Frames (and their bytes) held back in all, from senders not yet announced or while
-/// joining; beyond that frames are dropped, and retransmitted later by their senders.
-const MAX_HELD_FRAMES: usize = 4096;
-const MAX_HELD_BYTES: usize = 256 << 20;
-/// The sequence number of a welcome: always the first reliable frame to a joiner.
-const WELCOME_SEQ: u64 = 1;
+/// Senders not named by the core yet whose receive state we keep; frames of more are dropped
+/// (and counted), so that strangers cannot make us allocate without bound.
+pub(crate) const MAX_UNNAMED_SENDERS: usize = 64;
 /// Messages buffered between the listener's connections and the engine; a full buffer stops
 /// reading, which pushes back on senders through TCP.
 const INBOUND_BUFFER: usize = 1024;
@@ -43,16 +46,58 @@ const INBOUND_BUFFER: usize = 1024;
 /// What the synchronous API asks of the engine.
 #[derive(Debug)]
 pub(crate) enum Command {
-    Send { to: NodeId, frame: Vec<u8> },
+    Send {
+        to: NodeId,
+        frame: Vec<u8>,
+    },
+    /// The installed view's members, this node among them (see `Transport::connect_members`).
+    Connect(BTreeMap<NodeId, Contact>),
     Close,
     Abort,
+}
+
+/// Who `send` accepts frames for.
+#[derive(Debug, Default)]
+pub(crate) struct Roster {
+    /// The members named by the core, other than this node, that are still here.
+    pub members: BTreeSet<NodeId>,
+    /// Members lost, gone or no longer named, and senders that said goodbye before they were
+    /// named: never members again (the core never reuses an id).
+    pub departed: BTreeSet<NodeId>,
+}
+
+impl Roster {
+    /// The core names `named` (this node, `me`, among them): add the new ones, and depart the
+    /// members no longer named.
+    pub(crate) fn name(&mut self, me: NodeId, named: &BTreeMap<NodeId, Contact>) {
+        let dropped: Vec<NodeId> = self
+            .members
+            .iter()
+            .filter(|id| !named.contains_key(id))
+            .copied()
+            .collect();
+        for id in dropped {
+            self.depart(id);
+        }
+        for &id in named.keys() {
+            if id != me && !self.departed.contains(&id) {
+                self.members.insert(id);
+            }
+        }
+    }
+
+    fn depart(&mut self, id: NodeId) {
+        self.members.remove(&id);
+        self.departed.insert(id);
+    }
 }
 
 /// State shared with the synchronous API.
 #[derive(Debug, Default)]
 pub(crate) struct Shared {
-    /// Current peers; `send` checks it so a departed peer is an error at once.
-    pub members: RwLock<BTreeSet<NodeId>>,
+    /// Current members and departed ones; `send` checks it so a departed peer is an error at
+    /// once.
+    pub roster: RwLock<Roster>,
     /// Wakes the engine when a command was queued.
     pub wake: Notify,
     pub frames_sent: AtomicU64,
@@ -63,6 +108,7 @@ pub(crate) struct Shared {
     pub rejected_replayed: AtomicU64,
     pub rejected_oversize: AtomicU64,
     pub dropped_unauthenticated: AtomicU64,
+    pub dropped_unnamed: AtomicU64,
     pub accept_errors: AtomicU64,
 }
 
@@ -78,6 +124,7 @@ impl Shared {
             rejected_replayed: get(&self.rejected_replayed),
             rejected_oversize: get(&self.rejected_oversize),
             dropped_unauthenticated: get(&self.dropped_unauthenticated),
+            dropped_unnamed: get(&self.dropped_unnamed),
             accept_errors: get(&self.accept_errors),
         }
     }
@@ -99,13 +146,20 @@ impl Shared {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn set_member(&self, id: NodeId, present: bool) {
-        let mut members = self.members.write().unwrap_or_else(PoisonError::into_inner);
-        if present {
-            members.insert(id);
-        } else {
-            members.remove(&id);
-        }
+    pub(crate) fn roster(&self) -> std::sync::RwLockWriteGuard<'_, Roster> {
+        self.roster.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether `send` accepts frames for `id`.
+    pub(crate) fn is_member(&self, id: NodeId) -> bool {
+        let roster = self.roster.read().unwrap_or_else(PoisonError::into_inner);
+        roster.members.contains(&id)
+    }
+
+    /// The current members other than this node, lowest id first.
+    pub(crate) fn members(&self) -> Vec<NodeId> {
+        let roster = self.roster.read().unwrap_or_else(PoisonError::into_inner);
+        roster.members.iter().copied().collect()
     }
 }
 
@@ -113,8 +167,9 @@ impl Shared {
 #[derive(Debug)]
 pub(crate) struct Started {
     pub id: NodeId,
-    pub peers: Vec<NodeId>,
     pub local_addr: String,
+    /// How members reach this process: its incarnation and advertised address.
+    pub contact: Contact,
 }
 
 /// Everything the engine needs from the configuration.
@@ -398,34 +453,28 @@ impl Peer {
         self.patience = lost_after;
     }
 
-    /// Drops what `ack` covers; `true` if that was anything.
-    fn on_ack(&mut self, ack: u64, now: Instant) -> bool {
+    /// Drops what `ack` covers.
+    fn on_ack(&mut self, ack: u64, now: Instant) {
         let before = self.unacked.len();
         while self.unacked.front().is_some_and(|(seq, _)| *seq <= ack) {
             self.unacked.pop_front();
         }
-        let progressed = self.unacked.len() != before;
-        if progressed {
+        if self.unacked.len() != before {
             self.last_progress = now;
         }
-        progressed
     }
 }
 
-/// Frames from a sender that said hello before its announcement reached us.
-struct Held {
-    since: Instant,
-    /// The incarnation the connection claimed, and the frame.
-    frames: Vec<(u64, Header, Bytes)>,
-}
-
-/// Coordinator only: a joiner's welcome, waiting for members to acknowledge its announcement.
-struct PendingWelcome {
-    id: NodeId,
-    nonce: u64,
-    since: Instant,
-    /// Members yet to acknowledge, with the sequence number of the announcement.
-    waiting: BTreeMap<NodeId, u64>,
+/// A sender that said a hello addressed to us before the core named it: its frames are
+/// delivered in order, and what was delivered carries over once it is named.
+struct Unnamed {
+    /// The process its hello spoke for.
+    incarnation: u64,
+    /// Highest sequence number delivered from it.
+    delivered: u64,
+    last_heard: Instant,
+    /// It said goodbye: once named, it is reported `Left` at once.
+    gone: bool,
 }
 
 /// A listener connection that said hello.
@@ -438,16 +487,13 @@ enum Conn {
     Refused,
 }
 
-/// A node waiting for its welcome.
+/// A node waiting for a member to address it, which tells it its id.
 struct Joining {
     contact: String,
     link: Link,
     deadline: Instant,
     next_try: Instant,
     started: mpsc::UnboundedSender<Result<Started, ZmqError>>,
-    /// Everything but the welcome (with its connection), replayed in order once we know our
-    /// id.
-    stash: Vec<(u64, Header, Bytes)>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -471,9 +517,9 @@ struct Engine {
     links_tx: mpsc::UnboundedSender<LinkEvent>,
     /// Random per start; also the nonce of our join request.
     incarnation: u64,
-    /// `None` until welcomed.
+    /// `None` until a member addressed us.
     id: Option<NodeId>,
-    next_id: NodeId,
+    /// The members the core named, other than us.
     members: BTreeMap<NodeId, Peer>,
     departed: BTreeSet<NodeId>,
     /// Links to departed members, kept until the given time: zmq.rs only queues what we send
@@ -482,13 +528,8 @@ struct Engine {
     retired: Vec<(Instant, Link)>,
     /// The listener's connections that said hello, by connection number.
     conns: HashMap<u64, Conn>,
-    held: BTreeMap<NodeId, Held>,
-    /// Frames and bytes in `held` and in the joining stash, to bound them.
-    held_frames: usize,
-    held_bytes: usize,
-    /// Coordinator only: join nonces already admitted, so a repeated request is not a new member.
-    admitted: BTreeMap<u64, NodeId>,
-    welcomes: Vec<PendingWelcome>,
+    /// Senders that addressed us before the core named them, at most `MAX_UNNAMED_SENDERS`.
+    unnamed: BTreeMap<NodeId, Unnamed>,
     joining: Option<Joining>,
     /// Set by `close`: when to give up waiting for acknowledgements of our goodbye.
     closing: Option<Instant>,
@@ -520,20 +561,27 @@ impl Engine {
             links_tx,
             incarnation: rand::random(),
             id: None,
-            next_id: 0,
             members: BTreeMap::new(),
             departed: BTreeSet::new(),
             retired: Vec::new(),
             conns: HashMap::new(),
-            held: BTreeMap::new(),
-            held_frames: 0,
-            held_bytes: 0,
-            admitted: BTreeMap::new(),
-            welcomes: Vec::new(),
+            unnamed: BTreeMap::new(),
             joining: None,
             closing: None,
             next_heartbeat: Instant::now(),
             next_epoch: 0,
+        }
+    }
+
+    /// What `start` returns once we have `id`.
+    fn started(&self, id: NodeId) -> Started {
+        Started {
+            id,
+            local_addr: self.local_addr.clone(),
+            contact: Contact {
+                incarnation: self.incarnation,
+                addr: self.advertised.clone(),
+            },
         }
     }
 
@@ -542,15 +590,8 @@ impl Engine {
         match self.join.clone() {
             None => {
                 self.id = Some(0);
-                self.next_id = 1;
                 tracing::info!(addr = %self.advertised, "founded a cluster as node 0");
-                started
-                    .send(Ok(Started {
-                        id: 0,
-                        peers: Vec::new(),
-                        local_addr: self.local_addr.clone(),
-                    }))
-                    .is_ok()
+                started.send(Ok(self.started(0))).is_ok()
             }
             Some(contact) => {
                 let now = Instant::now();
@@ -561,7 +602,6 @@ impl Engine {
                     deadline: now + self.join_timeout,
                     next_try: now + wait::JOIN_RETRY,
                     started,
-                    stash: Vec::new(),
                 });
                 true
             }
@@ -652,28 +692,12 @@ impl Engine {
     }
 
     /// Acts on a checked frame. Returns whether, as a connection's first message, it
-    /// authenticates the connection: a hello we accept (while joining: any hello, checked once
-    /// we are welcomed) or a join request.
+    /// authenticates the connection: a hello we accept or a well-formed join request.
     async fn on_frame(&mut self, conn: u64, header: Header, payload: Bytes) -> bool {
-        let opens =
-            header.kind == Kind::Hello || header.kind == Kind::Join && header.sender == NO_ID;
-        if let Some(joining) = &mut self.joining {
-            if header.kind == Kind::Welcome {
-                self.on_welcome(header, &payload).await;
-            } else if self.held_frames < MAX_HELD_FRAMES
-                && self.held_bytes + payload.len() <= MAX_HELD_BYTES
-            {
-                self.held_frames += 1;
-                self.held_bytes += payload.len();
-                joining.stash.push((conn, header, payload));
-            } else {
-                tracing::warn!(from = header.sender, "too much traffic before our welcome");
-            }
-            return opens;
-        }
         match header.kind {
             Kind::Hello => return self.on_hello(conn, header, &payload),
-            Kind::Join if header.sender == NO_ID => return self.on_join_request(&payload).await,
+            // The codec lets a join through only unsequenced and from a node without id.
+            Kind::Join => return self.on_join_request(&payload),
             // The listener consumes handshakes; one in a session, or without a secret, is not
             // how this transport speaks.
             Kind::Handshake => self.reject(Reject::Malformed("a handshake where frames belong")),
@@ -695,36 +719,91 @@ impl Engine {
         false
     }
 
-    /// A frame from a connection that said hello as `header.sender`.
+    /// A frame from a connection that said hello as `header.sender` of `incarnation`.
     async fn on_sender_frame(&mut self, incarnation: u64, header: Header, payload: Bytes) {
-        if self.members.contains_key(&header.sender) {
-            self.on_member_frame(header, payload).await;
-        } else if self.departed.contains(&header.sender) {
-            tracing::debug!(from = header.sender, "dropped a frame of a departed node");
-        } else {
-            // Not announced yet: keep it until the announcement, so `Joined` comes first.
-            if self.held_frames < MAX_HELD_FRAMES
-                && self.held_bytes + payload.len() <= MAX_HELD_BYTES
-            {
-                self.held_frames += 1;
-                self.held_bytes += payload.len();
-                let held = self.held.entry(header.sender).or_insert_with(|| Held {
-                    since: Instant::now(),
-                    frames: Vec::new(),
-                });
-                held.frames.push((incarnation, header, payload));
+        let from = header.sender;
+        if let Some(peer) = self.members.get(&from) {
+            if peer.incarnation == incarnation {
+                self.on_member_frame(header, payload).await;
             } else {
-                tracing::warn!(from = header.sender, "too many frames from unknown nodes");
+                self.reject(Reject::Foreign(
+                    "frame from another process with a member's id",
+                ));
             }
+        } else if self.departed.contains(&from) {
+            tracing::debug!(from, "dropped a frame of a departed node");
+        } else {
+            self.on_unnamed_frame(incarnation, header, payload);
         }
     }
 
-    /// Whether the hello is accepted: the connection then speaks for its sender.
+    /// A frame from a sender that addressed us before the core named it: delivered in order,
+    /// duplicates dropped, as for a member (it cannot be acknowledged: we have no link to it).
+    fn on_unnamed_frame(&mut self, incarnation: u64, header: Header, payload: Bytes) {
+        let from = header.sender;
+        let Some(sender) = self.unnamed.get_mut(&from) else {
+            // Its hello came while `MAX_UNNAMED_SENDERS` others were tracked.
+            tracing::warn!(
+                from,
+                "dropped a frame of a sender not named yet: too many of them"
+            );
+            self.shared.dropped_unnamed.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        if sender.incarnation != incarnation {
+            self.reject(Reject::Foreign(
+                "frame from another process with an unnamed sender's id",
+            ));
+            return;
+        }
+        sender.last_heard = Instant::now();
+        if header.seq == 0 || sender.gone {
+            return;
+        }
+        if header.seq <= sender.delivered {
+            tracing::trace!(from, seq = header.seq, "dropped a duplicate");
+            return;
+        }
+        if header.seq != sender.delivered + 1 {
+            tracing::warn!(
+                from,
+                seq = header.seq,
+                expected = sender.delivered + 1,
+                "gap"
+            );
+            return;
+        }
+        sender.delivered = header.seq;
+        match header.kind {
+            Kind::Data => {
+                self.shared.frames_received.fetch_add(1, Ordering::Relaxed);
+                self.emit(TransportEvent::Frame {
+                    from,
+                    bytes: payload.to_vec(),
+                });
+            }
+            Kind::Goodbye => {
+                tracing::info!(from, "a sender not named yet said goodbye");
+                sender.gone = true;
+            }
+            Kind::Hello | Kind::Join | Kind::Heartbeat | Kind::Handshake => {}
+        }
+    }
+
+    /// Whether the hello is accepted: the connection then speaks for its sender. While we
+    /// join, the first hello addressed to our incarnation tells us our id.
     fn on_hello(&mut self, conn: u64, header: Header, payload: &[u8]) -> bool {
         let Some(hello) = Hello::decode(payload) else {
             self.reject(Reject::Malformed("bad hello"));
             return false;
         };
+        if self.id.is_none()
+            && hello.target_incarnation == self.incarnation
+            && hello.target != NO_ID
+            && hello.target != header.sender
+        {
+            self.learn_id(hello.target);
+        }
         if header.sender == self.my_id() {
             self.reject(Reject::Malformed("hello from our own id"));
             return false;
@@ -739,6 +818,7 @@ impl Engine {
             self.conns.insert(conn, Conn::Refused);
             return false;
         }
+        let now = Instant::now();
         let lost_after = self.lost_after;
         if let Some(peer) = self.members.get_mut(&header.sender) {
             if peer.incarnation != hello.incarnation {
@@ -748,7 +828,32 @@ impl Engine {
                 self.conns.insert(conn, Conn::Refused);
                 return false;
             }
-            peer.heard(Instant::now(), lost_after);
+            peer.heard(now, lost_after);
+        } else if let Some(sender) = self.unnamed.get_mut(&header.sender) {
+            if sender.incarnation != hello.incarnation {
+                self.reject(Reject::Foreign(
+                    "hello from another process with an unnamed sender's id",
+                ));
+                self.conns.insert(conn, Conn::Refused);
+                return false;
+            }
+            sender.last_heard = now;
+        } else if self.unnamed.len() < MAX_UNNAMED_SENDERS {
+            tracing::debug!(from = header.sender, "hello from a sender not named yet");
+            self.unnamed.insert(
+                header.sender,
+                Unnamed {
+                    incarnation: hello.incarnation,
+                    delivered: 0,
+                    last_heard: now,
+                    gone: false,
+                },
+            );
+        } else {
+            tracing::warn!(
+                from = header.sender,
+                "too many senders not named yet: its frames are dropped until it is named"
+            );
         }
         self.conns.insert(
             conn,
@@ -760,6 +865,16 @@ impl Engine {
         true
     }
 
+    /// A member addressed us while we join: that is our id, and `start` returns.
+    fn learn_id(&mut self, id: NodeId) {
+        let Some(joining) = self.joining.take() else {
+            return;
+        };
+        self.id = Some(id);
+        tracing::info!(id, "a member addressed us: joined the cluster");
+        let _ = joining.started.send(Ok(self.started(id)));
+    }
+
     async fn on_member_frame(&mut self, header: Header, payload: Bytes) {
         let from = header.sender;
         let now = Instant::now();
@@ -767,12 +882,7 @@ impl Engine {
             return;
         };
         peer.heard(now, self.lost_after);
-        if peer.on_ack(header.ack, now) && !self.welcomes.is_empty() {
-            self.send_due_welcomes().await;
-        }
-        let Some(peer) = self.members.get_mut(&from) else {
-            return;
-        };
+        peer.on_ack(header.ack, now);
         if header.seq == 0 {
             return;
         }
@@ -786,8 +896,7 @@ impl Engine {
             return;
         }
         peer.delivered = header.seq;
-        // The coordinator waits for announcements to be acknowledged before it welcomes.
-        let ack_now = peer.delivered - peer.acked >= ACK_EVERY || header.kind == Kind::Announce;
+        let ack_now = peer.delivered - peer.acked >= ACK_EVERY;
         match header.kind {
             Kind::Data => {
                 self.shared.frames_received.fetch_add(1, Ordering::Relaxed);
@@ -799,263 +908,117 @@ impl Engine {
             Kind::Goodbye => {
                 // Acknowledge everything, the goodbye included, so the leaver can stop.
                 self.send_heartbeat(from).await;
-                self.remove_member(from, "said goodbye");
+                self.remove_member(from, "said goodbye", true);
                 return;
             }
-            Kind::Join => {
-                self.on_join_request(&payload).await;
-            }
-            Kind::Announce => match MemberInfo::decode(&payload) {
-                Some(info) => self.add_member(info).await,
-                None => self.reject(Reject::Malformed("bad announcement")),
-            },
-            // A repeated welcome: we were admitted already.
-            Kind::Welcome | Kind::Hello | Kind::Heartbeat | Kind::Handshake => {}
+            Kind::Hello | Kind::Join | Kind::Heartbeat | Kind::Handshake => {}
         }
         if ack_now {
             self.send_heartbeat(from).await;
         }
     }
 
-    /// The lowest live id coordinates joins; every member computes it from its own view.
-    fn coordinator(&self) -> NodeId {
-        let me = self.my_id();
-        self.members
-            .keys()
-            .next()
-            .map_or(me, |&first| first.min(me))
-    }
-
-    /// Whether the request was well-formed (which, from a joiner, authenticates its
-    /// connection; see [`Engine::on_frame`]).
-    async fn on_join_request(&mut self, payload: &[u8]) -> bool {
+    /// Reports a well-formed join request to the core, every time it comes (the core
+    /// deduplicates); whether it was well-formed, which authenticates a joiner's connection
+    /// (see [`Engine::on_frame`]).
+    fn on_join_request(&mut self, payload: &[u8]) -> bool {
         let Some(join) = Join::decode(payload) else {
             self.reject(Reject::Malformed("bad join request"));
             return false;
         };
-        if self.closing.is_some() {
-            return true; // the joiner retries, and reaches someone else
+        if join.addr.len() > MAX_ADDR_LEN
+            || !matches!(join.addr.parse(), Ok(zeromq::Endpoint::Tcp(..)))
+        {
+            self.reject(Reject::Malformed("a join request without a tcp:// address"));
+            return false;
         }
-        let coordinator = self.coordinator();
-        if coordinator != self.my_id() {
-            self.send_reliable(coordinator, Kind::Join, payload).await;
+        if self.id.is_none() {
+            tracing::debug!("a join request while we join ourselves");
             return true;
         }
-        if let Some(id) = self.admitted.get(&join.nonce) {
-            if self.members.contains_key(id) {
-                // Already admitted: its welcome travels reliably, nothing to repeat.
-                tracing::debug!(id, "repeated join request");
-                return true;
-            }
-            // Admitted, then lost before it could speak: admit it afresh under a new id.
-        }
-        let id = self.next_id;
-        let Some(next) = id.checked_add(1).filter(|&next| next != NO_ID) else {
-            tracing::error!("node id space exhausted; join refused");
-            return true;
-        };
-        self.next_id = next;
-        self.admitted.insert(join.nonce, id);
-        let info = MemberInfo {
-            id,
+        tracing::debug!(incarnation = join.nonce, addr = %join.addr, "join request");
+        self.emit(TransportEvent::JoinRequest(Contact {
             incarnation: join.nonce,
             addr: join.addr,
-        };
-        let mut announcement = Vec::new();
-        info.encode_into(&mut announcement);
-        let mut waiting = BTreeMap::new();
-        let others: Vec<NodeId> = self.members.keys().copied().collect();
-        for member in others {
-            if let Some(seq) = self
-                .send_reliable(member, Kind::Announce, &announcement)
-                .await
-            {
-                waiting.insert(member, seq);
-            }
-        }
-        tracing::info!(id, addr = %info.addr, "admitted a new member");
-        self.add_member(info).await;
-        if let Some(peer) = self.members.get_mut(&id) {
-            // Sequence number 1 stays free for the welcome, which is sent last but must be
-            // delivered first; the joiner holds back what comes before it.
-            peer.next_seq = WELCOME_SEQ + 1;
-        }
-        self.welcomes.push(PendingWelcome {
-            id,
-            nonce: join.nonce,
-            since: Instant::now(),
-            waiting,
-        });
-        self.send_due_welcomes().await;
+        }));
         true
     }
 
-    /// Sends each pending welcome once every member acknowledged the announcement (so each
-    /// queued `Joined` before the joiner's `start` returns), or left. A member silent for
-    /// `lost_after` is as good as lost: the welcome does not wait longer than that, so the
-    /// newcomer speaks before the other members' patience with it runs out.
-    async fn send_due_welcomes(&mut self) {
-        let members = &self.members;
-        let now = Instant::now();
-        let patience = self.lost_after;
-        let mut due = Vec::new();
-        self.welcomes.retain_mut(|pending| {
-            pending.waiting.retain(|member, seq| {
-                members.get(member).is_some_and(|peer| {
-                    peer.unacked
-                        .front()
-                        .is_some_and(|(oldest, _)| oldest <= seq)
-                })
-            });
-            let overdue = now.saturating_duration_since(pending.since) > patience;
-            if overdue && !pending.waiting.is_empty() {
-                tracing::warn!(
-                    id = pending.id,
-                    silent = ?pending.waiting.keys().collect::<Vec<_>>(),
-                    "welcoming without every member's acknowledgement"
-                );
-            }
-            let ready = pending.waiting.is_empty() || overdue;
-            if ready {
-                due.push((pending.id, pending.nonce));
-            }
-            !ready
-        });
-        for (id, nonce) in due {
-            let mut members = vec![MemberInfo {
-                id: self.my_id(),
-                incarnation: self.incarnation,
-                addr: self.advertised.clone(),
-            }];
-            members.extend(self.members.iter().filter(|(&member, _)| member != id).map(
-                |(&id, peer)| MemberInfo {
-                    id,
-                    incarnation: peer.incarnation,
-                    addr: peer.addr.clone(),
-                },
-            ));
-            let welcome = Welcome {
-                nonce,
-                id,
-                next_id: self.next_id,
-                members,
-            };
-            let header = Header {
-                kind: Kind::Welcome,
-                sender: self.my_id(),
-                seq: WELCOME_SEQ,
-                ack: 0,
-            };
-            let frame = self.codec.encode(header, &welcome.encode());
-            let Some(peer) = self.members.get_mut(&id) else {
-                continue; // lost before it was welcomed
-            };
-            let now = Instant::now();
-            if peer.unacked.is_empty() {
-                peer.last_progress = now;
-            }
-            peer.last_heard = now;
-            peer.unacked.push_front((WELCOME_SEQ, frame.clone()));
-            peer.link.transmit(frame, peer.backoff).await;
-        }
-    }
-
-    async fn on_welcome(&mut self, header: Header, payload: &[u8]) {
-        let Some(welcome) = Welcome::decode(payload) else {
-            self.reject(Reject::Malformed("bad welcome"));
+    /// The core installed a view naming `named`: connect to the members we do not have, and
+    /// forget (without `Left`: the view removed them) the ones it no longer names.
+    fn connect_members(&mut self, named: BTreeMap<NodeId, Contact>) {
+        let Some(me) = self.id else {
             return;
         };
-        if welcome.nonce != self.incarnation {
-            tracing::debug!("a welcome for another joiner");
+        if self.closing.is_some() {
             return;
         }
-        let Some(joining) = self.joining.take() else {
-            return;
-        };
+        let dropped: Vec<NodeId> = self
+            .members
+            .keys()
+            .filter(|id| !named.contains_key(id))
+            .copied()
+            .collect();
+        for id in dropped {
+            self.remove_member(id, "no longer in the view", false);
+        }
         let now = Instant::now();
-        let lost_after = self.lost_after;
-        self.id = Some(welcome.id);
-        self.next_id = welcome.next_id;
-        for info in welcome.members {
-            if info.id == welcome.id || self.members.contains_key(&info.id) {
+        for (id, contact) in named {
+            if id == me || self.departed.contains(&id) {
                 continue;
             }
-            let link = self.connect(LinkTarget::Peer(info.id), info.addr.clone());
-            self.members.insert(
-                info.id,
-                Peer::new(info.addr, info.incarnation, link, now, lost_after),
-            );
-            self.shared.set_member(info.id, true);
-        }
-        if let Some(coordinator) = self.members.get_mut(&header.sender) {
-            coordinator.delivered = header.seq;
-        }
-        let peers: Vec<NodeId> = self.members.keys().copied().collect();
-        tracing::info!(id = welcome.id, ?peers, "joined the cluster");
-        let _ = joining.started.send(Ok(Started {
-            id: welcome.id,
-            peers,
-            local_addr: self.local_addr.clone(),
-        }));
-        self.held_frames = 0;
-        self.held_bytes = 0;
-        for (conn, header, payload) in joining.stash {
-            Box::pin(self.on_frame(conn, header, payload)).await;
-        }
-    }
-
-    /// Adds an announced member: `Joined` first, then whatever it already sent us.
-    async fn add_member(&mut self, info: MemberInfo) {
-        let id = info.id;
-        if Some(id) == self.id || self.members.contains_key(&id) || self.departed.contains(&id) {
-            return;
-        }
-        self.next_id = self.next_id.max(id.saturating_add(1));
-        let link = self.connect(LinkTarget::Peer(id), info.addr.clone());
-        // A newcomer speaks only once welcomed, which the coordinator may delay by up to
-        // `lost_after` (waiting for acknowledgements from a member that died): grant it that
-        // much on top before calling it lost.
-        let peer = Peer::new(
-            info.addr,
-            info.incarnation,
-            link,
-            Instant::now(),
-            self.lost_after * 2,
-        );
-        self.members.insert(id, peer);
-        self.shared.set_member(id, true);
-        self.emit(TransportEvent::Joined(id));
-        if let Some(held) = self.held.remove(&id) {
-            self.release_held(&held);
-            for (incarnation, header, payload) in held.frames {
-                if incarnation == info.incarnation {
-                    Box::pin(self.on_member_frame(header, payload)).await;
-                } else {
-                    self.reject(Reject::Foreign(
-                        "frame from another process with a member's id",
-                    ));
+            if let Some(peer) = self.members.get(&id) {
+                if peer.incarnation == contact.incarnation {
+                    continue;
                 }
+                tracing::info!(peer = id, "a member is another process now; replacing it");
+                if let Some(old) = self.members.remove(&id) {
+                    self.retired.push((now + self.lost_after, old.link));
+                }
+            }
+            // What an unnamed sender already delivered stays delivered.
+            let unnamed = self
+                .unnamed
+                .remove(&id)
+                .filter(|sender| sender.incarnation == contact.incarnation);
+            let link = self.connect(LinkTarget::Peer(id), contact.addr.clone());
+            // A newcomer may speak only once its own view is installed: grant it time for
+            // that on top before calling it lost.
+            let mut peer = Peer::new(
+                contact.addr,
+                contact.incarnation,
+                link,
+                now,
+                self.lost_after * 2,
+            );
+            let gone = unnamed.as_ref().is_some_and(|sender| sender.gone);
+            if let Some(sender) = unnamed {
+                peer.delivered = sender.delivered;
+            }
+            tracing::debug!(peer = id, addr = %peer.addr, "connecting to a named member");
+            self.members.insert(id, peer);
+            if gone {
+                self.remove_member(id, "said goodbye before it was named", true);
             }
         }
     }
 
-    fn release_held(&mut self, held: &Held) {
-        self.held_frames -= held.frames.len();
-        self.held_bytes -= held.frames.iter().map(|(_, _, p)| p.len()).sum::<usize>();
-    }
-
-    fn remove_member(&mut self, id: NodeId, why: &str) {
+    /// Forgets a member, reporting it `Left` if `report` (it left or was lost, rather than
+    /// removed by the view).
+    fn remove_member(&mut self, id: NodeId, why: &str, report: bool) {
         let Some(peer) = self.members.remove(&id) else {
             return;
         };
         self.retired
             .push((Instant::now() + self.lost_after, peer.link));
         tracing::info!(node = self.my_id(), peer = id, why, "member left");
-        self.shared.set_member(id, false);
+        self.shared.roster().depart(id);
         self.departed.insert(id);
         self.conns
             .retain(|_, conn| !matches!(conn, Conn::Speaks { sender, .. } if *sender == id));
-        self.emit(TransportEvent::Left(id));
+        if report {
+            self.emit(TransportEvent::Left(id));
+        }
     }
 
     async fn on_link(&mut self, event: LinkEvent) {
@@ -1181,14 +1144,14 @@ impl Engine {
         }
     }
 
-    /// Queues a frame in the reliable stream to `to` and sends it if the link is up; returns
-    /// its sequence number, `None` if `to` is not a member.
-    async fn send_reliable(&mut self, to: NodeId, kind: Kind, payload: &[u8]) -> Option<u64> {
+    /// Queues a frame in the reliable stream to `to` and sends it if the link is up (nothing
+    /// if `to` is not a member).
+    async fn send_reliable(&mut self, to: NodeId, kind: Kind, payload: &[u8]) {
         let sender = self.my_id();
         let codec = self.codec.clone();
         let Some(peer) = self.members.get_mut(&to) else {
             tracing::debug!(to, "dropped a frame for a departed peer");
-            return None;
+            return;
         };
         let seq = peer.next_seq;
         peer.next_seq += 1;
@@ -1207,7 +1170,6 @@ impl Engine {
         }
         peer.unacked.push_back((seq, frame.clone()));
         peer.link.transmit(frame, peer.backoff).await;
-        Some(seq)
     }
 
     async fn send_heartbeat(&mut self, to: NodeId) {
@@ -1254,24 +1216,15 @@ impl Engine {
             return Flow::Continue;
         }
 
-        // A joiner cannot speak before its welcome: only its absence after that counts.
-        let welcoming: BTreeSet<NodeId> = self.welcomes.iter().map(|w| w.id).collect();
         let lost: Vec<NodeId> = self
             .members
             .iter()
-            .filter(|(id, peer)| {
-                now.saturating_duration_since(peer.last_heard) > peer.patience
-                    && !welcoming.contains(id)
-            })
+            .filter(|(_, peer)| now.saturating_duration_since(peer.last_heard) > peer.patience)
             .map(|(&id, _)| id)
             .collect();
         for id in lost {
             tracing::warn!(peer = id, after = ?self.lost_after, "peer lost: silent too long");
-            self.remove_member(id, "lost");
-        }
-        if !self.welcomes.is_empty() {
-            // Members that left no longer hold a welcome back.
-            self.send_due_welcomes().await;
+            self.remove_member(id, "lost", true);
         }
 
         let retransmit_after = self.lost_after / 2;
@@ -1286,7 +1239,7 @@ impl Engine {
                         && now.saturating_duration_since(peer.last_progress) > retransmit_after =>
                 {
                     // Nothing acknowledged for long although the link is up: something was
-                    // dropped on the way (e.g. held too long); resend, the receiver dedups.
+                    // dropped on the way; resend, the receiver dedups.
                     tracing::debug!(peer = id, frames = peer.unacked.len(), "retransmitting");
                     peer.last_progress = now;
                     let frames: Vec<Bytes> = peer.unacked.iter().map(|(_, f)| f.clone()).collect();
@@ -1315,18 +1268,16 @@ impl Engine {
         }
 
         self.retired.retain(|(until, _)| now < *until);
-        let lost_after = self.lost_after;
-        let (expired, kept): (BTreeMap<NodeId, Held>, _) = std::mem::take(&mut self.held)
-            .into_iter()
-            .partition(|(_, held)| now.saturating_duration_since(held.since) > lost_after);
-        self.held = kept;
-        for (id, held) in expired {
-            tracing::warn!(
-                from = id,
-                "dropped frames of a node that was never announced"
-            );
-            self.release_held(&held);
-        }
+        // A sender that names us heartbeats us; one silent for longer than its patience with a
+        // newcomer has given up on us (or died), and resends nothing: its state can go.
+        let patience = self.lost_after * 2;
+        self.unnamed.retain(|&id, sender| {
+            let keep = now.saturating_duration_since(sender.last_heard) <= patience;
+            if !keep {
+                tracing::debug!(from = id, "forgot a sender that was never named");
+            }
+            keep
+        });
         Flow::Continue
     }
 
@@ -1344,13 +1295,9 @@ impl Engine {
                         self.send_reliable(to, Kind::Data, &frame).await;
                     }
                 }
+                Command::Connect(named) => self.connect_members(named),
                 Command::Close => {
                     if self.closing.is_none() {
-                        // Joiners we admitted get their welcome now, before our goodbye.
-                        for pending in &mut self.welcomes {
-                            pending.waiting.clear();
-                        }
-                        self.send_due_welcomes().await;
                         self.closing = Some(Instant::now() + self.lost_after);
                         let ids: Vec<NodeId> = self.members.keys().copied().collect();
                         tracing::info!(node = self.my_id(), "leaving");

@@ -20,38 +20,54 @@
 //! joins and frames go on while no one receives.
 //!
 //! # Membership
-//! A node started without [`ZmqConfig::join`] founds a cluster and is node 0. A node started
-//! with `join` sends a join request to that member; the request is forwarded to the
-//! coordinator, the lowest live id, which assigns the next unused id, announces the new member
-//! (id, address, incarnation) to every member and sends the joiner a welcome with its id and
-//! the member list. [`ZmqTransport::start`] returns once the welcome arrived, or fails after
-//! [`ZmqConfig::join_timeout`]. Every member reports [`TransportEvent::Joined`] when the
-//! announcement arrives, connects a DEALER to the newcomer, and holds back frames the
-//! newcomer sent before that, so `Joined` always comes first. The coordinator sends the
-//! welcome only after every member acknowledged the announcement, so every member has
-//! queued `Joined(new)` before the newcomer's `start` returns; it waits at most `lost_after`
-//! for a member that does not answer (such a member is about to be reported lost).
+//! Who is a member, and under which id, is decided by the core's view change, not here. A
+//! node started without [`ZmqConfig::join`] founds a cluster and is node 0. A node started
+//! with `join` sends a join request (its incarnation and advertised address, the same as its
+//! [`Transport::contact`]) to that member every [`coherence_core::wait::JOIN_RETRY`]; the
+//! member reports each one as [`TransportEvent::JoinRequest`] and assigns nothing. When the
+//! core's view takes the joiner in, the members' cores name it in
+//! [`Transport::connect_members`]; their transports connect to it, and the first hello
+//! addressed to the joiner's incarnation tells it its id. [`ZmqTransport::start`] returns
+//! then, with no peers (the core starts as an outsider), or fails with
+//! [`ZmqError::JoinTimeout`] after [`ZmqConfig::join_timeout`]. A later hello naming our
+//! incarnation with another id is refused.
+//!
+//! [`Transport::connect_members`] names the installed view's members: the transport connects
+//! to each one it has no link to (giving a newcomer twice `lost_after` to be heard from) and
+//! forgets, without reporting [`TransportEvent::Left`], the ones no longer named. Frames from a
+//! sender not named yet are delivered too, in order and without duplicates, if its connection
+//! said a hello addressed to this node's id and incarnation: a joiner hears the decision that
+//! takes it in from members it does not know yet, and a member may hear a newcomer before its
+//! own core installed the view. Such a sender cannot be acknowledged before it is named (it
+//! resends after a reconnect; duplicates are dropped); what was delivered from it stays
+//! delivered once it is named. At most 64 such senders are tracked at a time (the frames of
+//! more are dropped and counted in [`ZmqStats::dropped_unnamed`]); one silent for twice
+//! `lost_after` is forgotten.
 //!
 //! Each new connection starts with a hello naming the sender, its incarnation (a random
 //! number per process start) and the intended receiver; frames on that connection must come
-//! from the sender it named. Reliable frames (data, goodbye, announcements) carry a per-pair
+//! from the sender it named. Reliable frames (data, goodbye) carry a per-pair
 //! sequence number and are acknowledged (piggybacked on traffic and heartbeats); a DEALER
 //! whose connection broke is re-created with backoff and resends everything unacknowledged,
 //! and the receiver drops duplicates, so a reconnect neither loses nor reorders frames.
 //!
 //! [`Transport::close`] sends a goodbye after the last frame to every peer, waits (at most
 //! [`ZmqConfig::lost_after`]) until every peer acknowledged it, and stops the runtime; peers
-//! report [`TransportEvent::Left`] when they reach the goodbye. A peer silent (no heartbeat, no
-//! traffic) for `lost_after` is reported `Left` as lost and sending to it fails with
-//! [`TransportError::UnknownPeer`]; as we stop heartbeating it too, it drops us in turn.
+//! report [`TransportEvent::Left`] when they reach the goodbye. A named member silent (no
+//! heartbeat, no traffic) for `lost_after` is reported `Left` as lost and sending to it fails
+//! with [`TransportError::UnknownPeer`]; as we stop heartbeating it too, it drops us in turn.
+//! Heartbeats, loss detection and `Left` concern named members only.
 //!
 //! ```no_run
 //! use coherence_core::{Config, Node};
 //! use transport_zmq::{ZmqConfig, ZmqTransport};
 //!
-//! let founder = ZmqTransport::start(ZmqConfig::new("tcp://127.0.0.1:0", "lab")).unwrap();
+//! let founding = ZmqTransport::start(ZmqConfig::new("tcp://127.0.0.1:0", "lab")).unwrap();
+//! let contact = founding.local_addr();
+//! // The founder's node answers join requests: its view change takes the joiner in.
+//! let founder = Node::start(founding, Config::default()).unwrap();
 //! let joiner = ZmqTransport::start(ZmqConfig {
-//!     join: Some(founder.local_addr()),
+//!     join: Some(contact),
 //!     ..ZmqConfig::new("tcp://127.0.0.1:0", "lab")
 //! })
 //! .unwrap();
@@ -91,7 +107,7 @@
 //! |---|---|---|
 //! | eavesdrop | reads every frame: object values, members, addresses | sees that nodes talk, when, and how much (message lengths); not what |
 //! | inject | anything: join, then read and write every object | nothing is believed: the handshake needs the PSK, frames need the session keys |
-//! | replay | a recorded join is admitted again (a phantom member that delays every member's shutdown until it is reported lost), a recorded hello speaks for a live member | a recorded first handshake message is answered, but nothing recorded opens in the new session: the connection is closed at its first sealed message ([`ZmqStats::rejected_replayed`]) |
+//! | replay | a recorded join is reported again (the core may take in a phantom member, which delays every member's shutdown until it is reported lost), a recorded hello speaks for a live member | a recorded first handshake message is answered, but nothing recorded opens in the new session: the connection is closed at its first sealed message ([`ZmqStats::rejected_replayed`]) |
 //! | reorder, duplicate, alter | within TCP only if on the path; duplicates are dropped by sequence number | breaks the session's nonce or tag: the connection is closed and counted, the sender reconnects and resends |
 //! | drop, delay, cut | frames wait for the reconnect and resend; a member unheard for `lost_after` is reported lost | the same: Noise hides content, not availability |
 //! | connection floods | bounded: see "Hostile networks" | the same |
@@ -157,9 +173,11 @@
 //! and fix only the allocation. Neither was built.
 //!
 //! # Limits
-//! Ids are never reused while the coordinator lives. If the coordinator dies in the middle of
-//! admitting a joiner, a new coordinator may admit it again under another id; the first id is
-//! then reported lost after `lost_after` by the members that saw it announced.
+//! Ids are assigned by the core's views, which never reuse one; this transport treats a member
+//! that departed (left, lost, or no longer named) as gone for good, even if a later view names
+//! its id again. A connection whose hello was refused (another node or process, a departed
+//! sender) stays refused until it is made again: a member that a view names with another
+//! incarnation than the one we had is heard once that process reconnects.
 #![deny(missing_docs)]
 
 mod engine;
@@ -176,7 +194,9 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use coherence_core::{NodeId, Transport, TransportError, TransportEvent};
+use std::collections::BTreeMap;
+
+use coherence_core::{Contact, NodeId, Transport, TransportError, TransportEvent};
 use crossbeam_channel::Sender;
 use tokio::runtime::Runtime;
 use tokio::sync::mpsc::error::TryRecvError;
@@ -221,7 +241,8 @@ pub struct ZmqConfig {
     pub lost_after: Duration,
     /// Interval of heartbeats (and acknowledgements); well below `lost_after`.
     pub heartbeat: Duration,
-    /// How long `start` waits for the welcome when joining.
+    /// How long a joiner's `start` waits for a member to address it (the view that takes it
+    /// in is installed).
     pub join_timeout: Duration,
     /// How long a new incoming connection has to authenticate (ZMTP handshake, then a hello
     /// or a join request) before it is closed. Members do it within milliseconds; the limit
@@ -355,8 +376,9 @@ pub enum ZmqError {
     /// The tokio runtime or the keeper thread could not be created.
     #[error("cannot start the ZeroMQ runtime: {0}")]
     Runtime(#[source] std::io::Error),
-    /// No welcome came in time: the member is unreachable, or it uses another cluster id or
-    /// secret (it then drops our request and counts it).
+    /// No member addressed this joiner in time: the contact is unreachable, uses another
+    /// cluster id or secret (it then drops our request and counts it), or its cluster's view
+    /// did not take us in.
     #[error(
         "no answer from {addr} within {after:?}: unreachable, or another cluster id or secret"
     )]
@@ -452,6 +474,9 @@ pub struct ZmqStats {
     /// `handshake_timeout`, or to make room for a newer one (`max_unauthenticated`, a full
     /// file table).
     pub dropped_unauthenticated: u64,
+    /// Frames dropped from senders that addressed this node before the core named them,
+    /// because as many such senders as this transport keeps track of (64) were tracked.
+    pub dropped_unnamed: u64,
     /// Failed accepts, typically for a full file table; each pauses accepting for a moment.
     pub accept_errors: u64,
 }
@@ -591,7 +616,8 @@ impl Drop for Driver {
 /// One node's endpoint. Closing or dropping it leaves the cluster.
 pub struct ZmqTransport {
     id: NodeId,
-    peers: Vec<NodeId>,
+    /// How members reach this process.
+    contact: Contact,
     /// Started with [`ZmqConfig::join`]: a member of a running cluster takes it in.
     joining: bool,
     local_addr: String,
@@ -669,7 +695,7 @@ impl ZmqTransport {
         tracing::debug!(id = started.id, addr = %started.local_addr, "ZeroMQ transport started");
         Ok(ZmqTransport {
             id: started.id,
-            peers: started.peers,
+            contact: started.contact,
             joining,
             local_addr: started.local_addr,
             max_frame: cfg.max_frame,
@@ -694,16 +720,11 @@ impl ZmqTransport {
         self.shared.stats()
     }
 
-    /// The current members other than this node, lowest id first: those [`Transport::send`]
-    /// accepts frames for. For monitoring and tests; a `Node` learns of changes through
-    /// [`TransportEvent::Joined`] and [`TransportEvent::Left`].
+    /// The current members other than this node, lowest id first: those named by
+    /// [`Transport::connect_members`] and not gone since, which [`Transport::send`] accepts
+    /// frames for. For monitoring and tests.
     pub fn members(&self) -> Vec<NodeId> {
-        let members = self
-            .shared
-            .members
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
-        members.iter().copied().collect()
+        self.shared.members()
     }
 
     /// Stops at once without a goodbye, as a crash would: peers report this node lost after
@@ -757,8 +778,10 @@ impl Transport for ZmqTransport {
         self.id
     }
 
+    /// Always empty: a founder starts alone, and a joiner starts as an outsider whom the
+    /// core's view takes in ([`Transport::connect_members`] then names the members).
     fn peers(&self) -> Vec<NodeId> {
-        self.peers.clone()
+        Vec::new()
     }
 
     fn joins_running_cluster(&self) -> bool {
@@ -767,6 +790,29 @@ impl Transport for ZmqTransport {
 
     fn max_frame(&self) -> usize {
         self.max_frame
+    }
+
+    /// This process's incarnation and advertised address (what a joiner sends in its join
+    /// request).
+    fn contact(&self) -> Option<Contact> {
+        Some(self.contact.clone())
+    }
+
+    /// Names the members at once for [`Transport::send`], then has the engine connect to the
+    /// new ones (before any frame sent after this call) and forget the ones no longer named.
+    fn connect_members(&self, members: &BTreeMap<NodeId, Contact>) {
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        self.shared.roster().name(self.id, members);
+        if self
+            .commands
+            .send(Command::Connect(members.clone()))
+            .is_ok()
+        {
+            self.shared.wake.notify_one();
+            self.driver.send_soon();
+        }
     }
 
     fn send(&self, to: NodeId, frame: Vec<u8>) -> Result<(), TransportError> {
@@ -779,13 +825,7 @@ impl Transport for ZmqTransport {
                 max: self.max_frame,
             });
         }
-        let known = self
-            .shared
-            .members
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .contains(&to);
-        if !known {
+        if !self.shared.is_member(to) {
             return Err(TransportError::UnknownPeer(to));
         }
         self.commands

@@ -6,8 +6,10 @@
 //! offset size field
 //!      0    4 magic b"COH1"            (rejects strangers speaking ZMTP)
 //!      4    1 version                  (rejects other versions of this format)
-//!      5    1 kind                     (hello, join, welcome, announce, data, heartbeat,
-//!                                       goodbye, handshake)
+//!      5    1 kind                     (1 hello, 2 join, 5 data, 6 heartbeat, 7 goodbye,
+//!                                       8 handshake; 3 and 4, the welcome and announcement of
+//!                                       the transport's former admission, are retired and
+//!                                       dropped as unknown)
 //!      6    1 flags                    (bit 0: the cluster has a secret)
 //!      7    1 reserved, 0
 //!      8    8 cluster-id hash, LE      (rejects frames of another cluster)
@@ -40,7 +42,7 @@ pub(crate) const MAGIC: [u8; 4] = *b"COH1";
 pub(crate) const VERSION: u8 = 2;
 /// Size of the fixed header.
 pub(crate) const HEADER_LEN: usize = 40;
-/// Sender id of a node that has not been admitted yet (it only sends `Join`), and of every
+/// Sender id of a node that has no id yet (it only sends `Join`), and of every
 /// handshake frame (who speaks is said inside the session).
 pub(crate) const NO_ID: NodeId = NodeId::MAX;
 /// Flag bit: the sender's cluster has a secret, so the frame travels in a Noise session.
@@ -51,12 +53,10 @@ const FLAG_SECRET: u8 = 1;
 pub(crate) enum Kind {
     /// First frame on every new connection: who is speaking, to whom.
     Hello = 1,
-    /// A request to be admitted, from a joiner (unsequenced) or forwarded by a member.
+    /// A joiner's request to be taken in, unsequenced and without sender id; the receiving
+    /// member reports it to its core. (Kinds 3 and 4 were the welcome and announcement of
+    /// the transport's own admission, which the core's views replaced; they stay unused.)
     Join = 2,
-    /// The coordinator's answer to a joiner: its id and the member list.
-    Welcome = 3,
-    /// The coordinator tells members about a new one.
-    Announce = 4,
     /// An opaque frame of the core.
     Data = 5,
     /// Liveness and acknowledgements.
@@ -72,8 +72,6 @@ impl Kind {
         Some(match byte {
             1 => Kind::Hello,
             2 => Kind::Join,
-            3 => Kind::Welcome,
-            4 => Kind::Announce,
             5 => Kind::Data,
             6 => Kind::Heartbeat,
             7 => Kind::Goodbye,
@@ -224,10 +222,8 @@ impl Codec {
 /// Which kinds travel in the reliable, sequenced stream of a pair, and which do not.
 fn check_sequencing(header: &Header) -> Result<(), Reject> {
     let sequenced = match header.kind {
-        Kind::Hello | Kind::Heartbeat | Kind::Handshake => false,
-        Kind::Data | Kind::Goodbye | Kind::Announce | Kind::Welcome => true,
-        // A joiner's own request is unsequenced; a member forwarding it sequences it.
-        Kind::Join => header.sender != NO_ID,
+        Kind::Hello | Kind::Heartbeat | Kind::Handshake | Kind::Join => false,
+        Kind::Data | Kind::Goodbye => true,
     };
     if sequenced != (header.seq != 0) {
         return Err(Reject::Malformed("sequence number does not fit the kind"));
@@ -237,19 +233,14 @@ fn check_sequencing(header: &Header) -> Result<(), Reject> {
             "only a join may come from a node without id",
         ));
     }
-    if header.kind == Kind::Handshake && (header.sender != NO_ID || header.ack != 0) {
-        return Err(Reject::Malformed("a handshake names nobody"));
+    if matches!(header.kind, Kind::Handshake | Kind::Join)
+        && (header.sender != NO_ID || header.ack != 0)
+    {
+        return Err(Reject::Malformed(
+            "a handshake or join request comes from a node without id",
+        ));
     }
     Ok(())
-}
-
-/// A member as the coordinator lists it: id, incarnation and address.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct MemberInfo {
-    pub id: NodeId,
-    /// Random per process start; binds an id to one process.
-    pub incarnation: u64,
-    pub addr: String,
 }
 
 /// Payload of [`Kind::Hello`].
@@ -265,15 +256,6 @@ pub(crate) struct Hello {
 pub(crate) struct Join {
     pub nonce: u64,
     pub addr: String,
-}
-
-/// Payload of [`Kind::Welcome`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Welcome {
-    pub nonce: u64,
-    pub id: NodeId,
-    pub next_id: NodeId,
-    pub members: Vec<MemberInfo>,
 }
 
 impl Hello {
@@ -311,63 +293,6 @@ impl Join {
             addr: r.string()?,
         };
         r.finish(join)
-    }
-}
-
-impl MemberInfo {
-    /// Payload of [`Kind::Announce`], and one entry of a welcome.
-    pub(crate) fn encode_into(&self, out: &mut Vec<u8>) {
-        out.put_u32_le(self.id);
-        out.put_u64_le(self.incarnation);
-        put_str(out, &self.addr);
-    }
-
-    fn read(r: &mut Reader<'_>) -> Option<MemberInfo> {
-        Some(MemberInfo {
-            id: r.u32()?,
-            incarnation: r.u64()?,
-            addr: r.string()?,
-        })
-    }
-
-    pub(crate) fn decode(payload: &[u8]) -> Option<MemberInfo> {
-        let mut r = Reader(payload);
-        let info = MemberInfo::read(&mut r)?;
-        r.finish(info)
-    }
-}
-
-impl Welcome {
-    pub(crate) fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        out.put_u64_le(self.nonce);
-        out.put_u32_le(self.id);
-        out.put_u32_le(self.next_id);
-        out.put_u32_le(u32::try_from(self.members.len()).unwrap_or(u32::MAX));
-        for member in &self.members {
-            member.encode_into(&mut out);
-        }
-        out
-    }
-
-    pub(crate) fn decode(payload: &[u8]) -> Option<Welcome> {
-        let mut r = Reader(payload);
-        let nonce = r.u64()?;
-        let id = r.u32()?;
-        let next_id = r.u32()?;
-        let count = r.u32()?;
-        // Each entry takes at least 14 bytes: a count beyond that is a lie, not a reason to
-        // reserve memory.
-        let mut members = Vec::with_capacity((count as usize).min(r.0.len() / 14));
-        for _ in 0..count {
-            members.push(MemberInfo::read(&mut r)?);
-        }
-        r.finish(Welcome {
-            nonce,
-            id,
-            next_id,
-            members,
-        })
     }
 }
 
@@ -483,6 +408,18 @@ mod tests {
         };
         let data_without_seq = data(1, 0);
         let data_without_id = data(NO_ID, 1);
+        let sequenced_join = Header {
+            kind: Kind::Join,
+            sender: NO_ID,
+            seq: 1,
+            ack: 0,
+        };
+        let join_with_id = Header {
+            kind: Kind::Join,
+            sender: 1,
+            seq: 0,
+            ack: 0,
+        };
         let handshake_with_id = Header {
             kind: Kind::Handshake,
             sender: 1,
@@ -494,6 +431,8 @@ mod tests {
             data_without_seq,
             data_without_id,
             handshake_with_id,
+            sequenced_join,
+            join_with_id,
         ] {
             let frame = codec.encode(header, b"");
             assert!(matches!(codec.decode(&frame), Err(Reject::Malformed(_))));
@@ -515,8 +454,6 @@ mod tests {
             let _ = codec.decode(&Bytes::from(bytes.clone()));
             let _ = Hello::decode(&bytes);
             let _ = Join::decode(&bytes);
-            let _ = Welcome::decode(&bytes);
-            let _ = MemberInfo::decode(&bytes);
         }
     }
 
@@ -532,20 +469,9 @@ mod tests {
             nonce: 42,
             addr: "tcp://127.0.0.1:5555".into(),
         };
-        assert_eq!(Join::decode(&join.encode()), Some(join));
-        let welcome = Welcome {
-            nonce: 42,
-            id: 3,
-            next_id: 4,
-            members: vec![MemberInfo {
-                id: 0,
-                incarnation: 1,
-                addr: "tcp://127.0.0.1:1".into(),
-            }],
-        };
-        assert_eq!(Welcome::decode(&welcome.encode()), Some(welcome.clone()));
-        let mut truncated = welcome.encode();
+        assert_eq!(Join::decode(&join.encode()), Some(join.clone()));
+        let mut truncated = join.encode();
         truncated.pop();
-        assert_eq!(Welcome::decode(&truncated), None);
+        assert_eq!(Join::decode(&truncated), None);
     }
 }
