@@ -6,6 +6,7 @@
 //! `COHERENCE_SECRET` set, every connection starts a Noise session and every frame is
 //! encrypted and authenticated in it, which shows their cost.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use coherence_core::{Transport, TransportEvent};
@@ -22,12 +23,23 @@ fn main() {
     };
     println!("secret (Noise sessions): {}", config.secret.is_some());
     let a = ZmqTransport::start(config.clone()).expect("founder");
-    let b = ZmqTransport::start(ZmqConfig {
-        join: Some(a.local_addr()),
-        ..config
-    })
-    .expect("joiner");
-    assert_eq!(wait(&a), TransportEvent::Joined(1));
+    // The joiner's start returns once a member addresses it; here node 0 plays the core's
+    // part and takes it in as node 1 when its join request comes.
+    let joining = {
+        let config = ZmqConfig {
+            join: Some(a.local_addr()),
+            ..config
+        };
+        std::thread::spawn(move || ZmqTransport::start(config).expect("joiner"))
+    };
+    let TransportEvent::JoinRequest(contact) = wait(&a) else {
+        panic!("expected a join request");
+    };
+    let view = BTreeMap::from([(0, a.contact().expect("a contact")), (1, contact)]);
+    a.connect_members(&view);
+    let b = joining.join().expect("the joiner starts");
+    assert_eq!(b.local_id(), 1);
+    b.connect_members(&view);
     for size in [8usize, 4096, 64 << 10] {
         let payload = vec![7u8; size];
         std::thread::scope(|s| {

@@ -1,31 +1,36 @@
-//! The coherence core over ZeroMQ: three nodes in one process, concurrent increments.
+//! The coherence core over ZeroMQ: three nodes in one process, concurrent increments. The
+//! founder's core takes the joiners in (its view change answers their join requests).
 
 mod common;
 
 use std::time::Duration;
 
-use coherence_core::{Config, Node, Transport};
-use common::{cluster_unread, config};
+use coherence_core::{Config, Node};
+use common::config;
+use transport_zmq::{ZmqConfig, ZmqTransport};
 
 #[test]
 fn concurrent_updates_over_zmq_lose_no_increment() {
     const NODES: usize = 3;
     const THREADS_PER_NODE: usize = 2;
     const UPDATES: i64 = 300;
-    let transports = cluster_unread(NODES, &config("core"));
-    let nodes: Vec<Node> = std::thread::scope(|s| {
-        let handles: Vec<_> = transports
-            .into_iter()
-            .map(|t| {
-                s.spawn(move || {
-                    let id = t.local_id();
-                    Node::start(t, Config::default().timeout(Duration::from_secs(20)))
-                        .unwrap_or_else(|e| panic!("node {id} starts: {e}"))
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let base = config("core");
+    let settings = Config::default().timeout(Duration::from_secs(20));
+    let founder = ZmqTransport::start(base.clone()).expect("founder starts");
+    let contact = founder.local_addr();
+    let mut nodes = vec![Node::start(founder, settings.clone()).expect("node 0 starts")];
+    for i in 1..NODES {
+        // Returns once the members' view took it in.
+        let transport = ZmqTransport::start(ZmqConfig {
+            join: Some(contact.clone()),
+            ..base.clone()
+        })
+        .unwrap_or_else(|e| panic!("joiner {i} starts: {e}"));
+        nodes.push(
+            Node::start(transport, settings.clone())
+                .unwrap_or_else(|e| panic!("node {i} starts: {e}")),
+        );
+    }
     let started = std::time::Instant::now();
     std::thread::scope(|s| {
         for node in &nodes {

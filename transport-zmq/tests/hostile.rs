@@ -171,6 +171,7 @@ fn hostile_frames_are_counted_and_dropped_with_a_secret() {
             rejected_replayed: 0,
             // Every hostile connection was closed at its first message, none timed out.
             dropped_unauthenticated: 0,
+            dropped_unnamed: 0,
             accept_errors: 0,
         }
     );

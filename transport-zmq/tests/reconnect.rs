@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use coherence_core::Transport;
-use common::{config, expect_quiet, frame, free_port, next, Proxy};
+use common::{admit, config, expect_quiet, frame, free_port, next, Proxy};
 use transport_zmq::{ZmqConfig, ZmqTransport};
 
 #[test]
@@ -32,14 +32,16 @@ fn cuts_lose_and_duplicate_nothing(secret: Option<&[u8]>) {
     // Node 1 listens on a port we pick, and advertises the proxy in front of it.
     let port = free_port();
     let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], port)));
-    let node = ZmqTransport::start(ZmqConfig {
-        listen: format!("tcp://127.0.0.1:{port}"),
-        advertise: Some(proxy.endpoint()),
-        join: Some(founder.local_addr()),
-        ..base
-    })
-    .unwrap();
-    assert_eq!(next(&founder), coherence_core::TransportEvent::Joined(1));
+    let node = admit(
+        std::slice::from_ref(&founder),
+        0,
+        ZmqConfig {
+            listen: format!("tcp://127.0.0.1:{port}"),
+            advertise: Some(proxy.endpoint()),
+            ..base
+        },
+    );
+    assert_eq!(node.contact().unwrap().addr, proxy.endpoint());
 
     const N: u32 = 3000;
     let mut cuts = 0;

@@ -7,8 +7,8 @@
 //! With a secret the recording does not contain the value, and the replay admits nobody and
 //! changes nothing: each replayed connection is closed at its first sealed message and counted
 //! in `ZmqStats::rejected_replayed`. Without a secret the same recording shows the value and
-//! the replayed join admits a phantom member, which shows the test records and replays the
-//! bytes that matter.
+//! the replayed join is reported again, and the founder's core takes in a phantom member,
+//! which shows the test records and replays the bytes that matter.
 
 mod common;
 
@@ -49,6 +49,9 @@ fn scene(cluster_id: &str, secret: Option<&[u8]>) -> Scene {
         })
         .unwrap(),
     );
+    // The founder's core takes the joiner in: its node runs before the joiner starts.
+    let settings = Config::default().timeout(WAIT);
+    let node = Node::start(Arc::clone(&founder), settings.clone()).unwrap();
     let joiner = Arc::new(
         ZmqTransport::start(ZmqConfig {
             join: Some(proxy.endpoint()),
@@ -56,8 +59,6 @@ fn scene(cluster_id: &str, secret: Option<&[u8]>) -> Scene {
         })
         .unwrap(),
     );
-    let settings = Config::default().timeout(WAIT);
-    let node = Node::start(Arc::clone(&founder), settings.clone()).unwrap();
     let writer = Node::start(Arc::clone(&joiner), settings).unwrap();
     let ours = node.object("x", String::new()).unwrap();
     let theirs = writer.object("x", String::new()).unwrap();

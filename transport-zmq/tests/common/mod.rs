@@ -1,9 +1,10 @@
 //! Helpers shared by the integration tests: loopback clusters and bounded waits.
 #![allow(dead_code)] // each test binary uses its own subset
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use coherence_core::{NodeId, Transport, TransportEvent};
+use coherence_core::{Contact, NodeId, Transport, TransportEvent};
 use transport_zmq::{ZmqConfig, ZmqTransport};
 
 /// Longest any single wait in a test may take; a hang fails instead of blocking the run.
@@ -23,34 +24,79 @@ pub fn config(cluster: &str) -> ZmqConfig {
     }
 }
 
-/// Starts a founder and `n - 1` joiners through it (ids 0..n), and consumes (checking them)
-/// the `Joined` events that earlier members get for later ones.
+/// Starts a founder and `n - 1` joiners through it (ids 0..n), playing the core's part in
+/// admitting each (see [`admit`]); leaves no event behind.
 pub fn cluster(n: usize, base: &ZmqConfig) -> Vec<ZmqTransport> {
-    let nodes = cluster_unread(n, base);
-    for (i, node) in nodes.iter().enumerate() {
-        for j in i + 1..n {
-            assert_eq!(next(node), TransportEvent::Joined(j as NodeId), "node {i}");
-        }
-    }
-    nodes
-}
-
-/// Like [`cluster`], but leaves every event for the caller (e.g. a `Node`, which must see
-/// the `Joined` events).
-pub fn cluster_unread(n: usize, base: &ZmqConfig) -> Vec<ZmqTransport> {
-    let founder = ZmqTransport::start(base.clone()).expect("founder starts");
-    let addr = founder.local_addr();
-    let mut nodes = vec![founder];
+    let mut nodes = vec![ZmqTransport::start(base.clone()).expect("founder starts")];
     for i in 1..n {
-        let node = ZmqTransport::start(ZmqConfig {
-            join: Some(addr.clone()),
-            ..base.clone()
-        })
-        .expect("joiner starts");
+        let node = admit(&nodes, 0, base.clone());
         assert_eq!(node.local_id() as usize, i);
         nodes.push(node);
     }
     nodes
+}
+
+/// The members' contacts, as a view names them.
+pub fn contacts<'a>(
+    nodes: impl IntoIterator<Item = &'a ZmqTransport>,
+) -> BTreeMap<NodeId, Contact> {
+    nodes
+        .into_iter()
+        .map(|node| {
+            (
+                node.local_id(),
+                node.contact().expect("a ZeroMQ node has a contact"),
+            )
+        })
+        .collect()
+}
+
+/// Starts a joiner (`joiner`, with `join` set to `members[via]`) on a thread and plays the
+/// core's part: takes the
+/// `JoinRequest` that member reports, gives the joiner the next id, names the new members on
+/// every member (whose transports then address the joiner, which learns its id from that),
+/// then on the joiner. Drains repeated join requests.
+pub fn admit(members: &[ZmqTransport], via: usize, joiner: ZmqConfig) -> ZmqTransport {
+    let joiner = ZmqConfig {
+        join: Some(members[via].local_addr()),
+        ..joiner
+    };
+    let starting = std::thread::spawn(move || ZmqTransport::start(joiner));
+    let request = match next(&members[via]) {
+        TransportEvent::JoinRequest(contact) => contact,
+        other => panic!("expected a join request, got {other:?}"),
+    };
+    let id = members.iter().map(Transport::local_id).max().unwrap_or(0) + 1;
+    let mut view = contacts(members);
+    view.insert(id, request.clone());
+    for member in members {
+        member.connect_members(&view);
+    }
+    let joiner = starting
+        .join()
+        .expect("no panic")
+        .expect("the joiner starts");
+    assert_eq!(joiner.local_id(), id);
+    assert_eq!(joiner.peers(), Vec::<NodeId>::new());
+    assert!(joiner.joins_running_cluster());
+    assert_eq!(joiner.contact(), Some(request));
+    joiner.connect_members(&view);
+    drain_join_requests(&members[via]);
+    joiner
+}
+
+/// Consumes the join requests a joiner repeated before it learned its id.
+pub fn drain_join_requests(node: &ZmqTransport) {
+    while let Some(event) = node
+        .recv(Duration::from_millis(20))
+        .expect("transport is open")
+    {
+        assert!(
+            matches!(event, TransportEvent::JoinRequest(_)),
+            "node {} got unexpected {event:?}",
+            node.local_id()
+        );
+    }
 }
 
 /// The next event, within [`WAIT`].
@@ -115,7 +161,7 @@ pub fn raw_frame(
 }
 
 /// A joiner's request for `nonce`, naming an address that refuses connections (port 9,
-/// discard), so a member it admits is soon reported lost.
+/// discard).
 pub fn join_request(cluster_id: &str, secret: bool, nonce: u64) -> Vec<u8> {
     let addr = b"tcp://127.0.0.1:9";
     let mut payload = nonce.to_le_bytes().to_vec();
