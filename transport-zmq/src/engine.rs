@@ -38,7 +38,7 @@ use coherence_core::wait;
 const ACK_EVERY: u64 = 64;
 /// Senders not named by the core yet whose receive state we keep; frames of more are dropped
 /// (and counted), so that strangers cannot make us allocate without bound.
-pub(crate) const MAX_UNNAMED_SENDERS: usize = 64;
+const MAX_UNNAMED_SENDERS: usize = 64;
 /// Messages buffered between the listener's connections and the engine; a full buffer stops
 /// reading, which pushes back on senders through TCP.
 const INBOUND_BUFFER: usize = 1024;

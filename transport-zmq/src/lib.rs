@@ -380,7 +380,8 @@ pub enum ZmqError {
     /// cluster id or secret (it then drops our request and counts it), or its cluster's view
     /// did not take us in.
     #[error(
-        "no answer from {addr} within {after:?}: unreachable, or another cluster id or secret"
+        "no member addressed us within {after:?} after our join requests to {addr}: unreachable, \
+         another cluster id or secret, or no view took us in"
     )]
     JoinTimeout {
         /// The address we tried to join through.
