@@ -74,7 +74,9 @@ impl Pair {
         while let Some(output) = self.nodes[node].poll_output() {
             match output {
                 MemberOutput::Event(Event::Completed { op, .. }) => self.completed.push(op),
-                MemberOutput::Event(_) | MemberOutput::Installed { .. } => {}
+                MemberOutput::Event(_)
+                | MemberOutput::Installed { .. }
+                | MemberOutput::Connect(_) => {}
                 MemberOutput::Send { to, envelope } => self.outbox.push((to, envelope)),
             }
         }

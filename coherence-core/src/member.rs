@@ -274,7 +274,8 @@ impl Member {
                 to: coordinator,
                 envelope,
             });
-        } else if self.joiners.len() < MAX_JOINERS || self.joiners.contains_key(&contact.incarnation)
+        } else if self.joiners.len() < MAX_JOINERS
+            || self.joiners.contains_key(&contact.incarnation)
         {
             self.joiners.insert(contact.incarnation, contact);
         }

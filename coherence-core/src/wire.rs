@@ -286,8 +286,17 @@ fn view_size_bound(message: &ViewChange) -> usize {
         p.members.len() * 9
             + values_bound(&p.plan.recreation.values)
             + names(&mut p.plan.recreation.tokens.keys())
-            + p.plan.recreation.tokens.values().map(|r| r.len() * 9).sum::<usize>()
-            + p.plan.contacts.values().map(|c| c.addr.len() + 24).sum::<usize>()
+            + p.plan
+                .recreation
+                .tokens
+                .values()
+                .map(|r| r.len() * 9)
+                .sum::<usize>()
+            + p.plan
+                .contacts
+                .values()
+                .map(|c| c.addr.len() + 24)
+                .sum::<usize>()
     };
     MESSAGE_FIXED_BOUND
         + match message {

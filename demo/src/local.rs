@@ -24,9 +24,9 @@ const WATCH_INTERVAL: Duration = Duration::from_millis(5);
 
 /// Runs the scenario with `nodes` participants and one late joiner, all configured by `config`.
 pub fn run(nodes: usize, config: &Config) -> Result<Report, Failure> {
-    let network = LocalNetwork::new();
-    // Join all participants before any starts, so ids are ranks and node 0 founds the cluster.
-    let transports: Vec<_> = (0..nodes).map(|_| network.join()).collect();
+    // The participants found the network, so ids are ranks; the late joiner is taken in by
+    // their view change.
+    let (network, transports) = LocalNetwork::founding(nodes);
     let shared = Arc::new(Shared::new(nodes));
 
     let mut threads = Vec::with_capacity(nodes + 1);
@@ -48,7 +48,15 @@ pub fn run(nodes: usize, config: &Config) -> Result<Report, Failure> {
     let late_config = config.clone();
     threads.extend(late.spawn(move |party| {
         party.phase().ok()?;
-        let node = party.start(|| Node::start(network.join(), late_config))?;
+        let timeout = late_config.timeout;
+        let transport = match party.watch("join", || network.join(timeout)) {
+            Ok(transport) => transport,
+            Err(e) => {
+                party.settle(Err(Stop::Failed(format!("node {nodes}: join failed: {e}"))));
+                return None;
+            }
+        };
+        let node = party.start(|| Node::start(transport, late_config))?;
         party.settle(lab::run_late_joiner(&node, nodes, party));
         let _ = party.phase();
         party.settle(lab::shut_down(node, party));

@@ -751,8 +751,7 @@ impl FaultSim {
             .map(|n| self.nodes[n as usize].view().epoch)
             .min()
             .unwrap_or(0);
-        let up =
-            |m: NodeId| self.is_alive(m) && !self.lost.contains(&m) && !nodes.contains(&m);
+        let up = |m: NodeId| self.is_alive(m) && !self.lost.contains(&m) && !nodes.contains(&m);
         let survives = |members: &mut dyn Iterator<Item = NodeId>, size: usize| {
             let up = members.filter(|&m| up(m)).count();
             up > size / 2
@@ -1135,7 +1134,10 @@ impl FaultSim {
         let (mut tokens, mut owners, mut totals) = (0u32, 0u32, BTreeSet::new());
         for &m in &view.members {
             // A joiner exists once a member of the view that takes it in installed it.
-            let installed = self.nodes.get(m as usize).filter(|n| n.view().epoch == epoch);
+            let installed = self
+                .nodes
+                .get(m as usize)
+                .filter(|n| n.view().epoch == epoch);
             if let Some(member) = installed {
                 if member.protocol().is_frozen() {
                     return Ok(());

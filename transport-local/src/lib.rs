@@ -369,7 +369,10 @@ mod tests {
         while view.len() < count {
             match founder.recv(SECOND).unwrap() {
                 Some(TransportEvent::JoinRequest(contact)) => {
-                    if view.values().any(|c: &Contact| c.incarnation == contact.incarnation) {
+                    if view
+                        .values()
+                        .any(|c: &Contact| c.incarnation == contact.incarnation)
+                    {
                         continue; // asked again
                     }
                     view.insert(view.len() as NodeId + 1, contact);
@@ -405,7 +408,10 @@ mod tests {
     fn a_join_nobody_answers_times_out() {
         let (network, founders) = LocalNetwork::founding(2);
         let timeout = JOIN_RETRY * 2 + JOIN_RETRY / 2;
-        assert_eq!(network.join(timeout).err(), Some(JoinError::NotAdmitted(timeout)));
+        assert_eq!(
+            network.join(timeout).err(),
+            Some(JoinError::NotAdmitted(timeout))
+        );
         // The lowest member was asked, again every `JOIN_RETRY`; the transport decided nothing.
         let mut asked = 0;
         while let Some(event) = founders[0].recv(Duration::ZERO).unwrap() {
@@ -432,7 +438,10 @@ mod tests {
                 })
                 .collect();
             let seen = admit(&founder, 4);
-            (handles.into_iter().map(|h| h.join().unwrap()).collect(), seen)
+            (
+                handles.into_iter().map(|h| h.join().unwrap()).collect(),
+                seen,
+            )
         });
         ids.sort_unstable();
         assert_eq!(ids, vec![1, 2, 3, 4]);
