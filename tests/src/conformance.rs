@@ -74,8 +74,12 @@ pub type Outcome = Result<(), String>;
 /// How a cluster runs its ranks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
-    /// One thread per rank and a fresh cluster per scenario ([`run_threads`]).
+    /// One thread per rank and a fresh cluster per scenario ([`run_threads`]), whose members
+    /// found it together (in memory).
     Threads,
+    /// Like [`Kind::Threads`], but each member after the founder joins through it (ZeroMQ in
+    /// one process): the founder's node takes it in, so the founder cannot stay silent.
+    JoinedThreads,
     /// One process per rank, every scenario in turn on one cluster ([`run_ranks`]).
     Processes,
 }
@@ -84,8 +88,10 @@ pub enum Kind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Need {
     /// A cluster whose founder (rank 0) is a member whose node never starts, so nothing
-    /// answers: only a fresh cluster per scenario is one. A running process cluster is not
-    /// (ZeroMQ timeouts across processes are tested by `tests/tests/zmq_sigkill.rs`).
+    /// answers: only a fresh cluster per scenario whose members found it together is one. A
+    /// running process cluster is not, nor one whose members join through the founder's node
+    /// (ZeroMQ timeouts are tested across processes by `tests/tests/zmq_sigkill.rs` and
+    /// `zmq_sigstop.rs`).
     SilentFounder,
 }
 
@@ -98,14 +104,24 @@ impl Kind {
     }
 }
 
+/// Makes one member's transport, on the thread that then starts its node: a joiner's may wait
+/// for the members before it, whose nodes take it in.
+pub type Starter = Box<dyn FnOnce() -> Result<Box<dyn Transport>, String> + Send>;
+
 /// A provider of fresh clusters for one transport, for [`run_threads`].
 pub trait Cluster: Sync {
-    /// Starts a fresh cluster of `n` members and returns their transports in id order: the
-    /// transport at index `i` has id `i`, so index 0 is the founding node.
-    fn start(&self, n: usize) -> Vec<Box<dyn Transport>>;
+    /// A fresh cluster of `n` members: one starter per member, in id order (the starter at
+    /// index `i` makes the transport with id `i`, so index 0 is the founding node). Each
+    /// member's node starts as soon as its starter returned.
+    fn start(&self, n: usize) -> Vec<Starter>;
 
     /// A late joiner into the cluster started last; its id is the next unused one.
     fn join(&self) -> Result<Box<dyn Transport>, String>;
+
+    /// How its ranks run: [`Kind::Threads`] unless its members join one another.
+    fn kind(&self) -> Kind {
+        Kind::Threads
+    }
 }
 
 /// A provider of in-memory clusters (`transport-local`), built one member at a time on a
@@ -117,12 +133,12 @@ pub struct LocalCluster {
 }
 
 impl Cluster for LocalCluster {
-    fn start(&self, n: usize) -> Vec<Box<dyn Transport>> {
+    fn start(&self, n: usize) -> Vec<Starter> {
         let (network, founders) = transport_local::LocalNetwork::founding(n);
         *lock(&self.network) = Some(network);
         founders
             .into_iter()
-            .map(|t| Box::new(t) as Box<dyn Transport>)
+            .map(|t| Box::new(move || Ok(Box::new(t) as Box<dyn Transport>)) as Starter)
             .collect()
     }
 
@@ -142,14 +158,23 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Starts a cluster of `n` and checks that it keeps the id-order promise of [`Cluster::start`].
-fn fresh(c: &dyn Cluster, n: usize) -> Vec<Box<dyn Transport>> {
-    let transports = c.start(n);
-    assert_eq!(transports.len(), n, "the cluster has the wrong size");
-    for (i, t) in transports.iter().enumerate() {
-        assert_eq!(t.local_id() as usize, i, "transports are not in id order");
-    }
-    transports
+/// Starts a cluster of `n` whose starters check the id-order promise of [`Cluster::start`].
+fn fresh(c: &dyn Cluster, n: usize) -> Vec<Starter> {
+    let starters = c.start(n);
+    assert_eq!(starters.len(), n, "the cluster has the wrong size");
+    starters
+        .into_iter()
+        .enumerate()
+        .map(|(i, start)| {
+            Box::new(move || {
+                let transport = start()?;
+                match transport.local_id() as usize {
+                    id if id == i => Ok(transport),
+                    id => Err(format!("the transport of member {i} has id {id}")),
+                }
+            }) as Starter
+        })
+        .collect()
 }
 
 /// The state of a barrier: arrivals so far, and why the run was called off, if it was. A
@@ -563,8 +588,8 @@ pub fn run_threads(c: &dyn Cluster, name: &str, policy: WritePolicy) {
         .find(|s| s.name == name)
         .unwrap_or_else(|| panic!("no scenario {name:?}"));
     assert!(
-        scenario.needs.is_none_or(|need| Kind::Threads.has(need)),
-        "{name} needs {:?}, which thread clusters lack",
+        scenario.needs.is_none_or(|need| c.kind().has(need)),
+        "{name} needs {:?}, which this cluster lacks",
         scenario.needs
     );
     let n = scenario.ranks;
@@ -573,7 +598,7 @@ pub fn run_threads(c: &dyn Cluster, name: &str, policy: WritePolicy) {
     let mut ranks: Vec<Rank> = fresh(c, started)
         .into_iter()
         .enumerate()
-        .map(|(i, t)| thread_rank(i, n, policy, &team, Box::new(move || Ok(t))))
+        .map(|(i, start)| thread_rank(i, n, policy, &team, start))
         .collect();
     if scenario.late_joiner {
         let team = &team;
@@ -760,15 +785,19 @@ macro_rules! conformance_suite {
             }
         )*
 
-        #[test]
-        fn every_scenario_is_listed() {
-            let listed = [$(stringify!($scenario)),*];
-            let runnable: Vec<&str> = $crate::conformance::SCENARIOS
-                .iter()
-                .filter(|s| s.needs.is_none_or(|n| $crate::conformance::Kind::Threads.has(n)))
-                .map(|s| s.name)
-                .collect();
-            assert_eq!(listed.as_slice(), runnable.as_slice());
+        mod listing {
+            #[test]
+            fn every_scenario_is_listed() {
+                use $crate::conformance::Cluster;
+                let kind = $cluster.kind();
+                let listed = [$(stringify!($scenario)),*];
+                let runnable: Vec<&str> = $crate::conformance::SCENARIOS
+                    .iter()
+                    .filter(|s| s.needs.is_none_or(|n| kind.has(n)))
+                    .map(|s| s.name)
+                    .collect();
+                assert_eq!(listed.as_slice(), runnable.as_slice());
+            }
         }
     };
 }

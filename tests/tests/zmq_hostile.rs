@@ -262,18 +262,20 @@ fn coherent_under_a_hostile_network() {
         ZmqTransport::start(zmq_config(CLUSTER, Some(SECRET), None)).expect("founder starts"),
     );
     let addr0 = founder.local_addr();
+    let config = Config::default();
+    // The founder's node takes the joiner in (a view change), so it runs first.
+    let node0 = Node::start(Arc::clone(&founder), config.clone()).unwrap();
     let joiner = Arc::new(
-        ZmqTransport::start(zmq_config(CLUSTER, Some(SECRET), Some(addr0.clone())))
-            .expect("joiner starts"),
+        ZmqTransport::start(ZmqConfig {
+            join_timeout: Duration::from_secs(10),
+            ..zmq_config(CLUSTER, Some(SECRET), Some(addr0.clone()))
+        })
+        .expect("joiner starts"),
     );
     let addr1 = joiner.local_addr();
     let transports = [Arc::clone(&founder), Arc::clone(&joiner)];
     let before: Vec<ZmqStats> = transports.iter().map(|t| t.stats()).collect();
-    let config = Config::default();
-    let nodes = [
-        Node::start(founder, config.clone()).unwrap(),
-        Node::start(joiner, config).unwrap(),
-    ];
+    let nodes = [node0, Node::start(joiner, config).unwrap()];
     let counters: Vec<DistObj<i64>> = nodes
         .iter()
         .map(|n| n.object("counter", 0).unwrap())

@@ -1,14 +1,16 @@
 //! The conformance suite (`tests::conformance`) over ZeroMQ on 127.0.0.1 with every node a
 //! thread of this process: every scenario thread clusters run, under both write policies.
 //!
-//! Each cluster is a founder plus joiners through it, so ids come out in order 0..n; a late
-//! joiner joins through the founder of the cluster started last.
+//! Each cluster is a founder plus joiners through it, one after the other so that ids come out
+//! in order 0..n: each joiner is taken in by the members' nodes (a view change), so it asks
+//! once the member before it is in. A late joiner joins through the founder of the cluster
+//! started last.
 
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use coherence_core::Transport;
-use tests::conformance::Cluster;
+use tests::conformance::{Cluster, Kind, Starter, PATIENCE};
 use transport_zmq::{ZmqConfig, ZmqTransport};
 
 /// A loopback configuration with a fast heartbeat, so a lost peer shows quickly.
@@ -20,42 +22,69 @@ fn config() -> ZmqConfig {
     }
 }
 
-/// A founder and `n - 1` joiners through it: ids 0..n.
-fn cluster(n: usize) -> Vec<ZmqTransport> {
-    let founder = ZmqTransport::start(config()).expect("founder starts");
-    let addr = founder.local_addr();
-    let mut nodes = vec![founder];
-    for i in 1..n {
-        let node = ZmqTransport::start(ZmqConfig {
-            join: Some(addr.clone()),
-            ..config()
-        })
-        .expect("joiner starts");
-        assert_eq!(node.local_id() as usize, i);
-        nodes.push(node);
-    }
-    nodes
+/// How far the members of one cluster got: the founder's address once it runs, and how many
+/// members have their transport (and so their id).
+#[derive(Default)]
+struct Progress {
+    founder_addr: Option<String>,
+    started: usize,
 }
 
-/// ZeroMQ clusters; remembers where the last one can be joined.
+/// One cluster's progress and the condition its starters wait on.
+type Chain = Arc<(Mutex<Progress>, Condvar)>;
+
+/// Member `i`'s starter: the founder founds; joiner `i` waits for member `i - 1`, then joins
+/// through the founder.
+fn starter(chain: Chain, i: usize) -> Starter {
+    Box::new(move || {
+        let (progress, changed) = &*chain;
+        let deadline = Instant::now() + PATIENCE;
+        let mut p = progress.lock().unwrap_or_else(PoisonError::into_inner);
+        while p.started < i {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!("member {i}: member {} never started", p.started));
+            }
+            p = changed
+                .wait_timeout(p, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        let cfg = ZmqConfig {
+            join: p.founder_addr.clone(),
+            ..config()
+        };
+        drop(p);
+        let transport =
+            ZmqTransport::start(cfg).map_err(|e| format!("member {i} cannot start: {e}"))?;
+        let mut p = progress.lock().unwrap_or_else(PoisonError::into_inner);
+        if i == 0 {
+            p.founder_addr = Some(transport.local_addr());
+        }
+        p.started = i + 1;
+        changed.notify_all();
+        Ok(Box::new(transport) as Box<dyn Transport>)
+    })
+}
+
+/// ZeroMQ clusters; remembers the last one, which a late joiner joins.
 #[derive(Default)]
 struct Zmq {
-    founder_addr: Mutex<Option<String>>,
+    last: Mutex<Option<Chain>>,
 }
 
 impl Cluster for Zmq {
-    fn start(&self, n: usize) -> Vec<Box<dyn Transport>> {
-        let nodes = cluster(n);
-        *self.founder_addr.lock().unwrap() = nodes.first().map(ZmqTransport::local_addr);
-        nodes
-            .into_iter()
-            .map(|t| Box::new(t) as Box<dyn Transport>)
-            .collect()
+    fn start(&self, n: usize) -> Vec<Starter> {
+        let chain = Chain::default();
+        *self.last.lock().unwrap() = Some(Arc::clone(&chain));
+        (0..n).map(|i| starter(Arc::clone(&chain), i)).collect()
     }
 
     fn join(&self) -> Result<Box<dyn Transport>, String> {
-        let addr = self.founder_addr.lock().unwrap().clone();
-        let addr = addr.ok_or("no cluster was started to join")?;
+        let chain = self.last.lock().unwrap().clone();
+        let chain = chain.ok_or("no cluster was started to join")?;
+        let addr = chain.0.lock().unwrap().founder_addr.clone();
+        let addr = addr.ok_or("the founder never started")?;
         let node = ZmqTransport::start(ZmqConfig {
             join: Some(addr),
             ..config()
@@ -63,6 +92,26 @@ impl Cluster for Zmq {
         .map_err(|e| format!("the late joiner cannot join: {e}"))?;
         Ok(Box::new(node))
     }
+
+    fn kind(&self) -> Kind {
+        Kind::JoinedThreads
+    }
 }
 
-tests::conformance_suite!(super::Zmq::default());
+// Every scenario but `timeouts_are_errors`, which needs a silent founder: here the founder's
+// node takes every member in.
+tests::conformance_suite!(
+    super::Zmq::default();
+    late_joiner,
+    lab_integer_and_dict,
+    counter,
+    late_opener,
+    concurrent_create,
+    many_objects,
+    shared_node,
+    no_starvation,
+    no_starvation_by_local_threads,
+    large_value,
+    type_mismatch,
+    shutdown_hands_tokens_on,
+);

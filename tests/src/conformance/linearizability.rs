@@ -287,9 +287,12 @@ fn record(c: &dyn Cluster, policy: WritePolicy, seed: u64) -> Vec<Vec<Entry>> {
     let config = config(policy);
     let histories: Vec<Mutex<Vec<Entry>>> = (0..OBJECTS).map(|_| Mutex::default()).collect();
     let team = Team::default();
+    // One after the other: a member's node runs before the next member's transport asks it to
+    // be taken in.
     let nodes: Vec<Node> = fresh(c, NODES)
         .into_iter()
-        .map(|t| Node::start(t, config.clone()).expect("a node starts"))
+        .map(|start| Node::start(start().expect("a transport starts"), config.clone()))
+        .map(|node| node.expect("a node starts"))
         .collect();
     let objects: Vec<Vec<DistObj<i64>>> = nodes
         .iter()
