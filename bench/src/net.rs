@@ -1,6 +1,7 @@
 //! The transports under test: building clusters of endpoints, the raw ping-pong floor, and
 //! clusters of started nodes.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -37,7 +38,7 @@ impl Net {
         }
     }
 
-    /// `n` endpoints of one new cluster, ids `0..n`.
+    /// `n` endpoints of one new cluster for raw frames (no node), ids `0..n`.
     pub fn endpoints(self, n: usize) -> Result<Vec<Endpoint>, String> {
         match self {
             Net::Local => Ok(transport_local::cluster(n)
@@ -45,9 +46,38 @@ impl Net {
                 .map(|t| Box::new(t) as Endpoint)
                 .collect()),
             Net::Zmq => {
-                zmq_cluster(n).map(|ts| ts.into_iter().map(|t| Box::new(t) as Endpoint).collect())
+                zmq_mesh(n).map(|ts| ts.into_iter().map(|t| Box::new(t) as Endpoint).collect())
             }
         }
+    }
+
+    /// `n` started nodes of one new cluster, ids `0..n`. Over ZeroMQ each joins through the
+    /// founder once the node before it runs: the founder's node takes it in.
+    pub fn cluster(self, n: usize, config: &Config) -> Result<Cluster, String> {
+        let start = |t: Endpoint| Node::start(t, config.clone()).map_err(|e| e.to_string());
+        let nodes = match self {
+            Net::Local => transport_local::cluster(n)
+                .into_iter()
+                .map(|t| start(Box::new(t)))
+                .collect::<Result<_, _>>()?,
+            Net::Zmq => {
+                let base = zmq_base();
+                let founder =
+                    ZmqTransport::start(base.clone()).map_err(|e| format!("zmq founder: {e}"))?;
+                let join = founder.local_addr();
+                let mut nodes = vec![start(Box::new(founder))?];
+                for i in 1..n {
+                    let t = ZmqTransport::start(ZmqConfig {
+                        join: Some(join.clone()),
+                        ..base.clone()
+                    })
+                    .map_err(|e| format!("zmq joiner {i}: {e}"))?;
+                    nodes.push(start(Box::new(t))?);
+                }
+                nodes
+            }
+        };
+        Ok(Cluster { nodes })
     }
 
     /// The raw round trips of this transport: frames through `send`/`recv` between two
@@ -63,7 +93,7 @@ impl Net {
                 }
             }
             Net::Zmq => {
-                let [a, b] = pair(zmq_cluster(2)?)?;
+                let [a, b] = pair(zmq_mesh(2)?)?;
                 for &size in sizes {
                     let latency = ping_pong(&a, &b, size, budget)?;
                     out.push(trip(size, "send/recv, threads of one process", latency));
@@ -93,23 +123,48 @@ fn pair<T>(transports: Vec<T>) -> Result<[T; 2], String> {
         .map_err(|_| "expected two endpoints".to_string())
 }
 
-/// `n` ZeroMQ endpoints on loopback: the first founds the cluster, the others join through it.
-fn zmq_cluster(n: usize) -> Result<Vec<ZmqTransport>, String> {
+/// The configuration of a new ZeroMQ cluster on loopback, with an id of its own.
+fn zmq_base() -> ZmqConfig {
     let cluster_id = format!(
         "bench-{}-{}",
         std::process::id(),
         CLUSTERS.fetch_add(1, Ordering::Relaxed)
     );
-    let base = ZmqConfig::new("tcp://127.0.0.1:0", cluster_id);
+    ZmqConfig::new("tcp://127.0.0.1:0", cluster_id)
+}
+
+/// `n` ZeroMQ endpoints on loopback for raw frames: the first founds the cluster, the others
+/// join through it, and with no node to decide views this plays the members' part: each
+/// joiner gets the next id and every member is told of it (`connect_members`).
+fn zmq_mesh(n: usize) -> Result<Vec<ZmqTransport>, String> {
+    let base = zmq_base();
     let founder = ZmqTransport::start(base.clone()).map_err(|e| format!("zmq founder: {e}"))?;
     let join = founder.local_addr();
+    let mut view = BTreeMap::from([(0, founder.contact().ok_or("the founder has no contact")?)]);
     let mut out = vec![founder];
     for i in 1..n {
-        let t = ZmqTransport::start(ZmqConfig {
+        let cfg = ZmqConfig {
             join: Some(join.clone()),
             ..base.clone()
-        })
-        .map_err(|e| format!("zmq joiner {i}: {e}"))?;
+        };
+        let starting = std::thread::spawn(move || ZmqTransport::start(cfg));
+        let contact = loop {
+            match out[0].recv(RECV_TIMEOUT) {
+                Ok(Some(TransportEvent::JoinRequest(contact))) => break contact,
+                Ok(Some(_)) => {}
+                Ok(None) => return Err(format!("zmq joiner {i} never asked to join")),
+                Err(e) => return Err(format!("zmq founder: {e}")),
+            }
+        };
+        view.insert(i as NodeId, contact);
+        for member in &out {
+            member.connect_members(&view);
+        }
+        let t = starting
+            .join()
+            .map_err(|_| format!("zmq joiner {i} panicked"))?
+            .map_err(|e| format!("zmq joiner {i}: {e}"))?;
+        t.connect_members(&view);
         out.push(t);
     }
     Ok(out)
@@ -208,15 +263,6 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Starts one node per endpoint.
-    pub fn start(endpoints: Vec<Endpoint>, config: &Config) -> Result<Cluster, String> {
-        let nodes = endpoints
-            .into_iter()
-            .map(|e| Node::start(e, config.clone()).map_err(|e| e.to_string()))
-            .collect::<Result<_, _>>()?;
-        Ok(Cluster { nodes })
-    }
-
     /// Protocol messages all nodes have sent, the lease's background renewals aside.
     pub fn messages_sent(&self) -> u64 {
         let stats = self.nodes.iter().map(Node::stats);

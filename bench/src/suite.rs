@@ -87,7 +87,7 @@ fn with_config(
     config: &Config,
     f: impl FnOnce(&Cluster) -> Result<(), String>,
 ) -> Result<(), String> {
-    let cluster = Cluster::start(net.endpoints(n)?, config)?;
+    let cluster = net.cluster(n, config)?;
     let result = f(&cluster);
     let shutdown = cluster.shutdown();
     result.and(shutdown)

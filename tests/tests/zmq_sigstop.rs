@@ -33,9 +33,10 @@ fn config() -> Config {
 fn a_stalled_holder_serves_no_stale_read_after_it_resumes() {
     let founder = ZmqTransport::start(zmq_config(CLUSTER, None)).expect("founder starts");
     let addr = founder.local_addr();
+    // The founder's node takes the joiner in, so it runs first.
+    let n0 = Node::start(founder, config()).unwrap();
     let joiner =
         ZmqTransport::start(zmq_config(CLUSTER, Some(addr.clone()))).expect("joiner starts");
-    let n0 = Node::start(founder, config()).unwrap();
     let n1 = Node::start(joiner, config()).unwrap();
     let a0: DistObj<i64> = n0.object("a", 0).unwrap();
     let a1: DistObj<i64> = n1.object("a", 0).unwrap();
