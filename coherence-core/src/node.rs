@@ -783,8 +783,8 @@ impl Inner {
 
     /// The driver thread: feeds network input to the protocol until halted. It also starts the
     /// leave `shutdown` asked for, after handling everything the transport already delivered:
-    /// a `Joined` queued before the leave must be seen, or the leaver could believe itself
-    /// alone and take the objects with it.
+    /// a decision that took a joiner in, queued before the leave, must be seen, or the leaver
+    /// could believe itself alone and take the objects with it.
     fn drive(self: Arc<Self>) {
         let mut leave_started = false;
         let mut polled_since = None;
