@@ -60,7 +60,7 @@ pub enum MemberOutput {
     /// A token-protocol event (readability, completions), as [`Output::Event`].
     Event(Event),
     /// A view that names this node is being installed: the transport connects to its members
-    /// at these contacts (this node's own among them) and forgets the others. Comes before
+    /// at these contacts (this node's own among them). Comes before
     /// anything is sent to a member of that view.
     Connect(BTreeMap<NodeId, Contact>),
     /// Send `envelope` to `to`.

@@ -113,8 +113,9 @@ pub trait Transport: Send + Sync + 'static {
     }
 
     /// The installed view names these members, this node among them, reachable at these
-    /// contacts: connect to the ones not connected yet, forget the ones no longer named
-    /// (without reporting them [`TransportEvent::Left`]: the view removed them). Called before
+    /// contacts: connect to the ones not connected yet. A member no longer named stays until it
+    /// leaves or is lost, as usual: a leaver or a removed node must still hear the decision
+    /// that removed it, and answer. Called before
     /// the protocol sends anything to a member it names for the first time.
     fn connect_members(&self, members: &BTreeMap<NodeId, Contact>) {
         let _ = members;

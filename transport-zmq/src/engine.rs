@@ -61,24 +61,15 @@ pub(crate) enum Command {
 pub(crate) struct Roster {
     /// The members named by the core, other than this node, that are still here.
     pub members: BTreeSet<NodeId>,
-    /// Members lost, gone or no longer named, and senders that said goodbye before they were
-    /// named: never members again (the core never reuses an id).
+    /// Members lost or gone, and senders that said goodbye before they were named: never
+    /// members again (the core never reuses an id).
     pub departed: BTreeSet<NodeId>,
 }
 
 impl Roster {
-    /// The core names `named` (this node, `me`, among them): add the new ones, and depart the
-    /// members no longer named.
+    /// The core names `named` (this node, `me`, among them): add the new ones. Members it no
+    /// longer names depart by goodbye or loss, as the decision must still reach them.
     pub(crate) fn name(&mut self, me: NodeId, named: &BTreeMap<NodeId, Contact>) {
-        let dropped: Vec<NodeId> = self
-            .members
-            .iter()
-            .filter(|id| !named.contains_key(id))
-            .copied()
-            .collect();
-        for id in dropped {
-            self.depart(id);
-        }
         for &id in named.keys() {
             if id != me && !self.departed.contains(&id) {
                 self.members.insert(id);
@@ -908,7 +899,7 @@ impl Engine {
             Kind::Goodbye => {
                 // Acknowledge everything, the goodbye included, so the leaver can stop.
                 self.send_heartbeat(from).await;
-                self.remove_member(from, "said goodbye", true);
+                self.remove_member(from, "said goodbye");
                 return;
             }
             Kind::Hello | Kind::Join | Kind::Heartbeat | Kind::Handshake => {}
@@ -944,23 +935,15 @@ impl Engine {
         true
     }
 
-    /// The core installed a view naming `named`: connect to the members we do not have, and
-    /// forget (without `Left`: the view removed them) the ones it no longer names.
+    /// The core installed a view naming `named`: connect to the members we do not have. A
+    /// member the view no longer names stays until its goodbye or its loss, as a leaver or a
+    /// removed node must still hear the decision that removed it (and answer it).
     fn connect_members(&mut self, named: BTreeMap<NodeId, Contact>) {
         let Some(me) = self.id else {
             return;
         };
         if self.closing.is_some() {
             return;
-        }
-        let dropped: Vec<NodeId> = self
-            .members
-            .keys()
-            .filter(|id| !named.contains_key(id))
-            .copied()
-            .collect();
-        for id in dropped {
-            self.remove_member(id, "no longer in the view", false);
         }
         let now = Instant::now();
         for (id, contact) in named {
@@ -998,14 +981,13 @@ impl Engine {
             tracing::debug!(peer = id, addr = %peer.addr, "connecting to a named member");
             self.members.insert(id, peer);
             if gone {
-                self.remove_member(id, "said goodbye before it was named", true);
+                self.remove_member(id, "said goodbye before it was named");
             }
         }
     }
 
-    /// Forgets a member, reporting it `Left` if `report` (it left or was lost, rather than
-    /// removed by the view).
-    fn remove_member(&mut self, id: NodeId, why: &str, report: bool) {
+    /// Forgets a member that left or was lost, and reports it `Left`.
+    fn remove_member(&mut self, id: NodeId, why: &str) {
         let Some(peer) = self.members.remove(&id) else {
             return;
         };
@@ -1016,9 +998,7 @@ impl Engine {
         self.departed.insert(id);
         self.conns
             .retain(|_, conn| !matches!(conn, Conn::Speaks { sender, .. } if *sender == id));
-        if report {
-            self.emit(TransportEvent::Left(id));
-        }
+        self.emit(TransportEvent::Left(id));
     }
 
     async fn on_link(&mut self, event: LinkEvent) {
@@ -1224,7 +1204,7 @@ impl Engine {
             .collect();
         for id in lost {
             tracing::warn!(peer = id, after = ?self.lost_after, "peer lost: silent too long");
-            self.remove_member(id, "lost", true);
+            self.remove_member(id, "lost");
         }
 
         let retransmit_after = self.lost_after / 2;

@@ -33,8 +33,10 @@
 //! incarnation with another id is refused.
 //!
 //! [`Transport::connect_members`] names the installed view's members: the transport connects
-//! to each one it has no link to (giving a newcomer twice `lost_after` to be heard from) and
-//! forgets, without reporting [`TransportEvent::Left`], the ones no longer named. Frames from a
+//! to each one it has no link to (giving a newcomer twice `lost_after` to be heard from). A
+//! member the view no longer names stays until it says goodbye or is lost (then reported
+//! [`TransportEvent::Left`] as any other): a leaver or a removed node must still hear the
+//! decision that removed it. Frames from a
 //! sender not named yet are delivered too, in order and without duplicates, if its connection
 //! said a hello addressed to this node's id and incarnation: a joiner hears the decision that
 //! takes it in from members it does not know yet, and a member may hear a newcomer before its
@@ -174,7 +176,7 @@
 //!
 //! # Limits
 //! Ids are assigned by the core's views, which never reuse one; this transport treats a member
-//! that departed (left, lost, or no longer named) as gone for good, even if a later view names
+//! that departed (left or lost) as gone for good, even if a later view names
 //! its id again. A connection whose hello was refused (another node or process, a departed
 //! sender) stays refused until it is made again: a member that a view names with another
 //! incarnation than the one we had is heard once that process reconnects.
@@ -800,7 +802,7 @@ impl Transport for ZmqTransport {
     }
 
     /// Names the members at once for [`Transport::send`], then has the engine connect to the
-    /// new ones (before any frame sent after this call) and forget the ones no longer named.
+    /// new ones (before any frame sent after this call).
     fn connect_members(&self, members: &BTreeMap<NodeId, Contact>) {
         if self.closed.load(Ordering::Acquire) {
             return;

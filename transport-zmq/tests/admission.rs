@@ -155,29 +155,29 @@ fn frames_from_a_sender_not_named_yet_are_delivered_in_order() {
 }
 
 #[test]
-fn a_member_dropped_by_connect_members_gets_no_left() {
-    let base = config("dropped");
+fn a_member_no_longer_named_stays_until_its_goodbye() {
+    let base = config("unnamed-member");
     let nodes = cluster(3, &base);
     let mut view = contacts(&nodes);
     view.remove(&2);
     nodes[0].connect_members(&view);
+    // The view removed it (it leaves, say): it must still hear that decision, and answer.
+    nodes[0].send(2, b"you are out".to_vec()).unwrap();
+    assert_eq!(next(&nodes[2]), frame(0, b"you are out"));
+    nodes[2].send(0, b"bye then".to_vec()).unwrap();
+    assert_eq!(next(&nodes[0]), frame(2, b"bye then"));
+    assert_eq!(nodes[0].members(), vec![1, 2]);
+    // Its goodbye makes it `Left` after its last frame, and gone for good.
+    nodes[2].close();
+    assert_eq!(next(&nodes[0]), TransportEvent::Left(2));
     assert_eq!(
         nodes[0].send(2, vec![]),
         Err(TransportError::UnknownPeer(2))
     );
+    nodes[0].connect_members(&view);
     assert_eq!(nodes[0].members(), vec![1]);
-    // Its frames are dropped, and it is never reported.
-    nodes[2].send(0, b"from a removed member".to_vec()).unwrap();
-    nodes[1].send(0, b"from a member".to_vec()).unwrap();
-    assert_eq!(next(&nodes[0]), frame(1, b"from a member"));
-    expect_quiet(&nodes[0], base.lost_after + base.heartbeat * 2);
-    // Gone for good: naming it again does not bring it back.
-    nodes[0].connect_members(&contacts(&nodes));
-    assert_eq!(
-        nodes[0].send(2, vec![]),
-        Err(TransportError::UnknownPeer(2))
-    );
     nodes[0].send(1, b"still here".to_vec()).unwrap();
+    assert_eq!(next(&nodes[1]), TransportEvent::Left(2));
     assert_eq!(next(&nodes[1]), frame(0, b"still here"));
 }
 
