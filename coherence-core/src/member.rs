@@ -89,6 +89,8 @@ pub struct Member {
     contacts: BTreeMap<NodeId, Contact>,
     /// The lowest id not given yet (see [`Decision::next_id`]).
     next_id: NodeId,
+    /// The members of the view installed here last, to tell those the next view removes.
+    installed_members: BTreeSet<NodeId>,
     /// Token messages dropped because they belonged to an epoch that was over here.
     fenced: u64,
     /// Nodes the transport reported lost: no view takes them (back) in. Kept after they are
@@ -160,6 +162,7 @@ impl Member {
         }
         let next_id = view.members.last().map_or(0, |m| m.saturating_add(1));
         Member {
+            installed_members: view.members.clone(),
             views: Views::new(id, view),
             protocol,
             contacts: BTreeMap::new(),
@@ -249,21 +252,24 @@ impl Member {
     /// A node reached at `contact` asks to join. The coordinator keeps the request, and the
     /// next view it proposes takes the node in under a new id; another member hands it on to
     /// the coordinator. A request of a member of the view (its incarnation admitted already)
-    /// is a repeat and ignored.
-    pub fn admit(&mut self, contact: Contact) {
+    /// is a repeat and ignored, as is one while this member leaves. Returns whether the
+    /// coordinator has a new joiner (a repeated request must not restart a view change under
+    /// way: joiners ask again every [`crate::wait::JOIN_RETRY`]).
+    pub fn admit(&mut self, contact: Contact) -> bool {
         let id = self.protocol.id();
         if self.views.is_outsider()
             || self.protocol.is_removed()
+            || self.leaving
             || !self.view().members.contains(&id)
             || self
                 .contacts
                 .values()
                 .any(|c| c.incarnation == contact.incarnation)
         {
-            return;
+            return false;
         }
         let Some(&coordinator) = self.view().members.difference(&self.suspected).next() else {
-            return;
+            return false;
         };
         if coordinator != id {
             let envelope = Envelope {
@@ -274,19 +280,29 @@ impl Member {
                 to: coordinator,
                 envelope,
             });
-        } else if self.joiners.len() < MAX_JOINERS
-            || self.joiners.contains_key(&contact.incarnation)
-        {
-            self.joiners.insert(contact.incarnation, contact);
+            return false;
         }
+        if self.joiners.len() >= MAX_JOINERS || self.joiners.contains_key(&contact.incarnation) {
+            return false;
+        }
+        self.joiners.insert(contact.incarnation, contact);
+        true
     }
 
     /// The joiners a proposal of this member takes in now, under the ids they get: the next
     /// unused ones, in the order of their incarnations (any order would do: one proposal is
-    /// decided, and a joiner learns its id from that decision).
+    /// decided, and a joiner learns its id from that decision). At most one fewer than the
+    /// members that stay (one, for a member alone): should every joiner be dead, those
+    /// members still make a majority of the new view and can remove them. A leaving member
+    /// takes none in: it would not tell their transports where the others are.
     fn admissions(&self) -> BTreeMap<NodeId, Contact> {
+        if self.leaving {
+            return BTreeMap::new();
+        }
+        let staying = self.view().members.difference(&self.suspected).count();
         (self.next_id..)
             .zip(self.joiners.values().cloned())
+            .take(staying.saturating_sub(1).max(1))
             .collect()
     }
 
@@ -442,7 +458,10 @@ impl Member {
                 self.take_view_outputs(now);
             }
             Traffic::Lease(message) => self.handle_lease(now, from, envelope.epoch, message),
-            Traffic::Join(contact) => self.admit(contact),
+            Traffic::Join(contact) => {
+                // The driver's periodic check proposes the view with it.
+                self.admit(contact);
+            }
             Traffic::Token(_) if envelope.epoch > current => {
                 return Err(Rejected::FutureEpoch {
                     epoch: envelope.epoch,
@@ -534,7 +553,20 @@ impl Member {
     fn take_view_outputs(&mut self, now: Instant) {
         // The report froze the protocol: its readability changes go first.
         self.take_protocol_outputs(now);
-        while let Some(output) = self.views.poll_output() {
+        let outputs: Vec<_> = std::iter::from_fn(|| self.views.poll_output()).collect();
+        // The transport can reach a new member before anything goes to it (a proposer sends
+        // the decision before it installs the view).
+        let id = self.protocol.id();
+        for output in &outputs {
+            if let ViewOutput::Installed { view, plan } = output {
+                if view.members.contains(&id) {
+                    self.contacts = plan.contacts.clone();
+                    self.outputs
+                        .push_back(MemberOutput::Connect(plan.contacts.clone()));
+                }
+            }
+        }
+        for output in outputs {
             match output {
                 ViewOutput::Send { to, message } => self.send_view(to, message),
                 ViewOutput::Frozen => {}
@@ -542,7 +574,6 @@ impl Member {
                     view,
                     plan: decision,
                 } => {
-                    let id = self.protocol.id();
                     self.next_id = decision.next_id;
                     self.joiners.retain(|incarnation, _| {
                         !decision
@@ -550,14 +581,18 @@ impl Member {
                             .values()
                             .any(|c| c.incarnation == *incarnation)
                     });
-                    if view.members.contains(&id) {
-                        // The transport can reach a new member before anything goes to it.
-                        self.contacts = decision.contacts.clone();
-                        self.outputs
-                            .push_back(MemberOutput::Connect(decision.contacts.clone()));
-                    }
-                    // The decision reaches every member before any token traffic of its epoch.
-                    for &to in view.members.iter().filter(|&&m| m != id) {
+                    // The decision reaches every member before any token traffic of its epoch,
+                    // and every member it removes: the proposer may not reach them all (a
+                    // partition), and a removed node that does not learn it serves nothing
+                    // but keeps waiting.
+                    let told: BTreeSet<NodeId> = view
+                        .members
+                        .union(&self.installed_members)
+                        .copied()
+                        .filter(|&m| m != id)
+                        .collect();
+                    self.installed_members = view.members.clone();
+                    for to in told {
                         let decided = ViewMessage::Decided {
                             epoch: view.epoch - 1,
                             proposal: Proposal {

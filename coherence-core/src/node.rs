@@ -979,8 +979,12 @@ impl Inner {
             }
             TransportEvent::JoinRequest(contact) => {
                 tracing::info!(node = self.id, addr = %contact.addr, "a node asks to join");
-                core.member.admit(contact);
-                self.propose_wanted(&mut core);
+                if core.member.admit(contact) {
+                    self.propose_wanted(&mut core);
+                } else {
+                    // A request handed on to the coordinator goes out; a repeat changes nothing.
+                    self.flush(&mut core);
+                }
             }
             TransportEvent::Left(peer) => {
                 tracing::info!(node = self.id, peer, "peer lost or gone");
@@ -1034,10 +1038,11 @@ impl Node {
             let mut members: std::collections::BTreeSet<NodeId> =
                 transport.peers().into_iter().collect();
             members.insert(id);
+            let alone = members.len() == 1;
             let member = Member::new(protocol, View { epoch: 0, members });
             match transport.contact() {
-                Some(contact) => member.with_contact(contact),
-                None => member,
+                Some(contact) if alone => member.with_contact(contact),
+                _ => member,
             }
         };
         let leased = !lease.is_zero();

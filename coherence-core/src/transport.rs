@@ -80,7 +80,8 @@ pub trait Transport: Send + Sync + 'static {
     /// This node's id.
     fn local_id(&self) -> NodeId;
 
-    /// The other members known when the node starts; later changes arrive as events.
+    /// The other members known when the node starts (none for a joiner); later ones come with
+    /// the views, through [`Transport::connect_members`].
     fn peers(&self) -> Vec<NodeId>;
 
     /// Queues `frame` for `to`. Must not block on the receiver.
@@ -107,7 +108,9 @@ pub trait Transport: Send + Sync + 'static {
     }
 
     /// This node's contact, which the founding view names so that joiners learn it (`None`:
-    /// the transport connects its nodes by other means, as threads and MPI ranks are).
+    /// the transport connects its nodes by other means, as threads and MPI ranks are). Only a
+    /// node that founds a cluster alone gives one: the founding view of several nodes would
+    /// know no contact but its own.
     fn contact(&self) -> Option<Contact> {
         None
     }

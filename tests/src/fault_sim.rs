@@ -791,7 +791,9 @@ impl FaultSim {
         let now = self.now(node);
         match reported {
             Reported::Lost(lost) => self.nodes[node as usize].suspect(now, lost),
-            Reported::Joining(contact) => self.nodes[node as usize].admit(contact),
+            Reported::Joining(contact) => {
+                self.nodes[node as usize].admit(contact);
+            }
         }
         self.after(node)?;
         self.propose_wanted(node)

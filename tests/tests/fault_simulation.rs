@@ -97,3 +97,13 @@ fn without_durability_returned_writes_are_lost() {
 fn regression_fault_seed_19841() {
     run_fault_seed(19841).unwrap_or_else(|e| panic!("{e}"));
 }
+
+/// Found by the sweep once joiners were admitted by the core: a member cut off (node 0) and
+/// the two joiners it had taken in made a majority of the 5-member view and removed the other
+/// old members; the proposer could not reach node 3, and the installers told only the new
+/// view, so node 3 never learned it was removed. Every installer now tells the removed
+/// members too.
+#[test]
+fn regression_fault_seed_2947() {
+    run_fault_seed(2947).unwrap_or_else(|e| panic!("{e}"));
+}
