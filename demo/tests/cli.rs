@@ -347,7 +347,7 @@ fn zmq_node_with_a_wrong_secret_is_turned_away() {
     assert!(
         intruder
             .last_line()
-            .is_some_and(|l| l.starts_with("coherent: NO (ZeroMQ: no answer from")),
+            .is_some_and(|l| l.starts_with("coherent: NO (ZeroMQ: no member addressed us")),
         "{context}"
     );
     let context = founder.context();
