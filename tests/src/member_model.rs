@@ -10,6 +10,11 @@
 //!   detected, and node 0 writes on theirs.
 //! - [`Fault::RemovedReturns`]: the holder stalls; the others detect it, remove it and write;
 //!   then it resumes, hears from its transport that the others are lost, and reads.
+//! - [`Fault::CrashWhileJoining`]: the crash during a write, after a new node asked node 1 to
+//!   join (at any point before the crash): node 1 hands the request on to the coordinator, whose view change
+//!   gives the joiner its id ([`JOINER`]); the joiner exists once a decision names it (as its
+//!   transport learns its id from the first member that speaks to it) and installs that view.
+//!   (A read by the joiner on top makes the state space too large to explore.)
 //!
 //! Three founding members share one object (`i64`), whose every token the setup leaves at
 //! node 2 with value 1 (Invalidate policy, durability 1, leases on). The network is a FIFO
@@ -36,7 +41,7 @@ use coherence_core::member::{Member, MemberOutput};
 use coherence_core::protocol::{Event, OpId, Outcome, Plan, Protocol, WritePolicy};
 use coherence_core::view::{Epoch, View};
 use coherence_core::wire::{Envelope, Init, Traffic};
-use coherence_core::NodeId;
+use coherence_core::{Contact, NodeId};
 use stateright::semantics::{ConsistencyTester, LinearizabilityTester};
 use stateright::{Checker, Model, Property};
 
@@ -55,6 +60,8 @@ const MAX_PROPOSALS: u8 = 1;
 const OBJECT: &str = "x";
 /// The node that holds every token after the setup, and suffers the fault.
 const VICTIM: NodeId = 2;
+/// The id the view change gives the joiner of [`Fault::CrashWhileJoining`].
+const JOINER: NodeId = 3;
 
 /// The one fault of a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -65,6 +72,8 @@ pub enum Fault {
     MinorityWriter,
     /// The victim stalls at any point; node 0 writes 3; the victim resumes cut off and reads.
     RemovedReturns,
+    /// As [`Fault::CrashDuringWrite`], after a joiner asked node 1 to join.
+    CrashWhileJoining,
 }
 
 /// The model: which fault.
@@ -109,6 +118,8 @@ pub struct State {
     /// Operations under way: id, node, step.
     pending: BTreeMap<OpId, (NodeId, Step)>,
     proposals: Vec<u8>,
+    /// Whether the joiner asked (only [`Fault::CrashWhileJoining`]).
+    asked: bool,
     /// Keyed by operation: one that ended without effect stays open there.
     history: LinearizabilityTester<OpId, SwapRegister>,
     /// Writes that returned: (epoch, version, value).
@@ -135,10 +146,20 @@ pub enum Action {
     Fault,
     /// The fault is detected.
     Detect,
+    /// The joiner asks node 1 to join (node 1's transport reports its request).
+    Ask,
     /// The stalled victim resumes.
     Resume,
     /// A message in flight from the crashed victim is lost.
     Lose(NodeId),
+}
+
+/// How the joiner of [`Fault::CrashWhileJoining`] is reached.
+fn joiner_contact() -> Contact {
+    Contact {
+        incarnation: 7,
+        addr: "joiner".into(),
+    }
 }
 
 fn origin() -> Instant {
@@ -159,7 +180,7 @@ fn value_of(bytes: &[u8]) -> i64 {
 impl MemberModel {
     fn script(&self, node: NodeId) -> &'static [Step] {
         match (self.fault, node) {
-            (Fault::CrashDuringWrite, VICTIM) => &[Step::Write(2)],
+            (Fault::CrashDuringWrite | Fault::CrashWhileJoining, VICTIM) => &[Step::Write(2)],
             (Fault::CrashDuringWrite, 0) => &[Step::Read],
             (Fault::MinorityWriter, VICTIM) => &[Step::Write(2), Step::Read],
             (Fault::MinorityWriter, 0) => &[Step::Write(3)],
@@ -174,7 +195,15 @@ impl MemberModel {
     }
 
     fn crashed(&self, s: &State, node: NodeId) -> bool {
-        self.fault == Fault::CrashDuringWrite && node == VICTIM && s.phase != Phase::Before
+        self.crashes() && node == VICTIM && s.phase != Phase::Before
+    }
+
+    /// Whether the victim crashes (rather than being cut off or stalled).
+    fn crashes(&self) -> bool {
+        matches!(
+            self.fault,
+            Fault::CrashDuringWrite | Fault::CrashWhileJoining
+        )
     }
 
     /// Whether `node` takes steps now (not crashed, not stalled).
@@ -183,7 +212,7 @@ impl MemberModel {
             return true;
         }
         match self.fault {
-            Fault::CrashDuringWrite => false,
+            Fault::CrashDuringWrite | Fault::CrashWhileJoining => false,
             Fault::MinorityWriter => true,
             Fault::RemovedReturns => s.phase == Phase::Resumed,
         }
@@ -196,7 +225,9 @@ impl MemberModel {
         let across = (a == VICTIM) != (b == VICTIM);
         across
             && match (self.fault, s.phase) {
-                (Fault::CrashDuringWrite, _) | (_, Phase::Before) => false,
+                (Fault::CrashDuringWrite | Fault::CrashWhileJoining, _) | (_, Phase::Before) => {
+                    false
+                }
                 (Fault::MinorityWriter, _) => true,
                 (Fault::RemovedReturns, phase) => phase >= Phase::Detected,
             }
@@ -221,10 +252,29 @@ impl MemberModel {
                 MemberOutput::Event(Event::Completed { op, outcome }) => {
                     self.completed(s, op, outcome);
                 }
-                // No joins here: the members have no contacts to connect to.
-                MemberOutput::Event(_) | MemberOutput::Connect(_) => {}
+                MemberOutput::Event(_) => {}
+                MemberOutput::Connect(contacts) => self.connect(s, contacts),
                 MemberOutput::Installed { view, plan } => self.installed(s, node, view, plan),
             }
+        }
+    }
+
+    /// A decision names these members: the joiner exists from the first one that gives it
+    /// its id (its transport learns the id from the first member that speaks to it).
+    fn connect(&self, s: &mut State, contacts: BTreeMap<NodeId, Contact>) {
+        for (id, contact) in contacts {
+            if (id as usize) < s.nodes.len() {
+                continue;
+            }
+            if id != JOINER || contact != joiner_contact() {
+                s.broken
+                    .get_or_insert(format!("id {id} given to {contact:?}"));
+                continue;
+            }
+            let protocol = Protocol::new(id, [], WritePolicy::Invalidate).with_durability(1);
+            s.nodes.push(Member::joining(protocol).with_lease(LEASE));
+            s.next.push(0);
+            s.proposals.push(0);
         }
     }
 
@@ -300,6 +350,7 @@ impl MemberModel {
             next: vec![0; 3],
             pending: BTreeMap::new(),
             proposals: vec![0; 3],
+            asked: false,
             history: LinearizabilityTester::new(SwapRegister(1)),
             returned: Vec::new(),
             decided: BTreeMap::from([(0, (view, Plan::default()))]),
@@ -340,7 +391,7 @@ impl MemberModel {
     /// The nodes that may write the object now.
     fn writers(&self, s: &State) -> Vec<NodeId> {
         let now = Self::now(s);
-        (0..3)
+        (0..s.nodes.len() as NodeId)
             .filter(|&n| !self.crashed(s, n))
             .filter(|&n| {
                 let member = &s.nodes[n as usize];
@@ -432,7 +483,7 @@ impl MemberModel {
             Action::Tick => {
                 s.ticks += 1;
                 let now = Self::now(&s);
-                for node in 0..3 {
+                for node in 0..s.nodes.len() as NodeId {
                     let due = s.nodes[node as usize]
                         .next_tick(now)
                         .is_some_and(|at| at <= now);
@@ -444,7 +495,7 @@ impl MemberModel {
             }
             Action::Fault => {
                 s.phase = Phase::Under;
-                if self.fault == Fault::CrashDuringWrite {
+                if self.crashes() {
                     // The survivors' transports report the crash, each in its own time.
                     s.reports.extend([(0, VICTIM), (1, VICTIM)]);
                 }
@@ -459,6 +510,15 @@ impl MemberModel {
                 }
             }
             Action::Resume => s.phase = Phase::Resumed,
+            Action::Ask => {
+                // As the node does: a new joiner at the coordinator starts a view change, a
+                // request at another member goes on to the coordinator.
+                s.asked = true;
+                if s.nodes[1].admit(joiner_contact()) {
+                    s.nodes[1].propose_wanted(now);
+                }
+                self.after(&mut s, 1);
+            }
         }
         Some(s)
     }
@@ -485,10 +545,14 @@ impl Model for MemberModel {
                 actions.push(Action::Lose(to));
             }
         }
-        for node in 0..3 {
+        if self.fault == Fault::CrashWhileJoining && !s.asked && s.phase == Phase::Before {
+            actions.push(Action::Ask);
+        }
+        for node in 0..s.nodes.len() as NodeId {
             let busy = s.pending.values().any(|(n, _)| *n == node);
             let script = self.script(node);
-            if self.runs(s, node) && !busy && s.next[node as usize] < script.len() {
+            let member = s.nodes[node as usize].view().members.contains(&node);
+            if self.runs(s, node) && member && !busy && s.next[node as usize] < script.len() {
                 actions.push(Action::Start(node));
             }
             if self.runs(s, node)
@@ -550,8 +614,14 @@ impl Model for MemberModel {
                 s.nodes[0].view().epoch > 0 && !s.nodes[0].view().members.contains(&VICTIM)
             }),
             Property::sometimes(
-                "node 0 completes its script after the fault",
+                "node 0 completes its script (the joiner is a member) after the fault",
                 |m, s: &State| {
+                    if m.fault == Fault::CrashWhileJoining {
+                        return s.phase != Phase::Before
+                            && s.nodes
+                                .get(JOINER as usize)
+                                .is_some_and(|joiner| joiner.view().members.contains(&JOINER));
+                    }
                     s.phase != Phase::Before
                         && s.next[0] == m.script(0).len()
                         && !s.pending.values().any(|(n, _)| *n == 0)

@@ -222,6 +222,19 @@ fn members_crash_during_a_write() {
     );
 }
 
+/// Whole members: the crash during a write, after a joiner asked node 1 (not the
+/// coordinator); the request goes on to the coordinator and a view takes the joiner in under
+/// id 3.
+#[test]
+fn members_crash_while_a_node_joins() {
+    check_members(
+        "members: crash while a node joins",
+        MemberModel {
+            fault: Fault::CrashWhileJoining,
+        },
+    );
+}
+
 /// Whole members: the holder is cut off at any point and writes and reads on its side while
 /// the majority removes it and writes and reads on theirs.
 #[test]
