@@ -22,6 +22,7 @@ use std::sync::{Arc, OnceLock};
 
 use coherence_core::{DistObj, Error, Node};
 use pyo3::exceptions::PyValueError;
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{
@@ -113,9 +114,9 @@ fn immutable(value: &Bound<'_, PyAny>, depth: usize) -> bool {
 /// anew at each read.
 const PLAIN_DEPTH: usize = 32;
 
-/// Where the mutable parts of plain data are: [`immutable`] leaves in `dict`s, `list`s, `set`s
-/// and tuples (exact types). A copy along it is what `pickle.loads` of the value's pickle
-/// would make, without the decoding.
+/// Where the mutable parts of plain data are: [`immutable`] leaves in `dict`s, `list`s, `set`s,
+/// tuples (exact types) and instances of classes that pickle the default way. A copy along it
+/// is what `pickle.loads` of the value's pickle would make, without the decoding.
 enum Shape {
     /// Immutable: shared, not copied.
     Leaf,
@@ -127,6 +128,95 @@ enum Shape {
     List(Vec<(usize, Shape)>),
     /// A tuple holding something mutable: a new tuple of copies.
     Tuple(Vec<Shape>),
+    /// An instance of a class that pickles the default way (see [`Instance::of`]).
+    Instance(Box<Instance>),
+}
+
+/// How `pickle.loads` rebuilds an instance of a class that pickles the default way: it calls
+/// `cls.__new__(cls, *args)`, then stores each item of the state `dict` in the new instance's
+/// `__dict__`, without `__setattr__` (so frozen dataclasses too).
+struct Instance {
+    /// `cls.__new__`.
+    new: Py<PyAny>,
+    /// `(cls, *args)`, the `args` immutable.
+    args: Py<PyTuple>,
+    /// The decoded instance's state, never handed out, and where its mutable parts are.
+    state: Option<(Py<PyDict>, Shape)>,
+}
+
+impl Instance {
+    /// How to copy `value` if its class pickles it the default way: `__reduce_ex__` gives
+    /// `copyreg.__newobj__`, immutable arguments led by the class itself, a state that is a
+    /// `dict` of plain data with `str` keys (or none), no list or dict items, and the class has
+    /// no `__setstate__`. Anything else (`None`) is unpickled at each read.
+    fn of(value: &Bound<'_, PyAny>, depth: usize, seen: &mut HashSet<usize>) -> Option<Instance> {
+        let py = value.py();
+        let class = value.get_type();
+        if class.hasattr("__setstate__").ok()? {
+            return None;
+        }
+        let newobj = COPYREG_NEWOBJ.import(py, "copyreg", "__newobj__").ok()?;
+        let reduced = value
+            .call_method1("__reduce_ex__", (REDUCE_PROTOCOL,))
+            .ok()?;
+        let reduced = reduced.cast_exact::<PyTuple>().ok()?;
+        if !(2..=5).contains(&reduced.len()) || !reduced.get_item(0).ok()?.is(newobj) {
+            return None;
+        }
+        let args = reduced
+            .get_item(1)
+            .ok()?
+            .cast_into_exact::<PyTuple>()
+            .ok()?;
+        let mut items = args.iter();
+        if !items.next()?.is(&class) || !items.all(|item| immutable(&item, 0)) {
+            return None;
+        }
+        if reduced.iter().skip(3).any(|item| !item.is_none()) {
+            return None;
+        }
+        let state = match reduced.get_item(2) {
+            Err(_) => None,
+            Ok(state) if state.is_none() => None,
+            Ok(state) => {
+                let state = state.cast_into_exact::<PyDict>().ok()?;
+                if !state
+                    .keys()
+                    .iter()
+                    .all(|key| key.is_exact_instance_of::<PyString>())
+                {
+                    return None;
+                }
+                let shape = Shape::at(state.as_any(), depth + 1, seen)?;
+                Some((state.unbind(), shape))
+            }
+        };
+        Some(Instance {
+            new: class.getattr("__new__").ok()?.unbind(),
+            args: args.unbind(),
+            state,
+        })
+    }
+
+    /// A new instance, as `pickle.loads` would make it.
+    fn copy<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let instance = self.new.bind(py).call1(self.args.bind(py))?;
+        if let Some((state, shape)) = &self.state {
+            let state = state.bind(py);
+            let dict = instance
+                .getattr(intern!(py, "__dict__"))?
+                .cast_into::<PyDict>()?;
+            // The state's immutable items as they are, then copies of the mutable ones.
+            dict.update(state.as_mapping())?;
+            if let Shape::Dict(inner) = shape {
+                for (key, shape) in inner {
+                    let key = key.bind(py);
+                    dict.set_item(key, shape.copy(&state.as_any().get_item(key)?)?)?;
+                }
+            }
+        }
+        Ok(instance)
+    }
 }
 
 impl Shape {
@@ -183,7 +273,7 @@ impl Shape {
                 .all(|item| immutable(&item, 0))
                 .then_some(Shape::Flat)
         } else {
-            None
+            Instance::of(value, depth, seen).map(|instance| Shape::Instance(Box::new(instance)))
         }
     }
 
@@ -225,6 +315,7 @@ impl Shape {
                     .collect::<PyResult<Vec<_>>>()?;
                 Ok(PyTuple::new(value.py(), copies)?.into_any())
             }
+            Shape::Instance(instance) => instance.copy(value.py()),
         }
     }
 }
@@ -272,6 +363,14 @@ pub enum Codec {
     Msgpack,
 }
 
+/// The protocol `pickle.dumps` is asked for: -1, the highest, the fastest.
+const PICKLE_PROTOCOL: i32 = -1;
+
+/// The protocol an instance is reduced with to see how it pickles: 2 and above reduce through
+/// `copyreg.__newobj__`; 5 is the highest of every Python this package supports.
+const REDUCE_PROTOCOL: i32 = 5;
+
+static COPYREG_NEWOBJ: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 static PICKLE_DUMPS: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 static PICKLE_LOADS: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 static MSGPACK_PACKB: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
@@ -300,7 +399,7 @@ impl Codec {
         let encoded = match self {
             Codec::Pickle => PICKLE_DUMPS
                 .import(py, "pickle", "dumps")?
-                .call1((value, -1)), // -1: the highest protocol, the fastest
+                .call1((value, PICKLE_PROTOCOL)),
             Codec::Msgpack => msgpack(py, &MSGPACK_PACKB, "packb")?.call1((value,)),
         };
         encoded

@@ -1,8 +1,10 @@
 """Objects on in-memory clusters: values, copies, updates, codecs and errors."""
 
+import dataclasses
 import pickle
 import threading
 import time
+from typing import List
 
 import pytest
 
@@ -42,13 +44,72 @@ def test_a_changed_read_value_changes_nothing(cluster):
 
 
 class Point:
-    """A class instance: reads decode it anew, as pickle.loads would."""
+    """A class instance: reads rebuild it as pickle.loads would."""
 
     def __init__(self, x):
         self.x = x
 
     def __eq__(self, other):
         return isinstance(other, Point) and other.x == self.x
+
+
+@dataclasses.dataclass
+class Tagged:
+    """A dataclass holding mutable data."""
+
+    x: float
+    tags: List[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class Frozen:
+    """A frozen dataclass holding a mutable one: pickle fills it without `__setattr__`."""
+
+    n: int
+    inner: Tagged
+
+
+class Restored:
+    """Unpickled through `__setstate__`, which reads must call too."""
+
+    def __init__(self):
+        self.items = [1]
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.restored = True
+
+
+class Slotted:
+    """State in slots, not in a `__dict__`."""
+
+    __slots__ = ("items",)
+
+    def __init__(self):
+        self.items = [1]
+
+
+class MadeByNew:
+    """`__new__` sets an attribute that the pickled state then overwrites."""
+
+    def __new__(cls):
+        made = super().__new__(cls)
+        made.origin = "new"
+        return made
+
+    def __init__(self):
+        self.origin = "init"
+        self.table = {"k": [1, 2]}
+
+
+class Reduced:
+    """Pickles through its own `__reduce__`, which a read must run."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def __reduce__(self):
+        return (Reduced, ([9],))
 
 
 @pytest.mark.parametrize(
@@ -61,10 +122,11 @@ class Point:
         [0.5] * 100,
         {1, 2, 3},
         [Point(1), {"p": Point(2)}],
+        Frozen(3, Tagged(1.0, ["a", "b"])),
         bytearray(b"mutable bytes"),
     ],
     ids=["nested dict", "list of lists", "tuple holding lists", "flat dict", "flat list",
-         "set", "class instances", "bytearray"],
+         "set", "class instances", "dataclasses", "bytearray"],
 )
 def test_every_read_is_a_value_of_its_own(cluster, value):
     (node,) = cluster(1)
@@ -90,10 +152,37 @@ def test_every_read_is_a_value_of_its_own(cluster, value):
                 change(item)
         elif isinstance(v, Point):
             v.x = -1
+        elif isinstance(v, Frozen):
+            change(v.inner)
+        elif isinstance(v, Tagged):
+            v.x = -1.0
+            change(v.tags)
 
     change(first)
     assert obj.read() == value
     assert second == value
+
+
+def state(value):
+    """What pickle restores of an instance: its `__dict__` and slots."""
+    slots = {name: getattr(value, name) for name in getattr(type(value), "__slots__", ())}
+    return type(value), getattr(value, "__dict__", {}), slots
+
+
+@pytest.mark.parametrize("make", [Restored, Slotted, MadeByNew, lambda: Reduced([1])],
+                         ids=["__setstate__", "__slots__", "__new__", "__reduce__"])
+def test_reads_rebuild_instances_as_pickle_loads_does(cluster, make):
+    (node,) = cluster(1)
+    value = make()
+    obj = node.object("instance", value)
+    expected = state(pickle.loads(pickle.dumps(value, -1)))
+    first, second = obj.read(), obj.read()
+    assert state(first) == expected and state(second) == expected
+    assert first is not second
+    for item in list(state(first)[1].values()) + list(state(first)[2].values()):
+        if isinstance(item, (list, dict)):
+            item.clear()
+    assert state(obj.read()) == expected
 
 
 def test_immutable_values_are_shared_between_reads(cluster):
