@@ -740,13 +740,22 @@ pub fn run_ranks(
 
 /// Declares the suite for one thread-cluster transport: a module per scenario with one `#[test]`
 /// per write policy, each running the scenario on a fresh `$cluster` (an expression of a type
-/// that implements [`Cluster`]), and a test that the list names every scenario thread clusters
-/// can run, so no transport misses one.
+/// that implements [`Cluster`]), and a test that the list names every scenario clusters of its
+/// [`Kind`] can run, so no transport misses one. `conformance_suite!(cluster)` runs every
+/// scenario; `conformance_suite!(cluster, joined)` every one but those that need a silent
+/// founder ([`Kind::JoinedThreads`]).
 #[macro_export]
 macro_rules! conformance_suite {
     ($cluster:expr) => {
+        $crate::conformance_suite!($cluster, [timeouts_are_errors]);
+    };
+    ($cluster:expr, joined) => {
+        $crate::conformance_suite!($cluster, []);
+    };
+    // The scenarios of `Need::SilentFounder` are the bracketed ones.
+    ($cluster:expr, [$($silent_founder:ident),*]) => {
         $crate::conformance_suite!(
-            $cluster;
+            @list $cluster;
             late_joiner,
             lab_integer_and_dict,
             counter,
@@ -758,11 +767,11 @@ macro_rules! conformance_suite {
             no_starvation_by_local_threads,
             large_value,
             type_mismatch,
-            timeouts_are_errors,
             shutdown_hands_tokens_on,
+            $($silent_founder,)*
         );
     };
-    ($cluster:expr; $($scenario:ident),* $(,)?) => {
+    (@list $cluster:expr; $($scenario:ident),* $(,)?) => {
         $(
             mod $scenario {
                 #[test]
@@ -790,12 +799,14 @@ macro_rules! conformance_suite {
             fn every_scenario_is_listed() {
                 use $crate::conformance::Cluster;
                 let kind = $cluster.kind();
-                let listed = [$(stringify!($scenario)),*];
-                let runnable: Vec<&str> = $crate::conformance::SCENARIOS
+                let mut listed = [$(stringify!($scenario)),*];
+                listed.sort_unstable();
+                let mut runnable: Vec<&str> = $crate::conformance::SCENARIOS
                     .iter()
                     .filter(|s| s.needs.is_none_or(|n| kind.has(n)))
                     .map(|s| s.name)
                     .collect();
+                runnable.sort_unstable();
                 assert_eq!(listed.as_slice(), runnable.as_slice());
             }
         }

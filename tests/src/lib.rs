@@ -6,9 +6,11 @@
 
 pub mod conformance;
 pub mod counter_history;
+pub mod exhaustive;
 pub mod fault_sim;
 pub mod member_model;
 pub mod model;
 pub mod peer_process;
+pub mod seeds;
 pub mod sim;
 pub mod view_model;

@@ -43,7 +43,7 @@ use coherence_core::view::{Epoch, View};
 use coherence_core::wire::{Envelope, Init, Traffic};
 use coherence_core::{Contact, NodeId};
 use stateright::semantics::{ConsistencyTester, LinearizabilityTester};
-use stateright::{Checker, Model, Property};
+use stateright::{Model, Property};
 
 use crate::conformance::linearizability::{Op, Ret, SwapRegister};
 
@@ -629,34 +629,4 @@ impl Model for MemberModel {
             ),
         ]
     }
-}
-
-/// Checks every property of `model` over all its states; panics with a counterexample path,
-/// or when a `sometimes` property is never met (the run would show nothing). Returns the
-/// number of unique states.
-pub fn check(name: &str, model: MemberModel) -> usize {
-    let start = Instant::now();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let checker = model.checker().threads(threads).spawn_bfs().join();
-    let states = checker.unique_state_count();
-    println!(
-        "{name}: {states} unique states, depth {}, {:.2?}",
-        checker.max_depth(),
-        start.elapsed()
-    );
-    for property in checker.model().properties() {
-        let found = checker.discovery(property.name);
-        match (property.expectation, found) {
-            (stateright::Expectation::Sometimes, None) => {
-                panic!("{name}: no state where \"{}\"", property.name)
-            }
-            (stateright::Expectation::Sometimes, Some(_)) | (_, None) => {}
-            (_, Some(path)) => panic!(
-                "{name}: \"{}\" fails; path: {:#?}",
-                property.name,
-                path.into_actions()
-            ),
-        }
-    }
-    states
 }

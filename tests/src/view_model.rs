@@ -19,9 +19,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use coherence_core::view::{Epoch, Recreation, View, ViewMessage, ViewOutput, Views};
 use coherence_core::NodeId;
-use std::time::Instant;
 
-use stateright::{Checker, Model, Property};
+use stateright::{Model, Property};
 
 /// A member's report: its id.
 type Report = NodeId;
@@ -238,32 +237,4 @@ impl Model for ViewModel {
             }),
         ]
     }
-}
-
-/// Checks every property of `model` over all its states; panics with a counterexample path.
-/// Returns the number of unique states.
-pub fn check(name: &str, model: ViewModel) -> usize {
-    let start = Instant::now();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let checker = model.checker().threads(threads).spawn_bfs().join();
-    let states = checker.unique_state_count();
-    println!(
-        "{name}: {states} unique states, depth {}, {:.2?}",
-        checker.max_depth(),
-        start.elapsed()
-    );
-    for property in checker.model().properties() {
-        if let Some(path) = checker.discovery(property.name) {
-            if matches!(property.expectation, stateright::Expectation::Sometimes) {
-                continue;
-            }
-            panic!(
-                "{name}: \"{}\" fails; path: {:#?}",
-                property.name,
-                path.into_actions()
-            );
-        }
-    }
-    checker.assert_properties();
-    states
 }

@@ -5,30 +5,7 @@
 use std::time::Instant;
 
 use tests::fault_sim::{run_fault_seed, trace_fault_seed, FaultConfig, FaultReport, FaultSim};
-
-fn env_u64(name: &str) -> Option<u64> {
-    let value = std::env::var(name).ok()?;
-    Some(
-        value
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={value} is not a number")),
-    )
-}
-
-fn sweep(seeds: impl Iterator<Item = u64>) -> (FaultReport, Vec<String>) {
-    let mut total = FaultReport::default();
-    let mut failures = Vec::new();
-    for seed in seeds {
-        match run_fault_seed(seed) {
-            Ok(report) => total.add(&report),
-            Err(error) => failures.push(format!(
-                "{error}\n  rerun: FAULT_SEED={seed} cargo test -p tests --test fault_simulation \
-                 single_fault_seed -- --ignored --nocapture"
-            )),
-        }
-    }
-    (total, failures)
-}
+use tests::seeds::{env_u64, sweep};
 
 /// Seeds `0..FAULT_SEEDS` (default 5000): 3 to 5 nodes, up to a minority lost (crashed, cut
 /// off, stalled), durability equal to that minority, both policies; split over two threads.
@@ -37,14 +14,18 @@ fn many_fault_seeds() {
     let seeds = env_u64("FAULT_SEEDS").unwrap_or(5000);
     assert!(seeds > 0, "FAULT_SEEDS=0 would check nothing");
     let start = Instant::now();
-    let (even, odd) = std::thread::scope(|s| {
-        let odd = s.spawn(|| sweep((1..seeds).step_by(2)));
-        let even = sweep((0..seeds).step_by(2));
-        (even, odd.join().expect("the sweep thread panicked"))
-    });
-    let mut total = even.0;
-    total.add(&odd.0);
-    let failures: Vec<String> = even.1.into_iter().chain(odd.1).collect();
+    let (total, failures) = sweep(
+        seeds,
+        |seed| {
+            run_fault_seed(seed).map_err(|error| {
+                format!(
+                    "{error}\n  rerun: FAULT_SEED={seed} cargo test -p tests --test \
+                     fault_simulation single_fault_seed -- --ignored --nocapture"
+                )
+            })
+        },
+        FaultReport::add,
+    );
     println!("{seeds} fault seeds in {:.1?}: {total:?}", start.elapsed());
     assert!(
         failures.is_empty(),

@@ -13,9 +13,10 @@
 use std::collections::BTreeSet;
 
 use coherence_core::protocol::WritePolicy;
-use tests::member_model::{check as check_members, Fault, MemberModel};
+use tests::exhaustive::check as check_exhaustively;
+use tests::member_model::{Fault, MemberModel};
 use tests::model::{check, CoherenceModel, Step};
-use tests::view_model::{check as check_views, ViewModel};
+use tests::view_model::ViewModel;
 
 const X: &str = "x";
 
@@ -176,7 +177,7 @@ fn members(nodes: &[u32]) -> BTreeSet<u32> {
 #[test]
 fn view_change_competing_proposers() {
     let model = views(vec![vec![without(2)], vec![without(0)], vec![]], 0, true);
-    check_views("view change, 2 competing proposers", model);
+    check_exhaustively("view change, 2 competing proposers", model);
 }
 
 /// As [`view_change_competing_proposers`], with all three founders proposing.
@@ -184,7 +185,7 @@ fn view_change_competing_proposers() {
 #[ignore = "13 million states: about 7 minutes in release"]
 fn view_change_three_competing_proposers() {
     let proposals = vec![vec![without(2)], vec![without(0)], vec![without(1)]];
-    check_views(
+    check_exhaustively(
         "view change, 3 competing proposers",
         views(proposals, 0, true),
     );
@@ -196,7 +197,7 @@ fn view_change_three_competing_proposers() {
 #[test]
 fn view_change_retried_proposal() {
     let model = views(vec![vec![without(2)], vec![without(0)], vec![]], 1, false);
-    check_views("view change, a retried proposal", model);
+    check_exhaustively("view change, a retried proposal", model);
 }
 
 /// Two epochs: node 0 removes node 2, then adds it back; node 1 competes to remove node 0.
@@ -207,14 +208,14 @@ fn view_change_two_epochs() {
         vec![members(&[1, 2])],
         vec![],
     ];
-    check_views("view change, two epochs", views(proposals, 0, false));
+    check_exhaustively("view change, two epochs", views(proposals, 0, false));
 }
 
 /// Whole members (tokens, views, leases): the holder of every token crashes at any point of
 /// a write; the survivors remove it and read.
 #[test]
 fn members_crash_during_a_write() {
-    check_members(
+    check_exhaustively(
         "members: crash during a write",
         MemberModel {
             fault: Fault::CrashDuringWrite,
@@ -227,7 +228,7 @@ fn members_crash_during_a_write() {
 /// id 3.
 #[test]
 fn members_crash_while_a_node_joins() {
-    check_members(
+    check_exhaustively(
         "members: crash while a node joins",
         MemberModel {
             fault: Fault::CrashWhileJoining,
@@ -239,7 +240,7 @@ fn members_crash_while_a_node_joins() {
 /// the majority removes it and writes and reads on theirs.
 #[test]
 fn members_partition_with_a_minority_writer() {
-    check_members(
+    check_exhaustively(
         "members: partition with a minority writer",
         MemberModel {
             fault: Fault::MinorityWriter,
@@ -250,7 +251,7 @@ fn members_partition_with_a_minority_writer() {
 /// Whole members: the holder stalls, is removed, and returns to find itself cut off.
 #[test]
 fn members_removed_node_returns() {
-    check_members(
+    check_exhaustively(
         "members: a removed node returns",
         MemberModel {
             fault: Fault::RemovedReturns,

@@ -8,41 +8,11 @@ use bytes::Bytes;
 use coherence_core::protocol::{OpId, Outcome, WritePolicy};
 use coherence_core::wire::Value;
 use coherence_core::NodeId;
+use tests::seeds::{env_u64, sweep};
 use tests::sim::{run_seed, SimConfig, SimReport, Simulation};
 
 /// Scheduler seeds each scripted scenario runs under, per policy.
 const SCENARIO_SEEDS: u64 = 100;
-
-fn env_u64(name: &str) -> Option<u64> {
-    let value = std::env::var(name).ok()?;
-    Some(
-        value
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={value} is not a number")),
-    )
-}
-
-/// Runs `seeds` with the sweep's configuration; returns the summed report and the failures
-/// by seed.
-fn sweep(seeds: impl Iterator<Item = u64>) -> (SimReport, Vec<(u64, String)>) {
-    let mut total = SimReport::default();
-    let mut failures = Vec::new();
-    for seed in seeds {
-        let cfg = SimConfig::for_seed(seed);
-        match run_seed(seed, &cfg) {
-            Ok(report) => total.add(&report),
-            Err(error) => failures.push((
-                seed,
-                format!(
-                    "simulation failed: seed={seed} config={cfg:?} error={error}\n  rerun: \
-                     SIM_SEED={seed} cargo test -p tests --test simulation single_seed -- \
-                     --ignored --nocapture"
-                ),
-            )),
-        }
-    }
-    (total, failures)
-}
 
 /// Seeds `0..SIM_SEEDS` (default 5000), 2 to 5 nodes, 1 to 3 objects, both policies, joins and
 /// leaves, all derived from the seed; split over two threads.
@@ -51,17 +21,21 @@ fn many_seeds() {
     let seeds = env_u64("SIM_SEEDS").unwrap_or(5000);
     assert!(seeds > 0, "SIM_SEEDS=0 would check nothing");
     let start = Instant::now();
-    let (even, odd) = std::thread::scope(|s| {
-        let odd = s.spawn(|| sweep((1..seeds).step_by(2)));
-        let even = sweep((0..seeds).step_by(2));
-        (even, odd.join().expect("the sweep thread panicked"))
-    });
-    let mut total = even.0;
-    total.add(&odd.0);
-    let mut failures: Vec<(u64, String)> = even.1.into_iter().chain(odd.1).collect();
-    failures.sort();
+    let (total, report) = sweep(
+        seeds,
+        |seed| {
+            let cfg = SimConfig::for_seed(seed);
+            run_seed(seed, &cfg).map_err(|error| {
+                format!(
+                    "simulation failed: seed={seed} config={cfg:?} error={error}\n  rerun: \
+                     SIM_SEED={seed} cargo test -p tests --test simulation single_seed -- \
+                     --ignored --nocapture"
+                )
+            })
+        },
+        SimReport::add,
+    );
     println!("{seeds} seeds in {:.1?}: {total:?}", start.elapsed());
-    let report: Vec<String> = failures.into_iter().map(|(_, failure)| failure).collect();
     assert!(
         report.is_empty(),
         "{} of {seeds} seeds failed:\n{}",

@@ -358,11 +358,56 @@ enum Link {
     },
 }
 
+/// Whether frame `seq` of `from` comes next after `delivered`, which it then becomes.
+/// Duplicates (a resend after a reconnect) and gaps are dropped: links are FIFO and a sender
+/// resends what was not acknowledged, so a gap cannot last.
+fn next_in_order(delivered: &mut u64, from: NodeId, seq: u64) -> bool {
+    if seq <= *delivered {
+        tracing::trace!(from, seq, "dropped a duplicate");
+        return false;
+    }
+    if seq != *delivered + 1 {
+        tracing::warn!(from, seq, expected = *delivered + 1, "gap");
+        return false;
+    }
+    *delivered = seq;
+    true
+}
+
 impl Link {
     fn epoch(&self) -> Option<u64> {
         match self {
             Link::Connecting { epoch, .. } | Link::Up { epoch, .. } => Some(*epoch),
             Link::Down { .. } => None,
+        }
+    }
+
+    /// The connection attempt of `epoch` succeeded: the link is up on it. `false` (and the
+    /// link unchanged) if the link has moved on since that attempt began.
+    fn connected(
+        &mut self,
+        epoch: u64,
+        send: DealerSendHalf,
+        session: Option<Session>,
+        now: Instant,
+    ) -> bool {
+        if self.epoch() != Some(epoch) {
+            return false;
+        }
+        match std::mem::replace(self, Link::Down { retry_at: now }) {
+            Link::Connecting { _task, .. } => {
+                *self = Link::Up {
+                    epoch,
+                    send,
+                    session,
+                    _task,
+                };
+                true
+            }
+            other => {
+                *self = other;
+                false
+            }
         }
     }
 
@@ -663,6 +708,15 @@ impl Engine {
         self.shared.count(reject);
     }
 
+    /// Hands a data frame of `from` to the node.
+    fn deliver(&self, from: NodeId, payload: &[u8]) {
+        self.shared.frames_received.fetch_add(1, Ordering::Relaxed);
+        self.emit(TransportEvent::Frame {
+            from,
+            bytes: payload.to_vec(),
+        });
+    }
+
     fn emit(&self, event: TransportEvent) {
         // After close nobody reads the inbox; the transport's receiver lives until then.
         if self.closing.is_none() {
@@ -751,28 +805,11 @@ impl Engine {
         if header.seq == 0 || sender.gone {
             return;
         }
-        if header.seq <= sender.delivered {
-            tracing::trace!(from, seq = header.seq, "dropped a duplicate");
+        if !next_in_order(&mut sender.delivered, from, header.seq) {
             return;
         }
-        if header.seq != sender.delivered + 1 {
-            tracing::warn!(
-                from,
-                seq = header.seq,
-                expected = sender.delivered + 1,
-                "gap"
-            );
-            return;
-        }
-        sender.delivered = header.seq;
         match header.kind {
-            Kind::Data => {
-                self.shared.frames_received.fetch_add(1, Ordering::Relaxed);
-                self.emit(TransportEvent::Frame {
-                    from,
-                    bytes: payload.to_vec(),
-                });
-            }
+            Kind::Data => self.deliver(from, &payload),
             Kind::Goodbye => {
                 tracing::info!(from, "a sender not named yet said goodbye");
                 sender.gone = true;
@@ -877,25 +914,12 @@ impl Engine {
         if header.seq == 0 {
             return;
         }
-        if header.seq <= peer.delivered {
-            tracing::trace!(from, seq = header.seq, "dropped a duplicate");
+        if !next_in_order(&mut peer.delivered, from, header.seq) {
             return;
         }
-        if header.seq != peer.delivered + 1 {
-            // Cannot happen with FIFO links; the sender retransmits, so drop it.
-            tracing::warn!(from, seq = header.seq, expected = peer.delivered + 1, "gap");
-            return;
-        }
-        peer.delivered = header.seq;
         let ack_now = peer.delivered - peer.acked >= ACK_EVERY;
         match header.kind {
-            Kind::Data => {
-                self.shared.frames_received.fetch_add(1, Ordering::Relaxed);
-                self.emit(TransportEvent::Frame {
-                    from,
-                    bytes: payload.to_vec(),
-                });
-            }
+            Kind::Data => self.deliver(from, &payload),
             Kind::Goodbye => {
                 // Acknowledge everything, the goodbye included, so the leaver can stop.
                 self.send_heartbeat(from).await;
@@ -1016,20 +1040,9 @@ impl Engine {
                 let Some(peer) = self.members.get_mut(&id) else {
                     return;
                 };
-                if peer.link.epoch() != Some(epoch) {
+                if !peer.link.connected(epoch, send, session, now) {
                     return;
                 }
-                let Link::Connecting { _task, .. } =
-                    std::mem::replace(&mut peer.link, Link::Down { retry_at: now })
-                else {
-                    return;
-                };
-                peer.link = Link::Up {
-                    epoch,
-                    send,
-                    session,
-                    _task,
-                };
                 peer.backoff = wait::RECONNECT_MIN;
                 let hello = Hello {
                     target: id,
@@ -1062,21 +1075,9 @@ impl Engine {
                 let Some(joining) = &mut self.joining else {
                     return;
                 };
-                if joining.link.epoch() != Some(epoch) {
-                    return;
+                if joining.link.connected(epoch, send, session, now) {
+                    self.send_join_request().await;
                 }
-                let Link::Connecting { _task, .. } =
-                    std::mem::replace(&mut joining.link, Link::Down { retry_at: now })
-                else {
-                    return;
-                };
-                joining.link = Link::Up {
-                    epoch,
-                    send,
-                    session,
-                    _task,
-                };
-                self.send_join_request().await;
             }
             LinkEvent::Down {
                 target: LinkTarget::Peer(id),
