@@ -1317,11 +1317,14 @@ impl FaultSim {
     }
 }
 
-fn bytes_of(value: i64) -> Bytes {
+/// The value bytes of counter value `value` (the simulations' and models' objects are `i64`
+/// counters, little-endian).
+pub fn bytes_of(value: i64) -> Bytes {
     Bytes::copy_from_slice(&value.to_le_bytes())
 }
 
-fn value_of(bytes: &[u8]) -> i64 {
+/// The counter value whose bytes begin `bytes` (see [`bytes_of`]).
+pub fn value_of(bytes: &[u8]) -> i64 {
     let mut raw = [0u8; 8];
     raw.copy_from_slice(&bytes[..8]);
     i64::from_le_bytes(raw)

@@ -36,7 +36,6 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use coherence_core::member::{Member, MemberOutput};
 use coherence_core::protocol::{Event, OpId, Outcome, Plan, Protocol, WritePolicy};
 use coherence_core::view::{Epoch, View};
@@ -46,6 +45,7 @@ use stateright::semantics::{ConsistencyTester, LinearizabilityTester};
 use stateright::{Model, Property};
 
 use crate::conformance::linearizability::{Op, Ret, SwapRegister};
+use crate::fault_sim::{bytes_of, value_of};
 
 /// Every member's lease.
 pub const LEASE: Duration = Duration::from_millis(1000);
@@ -165,16 +165,6 @@ fn joiner_contact() -> Contact {
 fn origin() -> Instant {
     static ORIGIN: OnceLock<Instant> = OnceLock::new();
     *ORIGIN.get_or_init(Instant::now)
-}
-
-fn bytes_of(value: i64) -> Bytes {
-    Bytes::copy_from_slice(&value.to_le_bytes())
-}
-
-fn value_of(bytes: &[u8]) -> i64 {
-    let mut raw = [0u8; 8];
-    raw.copy_from_slice(&bytes[..8]);
-    i64::from_le_bytes(raw)
 }
 
 impl MemberModel {
