@@ -48,8 +48,8 @@ enum Made {
     /// The decoded value itself, when nobody can change it (see [`immutable`]): every read
     /// hands out this one object.
     Value(Py<PyAny>),
-    /// The decoded value, plain data of this shape, never handed out: each read hands out a
-    /// copy, as good as a decoded one and many times cheaper.
+    /// The decoded value, plain data or a default-pickled instance of this shape, never handed
+    /// out: each read hands out a copy, as good as a decoded one and many times cheaper.
     Plain(Py<PyAny>, Shape),
     /// Anything else: `pickle.loads` and its arguments, the pickle as `bytes`, in a tuple
     /// made once, so that each read only runs the decode.

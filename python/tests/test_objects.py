@@ -203,6 +203,9 @@ def test_reads_keep_shared_and_cyclic_parts_as_pickle_does(cluster):
     again = node.object("cyclic", cyclic).read()
     assert again[0] is again
     assert node.object("cyclic", None).read() is not again
+    point = Tagged(1.0, ["a"])
+    twice = node.object("one instance twice", [point, point]).read()
+    assert twice == [point, point] and twice[0] is twice[1]
 
 
 def test_concurrent_updates_from_four_nodes_lose_nothing(cluster):
