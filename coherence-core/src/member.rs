@@ -454,7 +454,7 @@ impl Member {
                     admissions,
                     next_id: self.next_id,
                 };
-                self.views.handle(from, message, &mut seat);
+                self.views.handle(from, *message, &mut seat);
                 self.take_view_outputs(now);
             }
             Traffic::Lease(message) => self.handle_lease(now, from, envelope.epoch, message),
@@ -625,7 +625,7 @@ impl Member {
     fn send_view(&mut self, to: NodeId, message: ViewChange) {
         let envelope = Envelope {
             epoch: self.views.current().epoch,
-            traffic: Traffic::View(message),
+            traffic: Traffic::View(Box::new(message)),
         };
         self.outputs.push_back(MemberOutput::Send { to, envelope });
     }

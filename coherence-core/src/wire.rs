@@ -36,8 +36,9 @@ pub type ViewChange = ViewMessage<Report, Decision>;
 pub enum Traffic {
     /// Token protocol, valid only within the sender's epoch.
     Token(Message),
-    /// View change, which names its own epoch.
-    View(ViewChange),
+    /// View change, which names its own epoch. Boxed: it is rare and several times the size of
+    /// the others, and every message is moved a few times on a write's path.
+    View(Box<ViewChange>),
     /// Lease requests and grants, valid only within the sender's epoch.
     Lease(LeaseMessage),
     /// A join request a member's transport reported, handed on to the member that proposes
@@ -875,7 +876,8 @@ impl<'a> Decoder<'a> {
             let addr = self.text("an address")?.to_string();
             return Ok(Traffic::Join(Contact { incarnation, addr }));
         }
-        self.view_message().map(Traffic::View)
+        self.view_message()
+            .map(|view| Traffic::View(Box::new(view)))
     }
 
     fn lease_message(&mut self) -> Result<LeaseMessage, DecodeError> {
@@ -1188,7 +1190,7 @@ mod tests {
             Traffic::Join(contact(0, "")),
         ];
         tokens
-            .chain(views.into_iter().map(Traffic::View))
+            .chain(views.into_iter().map(|view| Traffic::View(Box::new(view))))
             .chain(leases.into_iter().map(Traffic::Lease))
             .chain(joins)
             .collect()
