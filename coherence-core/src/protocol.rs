@@ -1150,19 +1150,21 @@ impl Protocol {
             return false;
         }
         let mut progressed = false;
-        let value = o.current();
-        for op in o.readers.drain(..) {
-            self.completions.push_back(Event::Completed {
-                op,
-                outcome: Outcome::Read(value.clone()),
-            });
-            progressed = true;
-        }
-        for (op, _) in o.openers.drain(..) {
-            self.completions.push_back(Event::Completed {
-                op,
-                outcome: Outcome::Opened(value.clone()),
-            });
+        // Cloned only for someone: a clone counts two references up and down again.
+        if !o.readers.is_empty() || !o.openers.is_empty() {
+            let value = o.current();
+            for op in o.readers.drain(..) {
+                self.completions.push_back(Event::Completed {
+                    op,
+                    outcome: Outcome::Read(value.clone()),
+                });
+            }
+            for (op, _) in o.openers.drain(..) {
+                self.completions.push_back(Event::Completed {
+                    op,
+                    outcome: Outcome::Opened(value.clone()),
+                });
+            }
             progressed = true;
         }
         // Writes run while every token is here and this node's turn has come: its request is
