@@ -1264,6 +1264,13 @@ where
         if let Some(value) = self.try_read()? {
             return Ok(value);
         }
+        self.read_miss()
+    }
+
+    /// A read without a token here, kept out of [`DistObj::read`] so that the hit's code stays
+    /// short (a 2-node read hit loop: 20.1-20.5 -> 19.8-19.9 ns).
+    #[inline(never)]
+    fn read_miss(&self) -> Result<Arc<T>, Error> {
         let (_, outcome) = self
             .node
             .run_read_op("read", &self.name, |p, op| p.read(op, &self.name))?;
