@@ -1268,7 +1268,7 @@ where
     }
 
     /// A read without a token here, kept out of [`DistObj::read`] so that the hit's code stays
-    /// short (a 2-node read hit loop: 20.1-20.5 -> 19.8-19.9 ns).
+    /// short (see `docs/BENCHMARKS.md`, fourteenth round).
     #[inline(never)]
     fn read_miss(&self) -> Result<Arc<T>, Error> {
         let (_, outcome) = self
