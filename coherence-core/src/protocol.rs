@@ -409,8 +409,6 @@ pub struct Protocol {
     departing: BTreeSet<NodeId>,
     awaiting_acks: BTreeSet<NodeId>,
     left: bool,
-    /// Objects touched in the current step, synchronised at its end.
-    dirty: Vec<Arc<str>>,
     /// Readability changes, applied before `completions` (see [`Protocol::poll_output`]).
     readability: VecDeque<Event>,
     completions: VecDeque<Event>,
@@ -436,7 +434,6 @@ impl Protocol {
             departing: BTreeSet::new(),
             awaiting_acks: BTreeSet::new(),
             left: false,
-            dirty: Vec::new(),
             readability: VecDeque::new(),
             completions: VecDeque::new(),
             sends: VecDeque::new(),
@@ -1093,9 +1090,6 @@ impl Protocol {
     /// complete what can complete, issue or cancel the own request, pass idle tokens on, and
     /// publish readability changes.
     fn step(&mut self, name: &Arc<str>) {
-        if !self.dirty.contains(name) {
-            self.dirty.push(Arc::clone(name));
-        }
         // Frozen or removed, a node only withdraws readability: operations wait for the
         // next view (or end as `Removed`).
         if !self.frozen && !self.removed {
@@ -1109,7 +1103,7 @@ impl Protocol {
             }
             self.pass_tokens_on(name);
         }
-        self.finish_step();
+        self.finish_step(name);
     }
 
     /// Genesis holds, virtually, every token of every object nobody created yet: on the first
@@ -1406,41 +1400,37 @@ impl Protocol {
 
     /// Ends a step: broadcasts a new own request, retires a finished one, publishes
     /// readability changes.
-    fn finish_step(&mut self) {
-        // Taken and put back, so the buffer keeps its capacity from step to step.
-        let mut dirty = std::mem::take(&mut self.dirty);
-        for name in dirty.drain(..) {
-            let o = self.objects.get_mut(&name).expect("dirty objects exist");
-            // A request that was served within its own step never needs to leave the node.
-            let announce = !self.frozen && !self.removed;
-            if let Some(mine) = o
-                .mine
-                .as_mut()
-                .filter(|m| announce && !m.announced && !m.spent)
-            {
-                mine.announced = true;
-                let id = mine.id;
-                let request = request_of(&name, id, o.requests.get(&id));
-                for &peer in &self.members {
-                    self.sends
-                        .push_back((peer, Message::Request(request.clone())));
-                }
-            }
-            let readable = o.readable();
-            let version = o.value.as_ref().map(|v| v.version);
-            if readable && o.published != version {
-                o.published = version;
-                self.readability.push_back(Event::Readable {
-                    object: name.clone(),
-                    value: o.current(),
-                });
-            } else if !readable && o.published.is_some() {
-                o.published = None;
-                self.readability
-                    .push_back(Event::Unreadable { object: name });
+    fn finish_step(&mut self, name: &Arc<str>) {
+        let o = self.objects.get_mut(name).expect("stepped objects exist");
+        // A request that was served within its own step never needs to leave the node.
+        let announce = !self.frozen && !self.removed;
+        if let Some(mine) = o
+            .mine
+            .as_mut()
+            .filter(|m| announce && !m.announced && !m.spent)
+        {
+            mine.announced = true;
+            let id = mine.id;
+            let request = request_of(name, id, o.requests.get(&id));
+            for &peer in &self.members {
+                self.sends
+                    .push_back((peer, Message::Request(request.clone())));
             }
         }
-        self.dirty = dirty;
+        let readable = o.readable();
+        let version = o.value.as_ref().map(|v| v.version);
+        if readable && o.published != version {
+            o.published = version;
+            self.readability.push_back(Event::Readable {
+                object: Arc::clone(name),
+                value: o.current(),
+            });
+        } else if !readable && o.published.is_some() {
+            o.published = None;
+            self.readability.push_back(Event::Unreadable {
+                object: Arc::clone(name),
+            });
+        }
     }
 }
 
