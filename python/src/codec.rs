@@ -202,18 +202,10 @@ impl Instance {
     fn copy<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let instance = self.new.bind(py).call1(self.args.bind(py))?;
         if let Some((state, shape)) = &self.state {
-            let state = state.bind(py);
             let dict = instance
                 .getattr(intern!(py, "__dict__"))?
                 .cast_into::<PyDict>()?;
-            // The state's immutable items as they are, then copies of the mutable ones.
-            dict.update(state.as_mapping())?;
-            if let Shape::Dict(inner) = shape {
-                for (key, shape) in inner {
-                    let key = key.bind(py);
-                    dict.set_item(key, shape.copy(&state.as_any().get_item(key)?)?)?;
-                }
-            }
+            shape.fill(&dict, state.bind(py))?;
         }
         Ok(instance)
     }
@@ -277,6 +269,19 @@ impl Shape {
         }
     }
 
+    /// Puts a copy of `source`'s items, which has this shape (a `dict`'s), into `target`: the
+    /// immutable ones as they are, copies of the mutable ones.
+    fn fill(&self, target: &Bound<'_, PyDict>, source: &Bound<'_, PyDict>) -> PyResult<()> {
+        target.update(source.as_mapping())?;
+        if let Shape::Dict(inner) = self {
+            for (key, shape) in inner {
+                let key = key.bind(source.py());
+                target.set_item(key, shape.copy(&source.as_any().get_item(key)?)?)?;
+            }
+        }
+        Ok(())
+    }
+
     /// A copy of `value`, which has this shape.
     fn copy<'py>(&self, value: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
         match self {
@@ -290,12 +295,9 @@ impl Shape {
                     value.call_method0("copy")
                 }
             }
-            Shape::Dict(inner) => {
-                let copy = value.cast_exact::<PyDict>()?.copy()?;
-                for (key, shape) in inner {
-                    let key = key.bind(value.py());
-                    copy.set_item(key, shape.copy(&value.get_item(key)?)?)?;
-                }
+            Shape::Dict(_) => {
+                let copy = PyDict::new(value.py());
+                self.fill(&copy, value.cast_exact::<PyDict>()?)?;
                 Ok(copy.into_any())
             }
             Shape::List(inner) => {
