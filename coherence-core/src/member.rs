@@ -419,6 +419,13 @@ impl Member {
     /// Proposes `members` as the next view (see [`Views::propose`]); this member freezes.
     /// [`Member::propose_wanted`] chooses the members by the rules above.
     pub fn propose(&mut self, now: Instant, members: BTreeSet<NodeId>) {
+        self.seated(now, |views, seat| views.propose(members, seat));
+    }
+
+    /// Runs `act` on the view protocol with this member's seat in it, then takes its outputs
+    /// (messages to send, views to install). One place builds the seat: it borrows the
+    /// member's fields apart from `views`.
+    fn seated(&mut self, now: Instant, act: impl FnOnce(&mut Views<Report, Decision>, &mut Seat)) {
         let admissions = self.admissions();
         let mut seat = Seat {
             protocol: &mut self.protocol,
@@ -428,7 +435,7 @@ impl Member {
             admissions,
             next_id: self.next_id,
         };
-        self.views.propose(members, &mut seat);
+        act(&mut self.views, &mut seat);
         self.take_view_outputs(now);
     }
 
@@ -445,17 +452,7 @@ impl Member {
                 if freezes_sender(&message, current) {
                     self.leases.froze(from);
                 }
-                let admissions = self.admissions();
-                let mut seat = Seat {
-                    protocol: &mut self.protocol,
-                    leases: &self.leases,
-                    now,
-                    contacts: &self.contacts,
-                    admissions,
-                    next_id: self.next_id,
-                };
-                self.views.handle(from, *message, &mut seat);
-                self.take_view_outputs(now);
+                self.seated(now, |views, seat| views.handle(from, *message, seat));
             }
             Traffic::Lease(message) => self.handle_lease(now, from, envelope.epoch, message),
             Traffic::Join(contact) => {

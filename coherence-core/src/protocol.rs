@@ -1692,8 +1692,12 @@ mod tests {
 
     /// The completions so far (the messages after them are dropped).
     fn completions(p: &mut Protocol) -> Vec<(OpId, Outcome)> {
-        outputs(p)
-            .0
+        completed(outputs(p).0)
+    }
+
+    /// The completions among `events`.
+    fn completed(events: Vec<Event>) -> Vec<(OpId, Outcome)> {
+        events
             .into_iter()
             .filter_map(|e| match e {
                 Event::Completed { op, outcome } => Some((op, outcome)),
@@ -1841,13 +1845,7 @@ mod tests {
                 p.handle(from.id(), message).unwrap();
             }
         }
-        events
-            .into_iter()
-            .filter_map(|e| match e {
-                Event::Completed { op, outcome } => Some((op, outcome)),
-                _ => None,
-            })
-            .collect()
+        completed(events)
     }
 
     #[test]

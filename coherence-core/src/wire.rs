@@ -880,15 +880,29 @@ impl<'a> Decoder<'a> {
             .map(|view| Traffic::View(Box::new(view)))
     }
 
-    fn lease_message(&mut self) -> Result<LeaseMessage, DecodeError> {
+    /// A message's array header and tag: `fields_of` gives the field count (the tag counted)
+    /// each known tag must come with; an unknown tag is reported at the tag.
+    fn message_head(
+        &mut self,
+        fields_of: impl FnOnce(u8) -> Option<u32>,
+    ) -> Result<u8, DecodeError> {
         let len = self.array_len("a message")?;
+        let tag_at = self.rest;
         let tag: u8 = self.uint("a message tag")?;
-        let expected_len = if tag == TAG_LEASE_REQUEST { 3 } else { 2 };
+        let Some(expected_len) = fields_of(tag) else {
+            self.rest = tag_at;
+            return Err(self.malformed(format!("unknown message tag {tag}")));
+        };
         if len != expected_len {
             return Err(self.malformed(format!(
                 "message with tag {tag} has {len} fields, expected {expected_len}"
             )));
         }
+        Ok(tag)
+    }
+
+    fn lease_message(&mut self) -> Result<LeaseMessage, DecodeError> {
+        let tag = self.message_head(|tag| Some(if tag == TAG_LEASE_REQUEST { 3 } else { 2 }))?;
         let sent = self.uint("a lease stamp")?;
         Ok(if tag == TAG_LEASE_REQUEST {
             LeaseMessage::Request {
@@ -901,24 +915,13 @@ impl<'a> Decoder<'a> {
     }
 
     fn view_message(&mut self) -> Result<ViewChange, DecodeError> {
-        let len = self.array_len("a message")?;
-        let tag_at = self.rest;
-        let tag: u8 = self.uint("a message tag")?;
-        let expected_len = match tag {
-            TAG_PREPARE | TAG_ACCEPTED | TAG_REFUSED => 4,
-            TAG_PROMISE => 6,
-            TAG_ACCEPT => 5,
-            TAG_DECIDED => 3,
-            other => {
-                self.rest = tag_at;
-                return Err(self.malformed(format!("unknown message tag {other}")));
-            }
-        };
-        if len != expected_len {
-            return Err(self.malformed(format!(
-                "message with tag {tag} has {len} fields, expected {expected_len}"
-            )));
-        }
+        let tag = self.message_head(|tag| match tag {
+            TAG_PREPARE | TAG_ACCEPTED | TAG_REFUSED => Some(4),
+            TAG_PROMISE => Some(6),
+            TAG_ACCEPT => Some(5),
+            TAG_DECIDED => Some(3),
+            _ => None,
+        })?;
         let epoch = self.uint("an epoch")?;
         Ok(match tag {
             TAG_PREPARE => ViewMessage::Prepare {
@@ -955,26 +958,15 @@ impl<'a> Decoder<'a> {
     }
 
     fn message(&mut self) -> Result<Message, DecodeError> {
-        let len = self.array_len("a message")?;
-        let tag_at = self.rest;
-        let tag: u8 = self.uint("a message tag")?;
-        let expected_len = match tag {
-            TAG_REQUEST => 7,
-            TAG_GRANT => 8,
-            TAG_DONE => 4,
-            TAG_LEAVING | TAG_LEAVE_ACK => 1,
-            TAG_GENESIS => 2,
-            TAG_REPLICATE | TAG_REPLICATED => 3,
-            other => {
-                self.rest = tag_at;
-                return Err(self.malformed(format!("unknown message tag {other}")));
-            }
-        };
-        if len != expected_len {
-            return Err(self.malformed(format!(
-                "message with tag {tag} has {len} fields, expected {expected_len}"
-            )));
-        }
+        let tag = self.message_head(|tag| match tag {
+            TAG_REQUEST => Some(7),
+            TAG_GRANT => Some(8),
+            TAG_DONE => Some(4),
+            TAG_LEAVING | TAG_LEAVE_ACK => Some(1),
+            TAG_GENESIS => Some(2),
+            TAG_REPLICATE | TAG_REPLICATED => Some(3),
+            _ => None,
+        })?;
         Ok(match tag {
             TAG_REQUEST => {
                 let id = RequestId {
