@@ -141,13 +141,18 @@ impl Sleeper {
         *lock(&self.thread) = Some(std::thread::current());
         self.asleep.store(true, Ordering::SeqCst);
         let more = backoff.pause(deadline);
-        self.asleep.store(false, Ordering::SeqCst);
+        if !self.asleep.swap(false, Ordering::SeqCst) {
+            // Woken (`wake` took the flag) by traffic: a frame sent, whose answer comes a
+            // round trip later, or one that arrived. Sleeping on in growing steps would leave
+            // that answer waiting up to the longest sleep: poll hard again.
+            backoff.reset();
+        }
         more
     }
 
     /// Wakes the thread if it sleeps; costs one load otherwise.
     fn wake(&self) {
-        if self.asleep.load(Ordering::SeqCst) {
+        if self.asleep.load(Ordering::SeqCst) && self.asleep.swap(false, Ordering::SeqCst) {
             if let Some(thread) = lock(&self.thread).as_ref() {
                 thread.unpark();
             }
