@@ -53,7 +53,7 @@
 #![deny(missing_docs)]
 
 use std::collections::{BTreeSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
@@ -125,12 +125,20 @@ enum Calls {
     Keeper,
 }
 
-/// A thread that may be asleep in a [`Backoff`], and the way to wake it.
+/// A thread that may be asleep in a [`Backoff`], and the ways to wake it.
 #[derive(Default)]
 struct Sleeper {
-    asleep: AtomicBool,
+    /// [`AWAKE`], [`ASLEEP`] or [`CALLED`].
+    state: AtomicU8,
     thread: Mutex<Option<Thread>>,
 }
+
+/// The sleeper is not asleep, or was woken only to look once.
+const AWAKE: u8 = 0;
+/// The sleeper sleeps in its backoff.
+const ASLEEP: u8 = 1;
+/// The sleeper was woken by traffic.
+const CALLED: u8 = 2;
 
 impl Sleeper {
     /// Pauses the current thread once; registers it as asleep while the pause would sleep.
@@ -139,20 +147,35 @@ impl Sleeper {
             return backoff.pause(deadline);
         }
         *lock(&self.thread) = Some(std::thread::current());
-        self.asleep.store(true, Ordering::SeqCst);
+        self.state.store(ASLEEP, Ordering::SeqCst);
         let more = backoff.pause(deadline);
-        if !self.asleep.swap(false, Ordering::SeqCst) {
-            // Woken (`wake` took the flag) by traffic: a frame sent, whose answer comes a
-            // round trip later, or one that arrived. Sleeping on in growing steps would leave
-            // that answer waiting up to the longest sleep: poll hard again.
+        if self.state.swap(AWAKE, Ordering::SeqCst) == CALLED {
+            // Sleeping on in growing steps would leave the answer to a frame just sent, a
+            // round trip away, waiting up to the longest sleep: poll hard again.
             backoff.reset();
         }
         more
     }
 
-    /// Wakes the thread if it sleeps; costs one load otherwise.
+    /// Wakes the thread if it sleeps, for traffic (a frame sent, whose answer comes a round
+    /// trip later, or one that arrived): it then polls hard again. Costs one load otherwise.
     fn wake(&self) {
-        if self.asleep.load(Ordering::SeqCst) && self.asleep.swap(false, Ordering::SeqCst) {
+        self.rouse(CALLED);
+    }
+
+    /// Wakes the thread if it sleeps, to look once (a closing or stopping transport): its
+    /// sleeps go on growing, so repeated nudges keep no thread busy.
+    fn nudge(&self) {
+        self.rouse(AWAKE);
+    }
+
+    fn rouse(&self, to: u8) {
+        let state = &self.state;
+        if state.load(Ordering::SeqCst) == ASLEEP
+            && state
+                .compare_exchange(ASLEEP, to, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        {
             if let Some(thread) = lock(&self.thread).as_ref() {
                 thread.unpark();
             }
@@ -311,21 +334,32 @@ impl Engine {
                 .collect();
             active |= self.in_flight.len() != before;
         }
-        // Incoming frames, any size, in order per sender.
-        while let Some(probed) = comm.any_process().immediate_matched_probe() {
-            active = true;
-            let from = probed.1.source_rank() as NodeId;
-            let tag = probed.1.tag();
-            let (bytes, _) = probed.matched_receive_vec::<u8>();
-            let event = if tag == GOODBYE_TAG {
-                self.goodbyes.insert(from);
-                // Before `Left` is handed out: a send racing it fails instead of being lost.
-                departed[from as usize].store(true, Ordering::Release);
-                TransportEvent::Left(from)
-            } else {
-                TransportEvent::Frame { from, bytes }
-            };
-            self.arrived.push_back(event);
+        // Incoming frames, any size, in order per sender. A probe that finds nothing may
+        // still have moved a frame in that only the next probe reports (MPICH does: a frame
+        // that came while nobody probed was found by the second probe, not the first), so an
+        // empty look is followed by one more: the frame is handled now, not a poll (or, after
+        // a sleep, a whole sleep) later.
+        for _ in 0..2 {
+            let mut found = false;
+            while let Some(probed) = comm.any_process().immediate_matched_probe() {
+                found = true;
+                let from = probed.1.source_rank() as NodeId;
+                let tag = probed.1.tag();
+                let (bytes, _) = probed.matched_receive_vec::<u8>();
+                let event = if tag == GOODBYE_TAG {
+                    self.goodbyes.insert(from);
+                    // Before `Left` is handed out: a send racing it fails instead of being lost.
+                    departed[from as usize].store(true, Ordering::Release);
+                    TransportEvent::Left(from)
+                } else {
+                    TransportEvent::Frame { from, bytes }
+                };
+                self.arrived.push_back(event);
+            }
+            if found {
+                active = true;
+                break;
+            }
         }
         active
     }
@@ -634,13 +668,13 @@ impl Transport for MpiTransport {
             if done {
                 break;
             }
-            shared.keeper.wake();
+            shared.keeper.nudge();
             shared
                 .receiver
                 .pause(&mut backoff, Instant::now() + wait::KEEPER_LOOK);
         }
         shared.stop.store(true, Ordering::Release);
-        shared.keeper.wake();
+        shared.keeper.nudge();
         let keeper = lock(&self.keeper).take();
         if let Some(keeper) = keeper {
             keeper.thread().unpark();
