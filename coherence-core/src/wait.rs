@@ -17,12 +17,13 @@
 //! without giving up its core. That only pays while every polling thread has a core of its
 //! own: with more polling threads than cores, callers that always spun kept the drivers they
 //! waited for off the cores until the scheduler's tick, and writes took milliseconds. So the
-//! process counts its polling threads (callers and drivers) in a [`Budget`], and a caller
+//! process counts its polling threads (callers and drivers) in a `Budget`, and a caller
 //! spins only while they fit the cores. Drivers always yield between polls: they poll for long stretches after traffic, and
 //! threads of other processes (peers on the same machine) may need the core meanwhile.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock, PoisonError};
+use std::thread::Thread;
 
 use std::time::{Duration, Instant};
 
@@ -158,8 +159,8 @@ pub fn receive<T>(rx: &Receiver<T>, timeout: Duration) -> Result<T, RecvTimeoutE
 }
 
 /// The pauses of a thread that polls a source it cannot block on: spin, then yield, then sleep
-/// in growing steps. The sleep is a park, so [`std::thread::Thread::unpark`] ends it early:
-/// whoever hands such a thread work (a frame to send) wakes it.
+/// in growing steps. The sleep is a park, so [`std::thread::Thread::unpark`] ends it early;
+/// a [`Sleeper`] pauses in it so that whoever hands the thread work can wake it.
 #[derive(Debug)]
 pub struct Backoff {
     idle_since: Instant,
@@ -215,6 +216,73 @@ impl Backoff {
     /// Whether the next pauses sleep (so a thread handing work should wake this one).
     pub fn sleeping(&self) -> bool {
         self.crowded || self.idle_since.elapsed() >= RECV_SPIN + POLL_YIELD
+    }
+}
+
+/// A thread that may be asleep in a [`Backoff`], and the ways to wake it: whoever hands it
+/// work wakes it for traffic, and it then polls hard again, since the answer to a frame just
+/// sent comes a round trip later; a closing or stopping owner only nudges it, and its sleeps go
+/// on growing, so repeated nudges keep no thread busy.
+#[derive(Debug, Default)]
+pub struct Sleeper {
+    /// [`AWAKE`], [`ASLEEP`] or [`CALLED`].
+    state: AtomicU8,
+    thread: Mutex<Option<Thread>>,
+}
+
+/// The sleeper is not asleep, or was woken only to look once.
+const AWAKE: u8 = 0;
+/// The sleeper sleeps in its backoff.
+const ASLEEP: u8 = 1;
+/// The sleeper was woken for traffic.
+const CALLED: u8 = 2;
+
+impl Sleeper {
+    /// Pauses the current thread once in `backoff` (see [`Backoff::pause`]); while the pause
+    /// sleeps, [`Sleeper::wake`] and [`Sleeper::nudge`] end it.
+    pub fn pause(&self, backoff: &mut Backoff, deadline: Instant) -> bool {
+        if !backoff.sleeping() {
+            return backoff.pause(deadline);
+        }
+        *self.thread.lock().unwrap_or_else(PoisonError::into_inner) = Some(std::thread::current());
+        self.state.store(ASLEEP, Ordering::SeqCst);
+        let more = backoff.pause(deadline);
+        if self.state.swap(AWAKE, Ordering::SeqCst) == CALLED {
+            // Sleeping on in growing steps would leave the answer waiting up to the longest
+            // sleep.
+            backoff.reset();
+        }
+        more
+    }
+
+    /// Wakes the thread if it sleeps, for traffic (a frame to send, one sent whose answer
+    /// comes a round trip later, or one that arrived): it polls hard again. Costs one load
+    /// otherwise.
+    pub fn wake(&self) {
+        self.rouse(CALLED);
+    }
+
+    /// Wakes the thread if it sleeps, to look once; its sleeps go on growing.
+    pub fn nudge(&self) {
+        self.rouse(AWAKE);
+    }
+
+    fn rouse(&self, to: u8) {
+        let state = &self.state;
+        if state.load(Ordering::SeqCst) == ASLEEP
+            && state
+                .compare_exchange(ASLEEP, to, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        {
+            if let Some(thread) = self
+                .thread
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_ref()
+            {
+                thread.unpark();
+            }
+        }
     }
 }
 
@@ -322,6 +390,48 @@ impl Drop for Poller<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A backoff past its spinning and yielding, whose next sleep lasts `sleep`.
+    fn asleep_for(sleep: Duration) -> Backoff {
+        Backoff {
+            idle_since: Instant::now() - (RECV_SPIN + POLL_YIELD),
+            sleep,
+            crowded: false,
+        }
+    }
+
+    /// `rouse` once `sleeper` sleeps, while this thread pauses in `backoff`.
+    fn roused(sleeper: &Sleeper, backoff: &mut Backoff, rouse: fn(&Sleeper)) {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                while sleeper.state.load(Ordering::SeqCst) != ASLEEP {
+                    std::thread::yield_now();
+                }
+                rouse(sleeper);
+            });
+            assert!(sleeper.pause(backoff, Instant::now() + Duration::from_secs(60)));
+        });
+    }
+
+    #[test]
+    fn a_wake_for_traffic_restarts_the_backoff_and_a_nudge_does_not() {
+        let sleeper = Sleeper::default();
+        // Sleeps this long only if nothing wakes it: the test would then fail, not hang.
+        let long = Duration::from_secs(30);
+        let mut woken = asleep_for(long);
+        roused(&sleeper, &mut woken, Sleeper::wake);
+        assert!(!woken.sleeping(), "woken for traffic: polls hard again");
+        let mut nudged = asleep_for(long);
+        roused(&sleeper, &mut nudged, Sleeper::nudge);
+        assert!(nudged.sleeping(), "nudged: sleeps on");
+        assert_eq!(nudged.sleep, POLL_SLEEP_MAX, "in growing steps");
+        sleeper.wake();
+        assert_eq!(
+            sleeper.state.load(Ordering::SeqCst),
+            AWAKE,
+            "a wake while awake leaves no mark"
+        );
+    }
 
     #[test]
     fn pollers_of_other_processes_on_the_machine_count_too() {

@@ -53,12 +53,12 @@
 #![deny(missing_docs)]
 
 use std::collections::{BTreeSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::thread::{JoinHandle, Thread};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use coherence_core::wait::{self, Backoff};
+use coherence_core::wait::{self, Backoff, Sleeper};
 use coherence_core::{NodeId, Transport, TransportError, TransportEvent};
 pub use mpi::environment::Threading;
 use mpi::point_to_point::MatchedReceiveVec;
@@ -123,64 +123,6 @@ enum Calls {
     Direct,
     /// Only the keeper thread (`FUNNELED`); others go through the engine's queues.
     Keeper,
-}
-
-/// A thread that may be asleep in a [`Backoff`], and the ways to wake it.
-#[derive(Default)]
-struct Sleeper {
-    /// [`AWAKE`], [`ASLEEP`] or [`CALLED`].
-    state: AtomicU8,
-    thread: Mutex<Option<Thread>>,
-}
-
-/// The sleeper is not asleep, or was woken only to look once.
-const AWAKE: u8 = 0;
-/// The sleeper sleeps in its backoff.
-const ASLEEP: u8 = 1;
-/// The sleeper was woken by traffic.
-const CALLED: u8 = 2;
-
-impl Sleeper {
-    /// Pauses the current thread once; registers it as asleep while the pause would sleep.
-    fn pause(&self, backoff: &mut Backoff, deadline: Instant) -> bool {
-        if !backoff.sleeping() {
-            return backoff.pause(deadline);
-        }
-        *lock(&self.thread) = Some(std::thread::current());
-        self.state.store(ASLEEP, Ordering::SeqCst);
-        let more = backoff.pause(deadline);
-        if self.state.swap(AWAKE, Ordering::SeqCst) == CALLED {
-            // Sleeping on in growing steps would leave the answer to a frame just sent, a
-            // round trip away, waiting up to the longest sleep: poll hard again.
-            backoff.reset();
-        }
-        more
-    }
-
-    /// Wakes the thread if it sleeps, for traffic (a frame sent, whose answer comes a round
-    /// trip later, or one that arrived): it then polls hard again. Costs one load otherwise.
-    fn wake(&self) {
-        self.rouse(CALLED);
-    }
-
-    /// Wakes the thread if it sleeps, to look once (a closing or stopping transport): its
-    /// sleeps go on growing, so repeated nudges keep no thread busy.
-    fn nudge(&self) {
-        self.rouse(AWAKE);
-    }
-
-    fn rouse(&self, to: u8) {
-        let state = &self.state;
-        if state.load(Ordering::SeqCst) == ASLEEP
-            && state
-                .compare_exchange(ASLEEP, to, Ordering::SeqCst, Ordering::SeqCst)
-                .is_ok()
-        {
-            if let Some(thread) = lock(&self.thread).as_ref() {
-                thread.unpark();
-            }
-        }
-    }
 }
 
 struct Shared {
