@@ -400,31 +400,45 @@ mod tests {
         }
     }
 
-    /// `rouse` once `sleeper` sleeps, while this thread pauses in `backoff`.
-    fn roused(sleeper: &Sleeper, backoff: &mut Backoff, rouse: fn(&Sleeper)) {
+    /// `rouse` once `sleeper` sleeps, while this thread pauses in `backoff` (again after a
+    /// spurious wake-up, until roused); how long the pauses took.
+    fn roused(sleeper: &Sleeper, backoff: &mut Backoff, rouse: fn(&Sleeper)) -> Duration {
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let start = Instant::now();
         std::thread::scope(|s| {
             s.spawn(|| {
                 while sleeper.state.load(Ordering::SeqCst) != ASLEEP {
                     std::thread::yield_now();
                 }
                 rouse(sleeper);
+                done.store(true, Ordering::SeqCst);
             });
-            assert!(sleeper.pause(backoff, Instant::now() + Duration::from_secs(60)));
+            while !done.load(Ordering::SeqCst) {
+                assert!(sleeper.pause(backoff, Instant::now() + Duration::from_secs(60)));
+            }
         });
+        start.elapsed()
     }
 
     #[test]
     fn a_wake_for_traffic_restarts_the_backoff_and_a_nudge_does_not() {
         let sleeper = Sleeper::default();
-        // Sleeps this long only if nothing wakes it: the test would then fail, not hang.
+        // Each pause sleeps this long unless something wakes it.
         let long = Duration::from_secs(30);
         let mut woken = asleep_for(long);
-        roused(&sleeper, &mut woken, Sleeper::wake);
-        assert!(!woken.sleeping(), "woken for traffic: polls hard again");
+        let took = roused(&sleeper, &mut woken, Sleeper::wake);
+        assert!(took < long / 3, "the wake ended the sleep (took {took:?})");
+        assert_eq!(
+            woken.sleep, POLL_SLEEP_MIN,
+            "woken for traffic: starts over"
+        );
         let mut nudged = asleep_for(long);
-        roused(&sleeper, &mut nudged, Sleeper::nudge);
-        assert!(nudged.sleeping(), "nudged: sleeps on");
-        assert_eq!(nudged.sleep, POLL_SLEEP_MAX, "in growing steps");
+        let took = roused(&sleeper, &mut nudged, Sleeper::nudge);
+        assert!(took < long / 3, "the nudge ended the sleep (took {took:?})");
+        assert_eq!(
+            nudged.sleep, POLL_SLEEP_MAX,
+            "nudged: sleeps on, in growing steps"
+        );
         sleeper.wake();
         assert_eq!(
             sleeper.state.load(Ordering::SeqCst),

@@ -277,8 +277,9 @@ impl Engine {
             active |= self.in_flight.len() != before;
         }
         // Incoming frames, any size, in order per sender. A probe that finds nothing may
-        // still have moved a frame in that only the next probe reports (MPICH does: a frame
-        // that came while nobody probed was found by the second probe, not the first), so an
+        // still have moved a frame in that only the next probe reports (MPICH and Open MPI
+        // both do: a frame that came while nobody probed is found by the second probe, not the
+        // first; `examples/probe_after_sleep.rs` shows it), so an
         // empty look is followed by one more: the frame is handled now, not a poll (or, after
         // a sleep, a whole sleep) later.
         for _ in 0..2 {
@@ -465,8 +466,13 @@ impl Shared {
                     if std::mem::replace(&mut seen, entries) != entries {
                         continue;
                     }
-                    if let Ok(mut engine) = self.engine.try_lock() {
+                    let arrived = self.engine.try_lock().is_ok_and(|mut engine| {
                         engine.progress(&self.departed);
+                        !engine.arrived.is_empty()
+                    });
+                    if arrived {
+                        // A thread that entered `recv` since may be asleep.
+                        self.receiver.wake();
                     }
                 }
                 Calls::Keeper => {
